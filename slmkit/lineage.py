@@ -1,0 +1,170 @@
+"""How steps find each other through the tracking server, never through local folders.
+
+Each step tags its run with the step name and the source key of the model it worked on. A step
+run alone looks up the newest FINISHED upstream run with the same source key, or launches the
+upstream entry point with `mlflow.projects.run` and waits for it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import mlflow
+from mlflow.entities import Run
+from mlflow.environment_variables import MLFLOW_EXPERIMENT_ID
+from mlflow.exceptions import MlflowException
+from mlflow.projects.submitted_run import SubmittedRun
+
+from slmkit import PROJECT_ROOT
+from slmkit.errors import UserError
+from slmkit.manifest import MANIFEST_NAME, read_manifest, verify_folder
+from slmkit.presets import ModelSpec, resolve_model
+
+logger = logging.getLogger(__name__)
+
+STEP_TAG = "slmkit.step"
+SOURCE_KEY_TAG = "slmkit.source_key"
+MODEL_URI_TAG = "slmkit.model_uri"
+REVISION_TAG = "slmkit.resolved_revision"
+DOWNLOAD_RUN_TAG = "slmkit.download_run_id"
+CHECKPOINT_ARTIFACT = "checkpoint"
+ENV_MANAGERS = ("local", "virtualenv", "uv", "conda")
+
+
+def source_key(spec: ModelSpec) -> str:
+    """A short stable id of the requested source, so runs of the same model find each other."""
+    payload = json.dumps(asdict(spec.source), sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def current_experiment_id() -> str | None:
+    """The experiment `mlflow run` put this step in; None lets MLflow choose its default."""
+    return MLFLOW_EXPERIMENT_ID.get()
+
+
+def find_finished_run(step: str, key: str, experiment_id: str | None = None) -> Run | None:
+    """The newest FINISHED run of `step` for source key `key`, or None."""
+    experiment_id = experiment_id or current_experiment_id()
+    experiment_ids = [experiment_id] if experiment_id else None
+    runs = mlflow.search_runs(
+        experiment_ids=experiment_ids,
+        filter_string=f"tags.`{STEP_TAG}` = '{step}' and tags.`{SOURCE_KEY_TAG}` = '{key}' and attributes.status = 'FINISHED'",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+        output_format="list",
+    )
+    return runs[0] if runs else None
+
+
+def check_env_manager(env_manager: str) -> str:
+    if env_manager not in ENV_MANAGERS:
+        raise UserError(f"env_manager={env_manager!r}: choose one of {', '.join(ENV_MANAGERS)}")
+    return env_manager
+
+
+def run_entry_point(step: str, parameters: dict[str, str], env_manager: str, experiment_id: str | None = None) -> str:
+    """Run an entry point of this project with `mlflow run` semantics and return its run id.
+
+    When a run is active, MLflow makes the new run its child. The env manager is passed on
+    explicitly: `mlflow.projects.run` does not inherit the caller's.
+
+    Raises:
+        UserError: the step failed; the message names its run id.
+    """
+    logger.info("running step %s with %s", step, parameters)
+    try:
+        submitted: SubmittedRun = mlflow.projects.run(
+            str(PROJECT_ROOT),
+            entry_point=step,
+            parameters=parameters,
+            env_manager=check_env_manager(env_manager),
+            experiment_id=experiment_id or current_experiment_id(),
+            synchronous=False,
+        )
+    except MlflowException as error:
+        raise UserError(f"could not start step {step}: {error.message}") from error
+    if not submitted.wait():
+        raise UserError(f"step {step} failed: see run {submitted.run_id} and its output above")
+    return submitted.run_id
+
+
+def ensure_step_run(step: str, spec: ModelSpec, parameters: dict[str, str], env_manager: str) -> str:
+    """Reuse the newest finished `step` run for this model's source, or run `step` now."""
+    found = find_finished_run(step, source_key(spec))
+    if found is not None:
+        logger.info("reusing finished %s run %s for %s", step, found.info.run_id, spec.name)
+        return found.info.run_id
+    return run_entry_point(step, parameters, env_manager)
+
+
+@dataclass(frozen=True)
+class DownloadRun:
+    """A FINISHED `download` run, as the steps after it need to know it."""
+
+    run_id: str
+    source_key: str
+    revision: str
+    model: str
+
+    def lineage_tags(self) -> dict[str, str]:
+        """Tags that tie a later step's run to this download and to its model's source."""
+        return {SOURCE_KEY_TAG: self.source_key, REVISION_TAG: self.revision, DOWNLOAD_RUN_TAG: self.run_id}
+
+
+def get_download_run(run_id: str) -> DownloadRun:
+    """Look up a `download` run by id.
+
+    Raises:
+        UserError: no such run, or it is not a FINISHED download run.
+    """
+    try:
+        run = mlflow.get_run(run_id)
+    except MlflowException as error:
+        raise UserError(f"download_run_id={run_id!r}: {error.message}") from error
+    if run.data.tags.get(STEP_TAG) != "download" or run.info.status != "FINISHED":
+        raise UserError(f"download_run_id={run_id!r} is not a FINISHED download run (status {run.info.status})")
+    tags = run.data.tags
+    return DownloadRun(run_id, tags[SOURCE_KEY_TAG], tags[REVISION_TAG], run.data.params.get("model", ""))
+
+
+def upstream_download(download_run_id: str, model: str, env_manager: str) -> DownloadRun:
+    """The download run a step builds on: the one given, or one found or run for `model`."""
+    if not download_run_id:
+        if not model:
+            raise UserError("pass download_run_id, or model to find or run a download for it")
+        spec = resolve_model(model)
+        download_run_id = ensure_step_run("download", spec, {"model": model}, env_manager)
+    return get_download_run(download_run_id)
+
+
+def download_checkpoint(download_run_id: str, dest: Path) -> tuple[Path, dict[str, Any]]:
+    """Download a `download` run's checkpoint into `dest` and verify it against its manifest.
+
+    Raises:
+        UserError: the run has no checkpoint, or a file differs from the manifest.
+    """
+    try:
+        manifest_path = mlflow.artifacts.download_artifacts(
+            run_id=download_run_id, artifact_path=MANIFEST_NAME, dst_path=str(dest)
+        )
+        checkpoint = mlflow.artifacts.download_artifacts(
+            run_id=download_run_id, artifact_path=CHECKPOINT_ARTIFACT, dst_path=str(dest)
+        )
+    except MlflowException as error:
+        raise UserError(f"download run {download_run_id}: cannot fetch its checkpoint ({error.message})") from error
+    manifest = read_manifest(Path(manifest_path))
+    problems = verify_folder(Path(checkpoint), manifest)
+    if problems:
+        raise UserError(f"checkpoint of run {download_run_id} does not match its manifest: {'; '.join(problems[:5])}")
+    return Path(checkpoint), manifest
+
+
+def scratch_dir(prefix: str) -> tempfile.TemporaryDirectory:
+    """A temporary folder removed when the step ends, whatever happens."""
+    return tempfile.TemporaryDirectory(prefix=f"slmkit-{prefix}-")

@@ -1,0 +1,54 @@
+"""Entry point `download`: fetch a model source, pin its revision, checksum it, log it.
+
+Params:
+    model: a preset from config/presets.yaml, a local checkpoint folder, a local .gguf file,
+        or a hub repo id.
+    revision: hub branch, tag or commit; empty keeps the preset's.
+
+Logs (run tags `slmkit.step=download`, `slmkit.source_key`, `slmkit.resolved_revision`):
+    artifacts `checkpoint/` (safetensors, config, tokenizer, chat template) and `manifest.json`
+    (source, resolved revision, each file's size and sha256); params `model_name`, `source.*`,
+    `resolved_revision`; metrics `checkpoint_bytes`, `download_seconds`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import mlflow
+
+from slmkit.checkpoint import fetch_checkpoint
+from slmkit.lineage import CHECKPOINT_ARTIFACT, REVISION_TAG, SOURCE_KEY_TAG, STEP_TAG, scratch_dir, source_key
+from slmkit.manifest import MANIFEST_NAME, build_manifest, write_manifest
+from slmkit.presets import resolve_model, source_params
+from slmkit.step_cli import run_cli
+
+
+def main(args: argparse.Namespace) -> None:
+    spec = resolve_model(args.model, args.revision)
+    with mlflow.start_run(), scratch_dir("download") as scratch:
+        mlflow.set_tags({STEP_TAG: "download", SOURCE_KEY_TAG: source_key(spec)})
+        mlflow.log_params({"model_name": spec.name, **source_params(spec.source)})
+        checkpoint = Path(scratch) / CHECKPOINT_ARTIFACT
+        checkpoint.mkdir()
+        started = time.perf_counter()
+        revision = fetch_checkpoint(spec.source, checkpoint)
+        manifest = build_manifest(checkpoint, source_params(spec.source), revision)
+        write_manifest(Path(scratch) / MANIFEST_NAME, manifest)
+        mlflow.log_metrics(
+            {"checkpoint_bytes": manifest["total_bytes"], "download_seconds": time.perf_counter() - started}
+        )
+        mlflow.log_artifacts(str(checkpoint), CHECKPOINT_ARTIFACT)
+        # The manifest goes last: a run without it never finished logging its checkpoint.
+        mlflow.log_artifact(str(Path(scratch) / MANIFEST_NAME))
+        mlflow.log_param("resolved_revision", revision)
+        mlflow.set_tag(REVISION_TAG, revision)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--revision", default="")
+    run_cli(main, parser)

@@ -1,0 +1,67 @@
+"""Entry point `log_pipeline`: log the checkpoint as a transformers `llm/v1/chat` model.
+
+Params:
+    download_run_id: the `download` run whose checkpoint to use; empty finds or runs one for
+        `model`.
+    model: used only when download_run_id is empty.
+    torch_dtype: auto (the checkpoint's own), float32, float16 or bfloat16.
+    temperature: default sampling temperature; 0 means greedy, so evaluations repeat.
+    max_new_tokens: default completion length for requests without max_tokens.
+    env_manager: how to run `download` when it must run first.
+
+Logs (tags `slmkit.step=log_pipeline`, `slmkit.source_key`, `slmkit.model_uri`):
+    the model `model` (OpenAI-chat signature, pinned pip requirements); params
+    `download_run_id`, `resolved_revision`, the generation defaults (from `model_config`); metrics `model_size_bytes`,
+    `log_seconds`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+# The checkpoint is local: stop the transformers flavor from asking the hub for a model card.
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+import mlflow
+
+from slmkit.environment import PIPELINE_PACKAGES, model_requirements
+from slmkit.lineage import MODEL_URI_TAG, STEP_TAG, download_checkpoint, scratch_dir, upstream_download
+from slmkit.pipeline_model import build_pipeline, check_dtype, generation_config
+from slmkit.step_cli import run_cli
+
+MODEL_NAME = "model"
+
+
+def main(args: argparse.Namespace) -> None:
+    check_dtype(args.torch_dtype)
+    generation = generation_config(args.temperature, args.max_new_tokens)
+    download = upstream_download(args.download_run_id, args.model, args.env_manager)
+    with mlflow.start_run(), scratch_dir("pipeline") as scratch:
+        mlflow.set_tags({STEP_TAG: "log_pipeline", **download.lineage_tags()})
+        mlflow.log_params({"download_run_id": download.run_id, "resolved_revision": download.revision})
+        checkpoint, manifest = download_checkpoint(download.run_id, scratch)
+        pipeline = build_pipeline(checkpoint, args.torch_dtype)
+        started = time.perf_counter()
+        info = mlflow.transformers.log_model(
+            pipeline,
+            name=MODEL_NAME,
+            task="llm/v1/chat",
+            model_config=generation,
+            pip_requirements=model_requirements(PIPELINE_PACKAGES),
+        )
+        mlflow.log_metrics({"log_seconds": time.perf_counter() - started, "model_size_bytes": manifest["total_bytes"]})
+        mlflow.log_param("torch_dtype_loaded", str(pipeline.model.dtype).removeprefix("torch."))
+        mlflow.set_tag(MODEL_URI_TAG, info.model_uri)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--download-run-id", default="")
+    parser.add_argument("--model", default="")
+    parser.add_argument("--torch-dtype", default="auto")
+    parser.add_argument("--temperature", type=float, default=0.0)
+    parser.add_argument("--max-new-tokens", type=int, default=256)
+    parser.add_argument("--env-manager", default="local")
+    run_cli(main, parser)
