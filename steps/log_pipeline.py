@@ -10,8 +10,8 @@ Params:
     env_manager: how to run `download` when it must run first.
 
 Logs (tags `slmkit.step=log_pipeline`, `slmkit.source_key`, `slmkit.model_uri`):
-    the model `model` (OpenAI-chat signature, pinned pip requirements); params
-    `download_run_id`, `resolved_revision`, the generation defaults (from `model_config`); metrics `model_size_bytes`,
+    the model `model` (OpenAI-chat signature, pinned pip requirements); tag
+    `slmkit.download_run_id`; params `resolved_revision`, the generation defaults (from `model_config`); metrics `model_size_bytes`,
     `log_seconds`.
 """
 
@@ -40,7 +40,7 @@ def main(args: argparse.Namespace) -> None:
     download = upstream_download(args.download_run_id, args.model, args.env_manager)
     with mlflow.start_run(), scratch_dir("pipeline") as scratch:
         mlflow.set_tags({STEP_TAG: "log_pipeline", **download.lineage_tags()})
-        mlflow.log_params({"download_run_id": download.run_id, "resolved_revision": download.revision})
+        mlflow.log_param("resolved_revision", download.revision)
         checkpoint, manifest = download_checkpoint(download.run_id, scratch)
         pipeline = build_pipeline(checkpoint, args.torch_dtype)
         started = time.perf_counter()

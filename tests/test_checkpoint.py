@@ -1,0 +1,60 @@
+"""Checkpoint selection and local sources: safetensors only, pickles refused, GGUF checked."""
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from slmkit.checkpoint import check_gguf, copy_local_checkpoint, select_checkpoint_files
+from slmkit.errors import UserError
+
+
+def test_selection_keeps_weights_configs_tokenizer_and_template():
+    names = [
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "chat_template.jinja",
+        "README.md",
+        "onnx/model.onnx",
+        "pytorch_model.bin",
+    ]
+    assert select_checkpoint_files(names, "x") == [
+        "chat_template.jinja",
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+    ]
+
+
+def test_pickled_only_checkpoint_is_refused_and_named():
+    with pytest.raises(
+        UserError, match=r"no \.safetensors weights \(only pickled weights: pytorch_model\.bin; those are refused\)"
+    ):
+        select_checkpoint_files(["config.json", "pytorch_model.bin"], "hub repo a/b@main")
+
+
+def test_checkpoint_without_config_is_refused():
+    with pytest.raises(UserError, match=r"no config\.json"):
+        select_checkpoint_files(["model.safetensors"], "folder")
+
+
+def test_local_copy_takes_checkpoint_files_and_hashes_content(tiny_phi3: Path, tmp_path: Path):
+    source = Path(shutil.copytree(tiny_phi3, tmp_path / "source"))
+    (source / "notes.md").write_text("not part of the checkpoint")
+    dest = tmp_path / "copy"
+    dest.mkdir()
+    revision = copy_local_checkpoint(source, dest)
+    assert revision.startswith("sha256:")
+    assert len(revision) == 7 + 64
+    assert sorted(p.name for p in dest.iterdir()) == sorted(p.name for p in tiny_phi3.iterdir())
+    again = tmp_path / "again"
+    again.mkdir()
+    assert copy_local_checkpoint(source, again) == revision
+
+
+def test_file_without_gguf_magic_is_refused(tmp_path: Path):
+    fake = tmp_path / "fake.gguf"
+    fake.write_bytes(b"PK\x03\x04rest")
+    with pytest.raises(UserError, match="is not a GGUF file"):
+        check_gguf(fake)

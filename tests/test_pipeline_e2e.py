@@ -1,0 +1,343 @@
+"""`mlflow run .` end to end on a tiny random Phi-3, against a real tracking server.
+
+One session-scoped run of `main` feeds most tests; each test reads what a user would read:
+runs, params, metrics, artifacts, and the logged models loaded back by URI.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlflow
+import onnxruntime_genai as og
+import pytest
+from mlflow.entities import Run
+from mlflow.exceptions import MlflowException
+
+from slmkit.environment import read_pins
+from slmkit.lineage import DOWNLOAD_RUN_TAG, MODEL_URI_TAG, SOURCE_KEY_TAG, STEP_TAG
+from slmkit.manifest import file_sha256, read_manifest, verify_folder
+from tests.conftest import TrackingServer, free_port, mlflow_run
+
+pytestmark = pytest.mark.integration
+
+STEPS = ("download", "log_pipeline", "log_onnx_wrapper", "evaluate")
+CHAT = {"messages": [{"role": "user", "content": "What is the capital of France?"}], "max_tokens": 6}
+
+
+@dataclass(frozen=True)
+class PipelineRun:
+    parent: Run
+    children: dict[str, Run]
+    output: str
+
+
+def runs_of(experiment_name: str) -> list[Run]:
+    experiment = mlflow.get_experiment_by_name(experiment_name)
+    if experiment is None:
+        return []
+    return mlflow.search_runs([experiment.experiment_id], output_format="list", order_by=["attributes.start_time ASC"])
+
+
+@pytest.fixture(scope="module")
+def pipeline_run(tracking_server: TrackingServer, tiny_phi3: Path) -> PipelineRun:
+    result = mlflow_run(
+        tracking_server,
+        "--experiment-name",
+        "e2e-tiny",
+        "-P",
+        f"model={tiny_phi3}",
+        "-P",
+        "max_rows=3",
+        "-P",
+        "max_tokens=8",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    runs = runs_of("e2e-tiny")
+    parent = next(r for r in runs if r.data.tags.get(STEP_TAG) == "main")
+    children = {r.data.tags[STEP_TAG]: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
+    return PipelineRun(parent, children, result.stdout + result.stderr)
+
+
+def model_uri(pipeline_run: PipelineRun, step: str) -> str:
+    return pipeline_run.children[step].data.tags[MODEL_URI_TAG]
+
+
+def test_main_runs_four_finished_children_in_order(pipeline_run: PipelineRun):
+    assert pipeline_run.parent.info.status == "FINISHED"
+    assert list(pipeline_run.children) == list(STEPS)
+    children = [pipeline_run.children[step] for step in STEPS]
+    assert all(run.info.status == "FINISHED" for run in children)
+    for earlier, later in itertools.pairwise(children):
+        assert earlier.info.end_time <= later.info.start_time
+    recorded = {step: pipeline_run.parent.data.params[f"{step}_run_id"] for step in STEPS}
+    assert recorded == {step: run.info.run_id for step, run in pipeline_run.children.items()}
+
+
+def test_summary_names_runs_models_and_metrics(pipeline_run: PipelineRun):
+    for step, run in pipeline_run.children.items():
+        assert f"{step:<17} run {run.info.run_id}" in pipeline_run.output
+    assert model_uri(pipeline_run, "log_onnx_wrapper") in pipeline_run.output
+    assert "answer_correct_rate" in pipeline_run.output
+    assert "mlflow models serve -m models:/" in pipeline_run.output
+
+
+def test_steps_log_params_metrics_and_lineage(pipeline_run: PipelineRun, tiny_phi3: Path):
+    download, pipeline, onnx, evaluation = (pipeline_run.children[s] for s in STEPS)
+    assert download.data.params["source.kind"] == "local_dir"
+    assert download.data.params["resolved_revision"].startswith("sha256:")
+    assert download.data.metrics["checkpoint_bytes"] > 0
+    for step_run in (pipeline, onnx):
+        assert step_run.data.tags[DOWNLOAD_RUN_TAG] == download.info.run_id
+        assert step_run.data.tags[SOURCE_KEY_TAG] == download.data.tags[SOURCE_KEY_TAG]
+        assert step_run.data.metrics["log_seconds"] > 0
+        assert step_run.data.metrics["model_size_bytes"] > 0
+    assert pipeline.data.params["do_sample"] == "False"
+    assert onnx.data.params["onnx_origin"] == f"built-int4-from:{download.info.run_id}"
+    for model in ("pipeline", "onnx"):
+        for metric in ("answer_correct_rate", "latency_mean_s", "decode_tokens_per_s_median", "ttft_median_s"):
+            assert f"{model}/{metric}" in evaluation.data.metrics
+    assert 0 <= evaluation.data.metrics["parity/exact_match_rate"] <= 1
+    assert evaluation.data.params["eval_rows"] == "3"
+
+
+def test_manifest_checksums_match_the_logged_checkpoint(pipeline_run: PipelineRun, tiny_phi3: Path, tmp_path: Path):
+    run_id = pipeline_run.children["download"].info.run_id
+    manifest = read_manifest(
+        Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="manifest.json", dst_path=str(tmp_path)))
+    )
+    checkpoint = Path(
+        mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="checkpoint", dst_path=str(tmp_path))
+    )
+    assert verify_folder(checkpoint, manifest) == []
+    weights = next(entry for entry in manifest["files"] if entry["path"] == "model.safetensors")
+    assert weights["sha256"] == file_sha256(tiny_phi3 / "model.safetensors")
+
+
+def test_eval_table_has_each_question_and_both_answers(pipeline_run: PipelineRun, tmp_path: Path):
+    run_id = pipeline_run.children["evaluate"].info.run_id
+    table = json.loads(
+        Path(
+            mlflow.artifacts.download_artifacts(
+                run_id=run_id, artifact_path="eval_results.json", dst_path=str(tmp_path)
+            )
+        ).read_text()
+    )
+    assert {"question", "pipeline_answer", "onnx_answer", "pipeline_correct", "onnx_correct"} <= set(table["columns"])
+    assert len(table["data"]) == 3
+
+
+@pytest.fixture(scope="module")
+def both_models(pipeline_run: PipelineRun) -> dict[str, mlflow.pyfunc.PyFuncModel]:
+    return {
+        step: mlflow.pyfunc.load_model(model_uri(pipeline_run, step)) for step in ("log_pipeline", "log_onnx_wrapper")
+    }
+
+
+def test_both_models_answer_chat_with_the_same_response_shape(both_models):
+    shapes = {}
+    for step, model in both_models.items():
+        response = model.predict(CHAT)
+        assert isinstance(response, list)
+        assert len(response) == 1
+        choice = response[0]["choices"][0]
+        assert choice["message"]["role"] == "assistant"
+        assert choice["finish_reason"] in ("stop", "length")
+        assert (
+            response[0]["usage"]["total_tokens"]
+            == response[0]["usage"]["prompt_tokens"] + response[0]["usage"]["completion_tokens"]
+        )
+        shapes[step] = (sorted(response[0]), sorted(choice), sorted(response[0]["usage"]))
+    assert shapes["log_pipeline"] == shapes["log_onnx_wrapper"]
+
+
+@pytest.fixture(scope="module")
+def onnx_folder(pipeline_run: PipelineRun, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    local = mlflow.artifacts.download_artifacts(
+        model_uri(pipeline_run, "log_onnx_wrapper"), dst_path=str(tmp_path_factory.mktemp("onnx"))
+    )
+    return Path(local) / "artifacts" / "onnx_model"
+
+
+def bare_greedy(folder: Path, messages: list[dict[str, str]], max_tokens: int) -> tuple[list[int], int]:
+    """A plain onnxruntime-genai loop, the reference the wrapper must equal token for token."""
+    model = og.Model(str(folder))
+    tokenizer = og.Tokenizer(model)
+    prompt_ids = tokenizer.encode(tokenizer.apply_chat_template(json.dumps(messages), add_generation_prompt=True))
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=len(prompt_ids) + max_tokens, do_sample=False)
+    generator = og.Generator(model, params)
+    generator.append_tokens(prompt_ids)
+    tokens = []
+    while not generator.is_done():
+        generator.generate_next_token()
+        tokens.append(int(generator.get_next_tokens()[0]))
+    return tokens, len(prompt_ids)
+
+
+def test_onnx_wrapper_equals_a_bare_greedy_loop_and_counts_usage_with_its_tokenizer(both_models, onnx_folder: Path):
+    response = both_models["log_onnx_wrapper"].predict(CHAT)[0]
+    tokens, prompt_tokens = bare_greedy(onnx_folder, CHAT["messages"], CHAT["max_tokens"])
+    tokenizer = og.Tokenizer(og.Model(str(onnx_folder)))
+    assert response["usage"]["prompt_tokens"] == prompt_tokens
+    assert response["usage"]["completion_tokens"] == len(tokens)
+    assert response["choices"][0]["message"]["content"] == tokenizer.decode(tokens)
+    assert response["choices"][0]["finish_reason"] == "length"
+
+
+def test_onnx_wrapper_accepts_the_seed_notebooks_raw_prompt(both_models):
+    prompt = "<|user|>\nWhat is the capital of France?<|end|>\n<|assistant|>\n"
+    via_prompt = both_models["log_onnx_wrapper"].predict({"prompt": prompt, "max_tokens": 6})[0]
+    via_messages = both_models["log_onnx_wrapper"].predict(CHAT)[0]
+    assert via_prompt["choices"][0]["message"]["content"] == via_messages["choices"][0]["message"]["content"]
+
+
+def test_onnx_wrapper_refuses_invalid_requests_naming_the_field(both_models):
+    with pytest.raises(MlflowException, match="top_p must be in"):
+        both_models["log_onnx_wrapper"].predict({**CHAT, "top_p": 2.0})
+
+
+def test_logged_models_pin_the_conda_yaml_versions(pipeline_run: PipelineRun, tmp_path: Path):
+    pins = set(read_pins().values())
+    for step in ("log_pipeline", "log_onnx_wrapper"):
+        folder = Path(mlflow.artifacts.download_artifacts(model_uri(pipeline_run, step), dst_path=str(tmp_path / step)))
+        requirements = [line for line in (folder / "requirements.txt").read_text().splitlines() if line]
+        assert requirements
+        assert set(requirements) <= pins, step
+        if step == "log_onnx_wrapper":
+            assert not any(line.startswith("torch") for line in requirements)
+            assert "python_model.pkl" not in {p.name for p in folder.rglob("*")}
+
+
+def test_models_load_with_pickle_deserialization_disabled(pipeline_run: PipelineRun, tracking_server: TrackingServer):
+    script = (
+        "import sys, mlflow\n"
+        "for uri in sys.argv[1:]:\n"
+        "    out = mlflow.pyfunc.load_model(uri).predict({'messages': [{'role': 'user', 'content': 'Hi'}], 'max_tokens': 2})\n"
+        "    print(out[0]['object'])\n"
+    )
+    uris = [model_uri(pipeline_run, step) for step in ("log_pipeline", "log_onnx_wrapper")]
+    result = subprocess.run(
+        ["python", "-c", script, *uris],
+        env=tracking_server.env(MLFLOW_ALLOW_PICKLE_DESERIALIZATION="false"),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split() == ["chat.completion", "chat.completion"]
+
+
+def test_mlflow_models_serve_answers_chat_over_http(pipeline_run: PipelineRun, tracking_server: TrackingServer):
+    import requests
+
+    from tests.conftest import BIN, stop, wait_for_http
+
+    port = free_port()
+    command = [
+        str(BIN / "mlflow"),
+        "models",
+        "serve",
+        "-m",
+        model_uri(pipeline_run, "log_onnx_wrapper"),
+        "--env-manager",
+        "local",
+    ]
+    command += ["--host", "127.0.0.1", "-p", str(port)]
+    server = subprocess.Popen(command, env=tracking_server.env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for_http(f"http://127.0.0.1:{port}/ping", server, timeout_s=120)
+        url = f"http://127.0.0.1:{port}/invocations"
+        answer = requests.post(url, json=CHAT, timeout=60)
+        assert answer.status_code == 200, answer.text
+        body = answer.json()  # a one-element list, exactly as the pipeline model answers
+        assert len(body) == 1
+        assert body[0]["object"] == "chat.completion"
+        assert body[0]["choices"][0]["finish_reason"] in ("stop", "length")
+        refused = requests.post(url, json={**CHAT, "max_tokens": 0}, timeout=60)
+        assert refused.status_code == 400
+        assert "max_tokens must be at least 1" in refused.json()["message"]
+        assert "stack_trace" not in refused.json()
+        assert requests.post(url, json=CHAT, timeout=60).status_code == 200
+    finally:
+        stop(server)
+
+
+def test_log_onnx_wrapper_alone_reuses_the_finished_download(
+    pipeline_run: PipelineRun, tracking_server: TrackingServer, tiny_phi3: Path
+):
+    downloads_before = [r for r in runs_of("e2e-tiny") if r.data.tags.get(STEP_TAG) == "download"]
+    result = mlflow_run(
+        tracking_server, "-e", "log_onnx_wrapper", "--experiment-name", "e2e-tiny", "-P", f"model={tiny_phi3}"
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    runs = runs_of("e2e-tiny")
+    downloads_after = [r for r in runs if r.data.tags.get(STEP_TAG) == "download"]
+    newest_onnx = [r for r in runs if r.data.tags.get(STEP_TAG) == "log_onnx_wrapper"][-1]
+    assert len(downloads_after) == len(downloads_before)
+    assert newest_onnx.data.tags[DOWNLOAD_RUN_TAG] == pipeline_run.children["download"].info.run_id
+    assert newest_onnx.info.status == "FINISHED"
+
+
+def test_log_pipeline_alone_runs_download_first_in_a_fresh_experiment(tracking_server: TrackingServer, tiny_phi3: Path):
+    result = mlflow_run(tracking_server, "-e", "log_pipeline", "--experiment-name", "fresh", "-P", f"model={tiny_phi3}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    runs = {r.data.tags.get(STEP_TAG): r for r in runs_of("fresh")}
+    assert runs["download"].info.status == "FINISHED"
+    assert runs["log_pipeline"].data.tags[DOWNLOAD_RUN_TAG] == runs["download"].info.run_id
+    assert runs["log_pipeline"].data.tags[MODEL_URI_TAG].startswith("models:/")
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("-e", "download", "-P", "model=phi-9"), "error: unknown model 'phi-9'"),
+        (
+            ("-e", "log_onnx_wrapper", "-P", "model=smollm2-135m", "-P", "execution_provider=tpu"),
+            "error: execution_provider='tpu'",
+        ),
+        (("-e", "log_pipeline", "-P", "download_run_id=0123", "-P", "max_new_tokens=0"), "error: max_new_tokens=0"),
+        (
+            (
+                "-e",
+                "evaluate",
+                "-P",
+                "pipeline_model_uri=models:/a/1",
+                "-P",
+                "onnx_model_uri=models:/b/1",
+                "-P",
+                "eval_set=nope.jsonl",
+            ),
+            "no such file",
+        ),
+    ],
+)
+def test_bad_parameters_fail_the_run_with_one_clear_line(
+    tracking_server: TrackingServer, args: tuple[str, ...], message: str
+):
+    result = mlflow_run(tracking_server, "--experiment-name", "bad-params", *args)
+    assert result.returncode != 0
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+    newest = runs_of("bad-params")[-1]
+    assert newest.info.status == "FAILED"
+
+
+def test_unreachable_hub_fails_fast_naming_offline_presets(tracking_server: TrackingServer):
+    started = time.monotonic()
+    result = mlflow_run(
+        tracking_server, "--experiment-name", "no-hub", "-e", "download", "-P", "model=microsoft/Phi-3-mini-4k-instruct",
+        HF_HUB_OFFLINE="0", HF_ENDPOINT=f"http://127.0.0.1:{free_port()}",
+    )  # fmt: skip
+    assert result.returncode != 0
+    assert time.monotonic() - started < 60
+    assert "cannot reach the Hugging Face Hub" in result.stderr
+    assert "smollm2-135m" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert runs_of("no-hub")[-1].info.status == "FAILED"

