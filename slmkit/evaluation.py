@@ -36,6 +36,12 @@ class EvalRow:
         return self.messages[-1]["content"]
 
 
+def write_eval_set(rows: list[EvalRow], path: Path) -> None:
+    """Write rows back as JSONL in the format `load_eval_set` reads."""
+    lines = [json.dumps({"id": r.row_id, "messages": r.messages, "answers": r.answers}) for r in rows]
+    path.write_text("\n".join(lines) + "\n")
+
+
 def load_eval_set(path: Path, max_rows: int = 0) -> list[EvalRow]:
     """Read a JSONL eval set: one object per line with `messages` and `answers`.
 
@@ -138,6 +144,11 @@ class RowResult:
             return None
         return (self.completion_tokens - 1) / decode_time
 
+    @property
+    def prompt_tokens_per_s(self) -> float:
+        """Prompt processing speed: the prompt's tokens over the time to the first token."""
+        return self.prompt_tokens / self.ttft_s if self.ttft_s > 0 else 0.0
+
 
 Predict = Callable[[dict[str, Any]], Any]
 
@@ -200,6 +211,7 @@ def summarize(results: list[RowResult]) -> dict[str, float]:
         "latency_p50_s": _percentile(latencies, 0.5),
         "latency_p95_s": _percentile(latencies, 0.95),
         "ttft_median_s": statistics.median(r.ttft_s for r in results),
+        "prompt_tokens_per_s_median": statistics.median(r.prompt_tokens_per_s for r in results),
         "decode_tokens_per_s_median": statistics.median(decode_speeds) if decode_speeds else 0.0,
         "completion_tokens_mean": statistics.fmean(r.completion_tokens for r in results),
     }

@@ -33,6 +33,7 @@ SOURCE_KEY_TAG = "slmkit.source_key"
 MODEL_URI_TAG = "slmkit.model_uri"
 REVISION_TAG = "slmkit.resolved_revision"
 DOWNLOAD_RUN_TAG = "slmkit.download_run_id"
+MANIFEST_SHA_TAG = "slmkit.manifest_sha256"
 CHECKPOINT_ARTIFACT = "checkpoint"
 ENV_MANAGERS = ("local", "virtualenv", "uv", "conda")
 
@@ -110,11 +111,17 @@ class DownloadRun:
     run_id: str
     source_key: str
     revision: str
+    manifest_sha256: str
     model: str
 
     def lineage_tags(self) -> dict[str, str]:
         """Tags that tie a later step's run to this download and to its model's source."""
-        return {SOURCE_KEY_TAG: self.source_key, REVISION_TAG: self.revision, DOWNLOAD_RUN_TAG: self.run_id}
+        return {
+            SOURCE_KEY_TAG: self.source_key,
+            REVISION_TAG: self.revision,
+            MANIFEST_SHA_TAG: self.manifest_sha256,
+            DOWNLOAD_RUN_TAG: self.run_id,
+        }
 
 
 def get_download_run(run_id: str) -> DownloadRun:
@@ -130,7 +137,9 @@ def get_download_run(run_id: str) -> DownloadRun:
     if run.data.tags.get(STEP_TAG) != "download" or run.info.status != "FINISHED":
         raise UserError(f"download_run_id={run_id!r} is not a FINISHED download run (status {run.info.status})")
     tags = run.data.tags
-    return DownloadRun(run_id, tags[SOURCE_KEY_TAG], tags[REVISION_TAG], run.data.params.get("model", ""))
+    return DownloadRun(
+        run_id, tags[SOURCE_KEY_TAG], tags[REVISION_TAG], tags[MANIFEST_SHA_TAG], run.data.params.get("model", "")
+    )
 
 
 def upstream_download(download_run_id: str, model: str, env_manager: str) -> DownloadRun:
@@ -163,6 +172,18 @@ def download_checkpoint(download_run_id: str, dest: Path) -> tuple[Path, dict[st
     if problems:
         raise UserError(f"checkpoint of run {download_run_id} does not match its manifest: {'; '.join(problems[:5])}")
     return Path(checkpoint), manifest
+
+
+def model_run(model_uri: str) -> Run:
+    """The run that logged `model_uri` (`models:/…` or `runs:/…`), for its lineage tags.
+
+    Raises:
+        UserError: the URI does not resolve to a logged model.
+    """
+    try:
+        return mlflow.get_run(mlflow.models.get_model_info(model_uri).run_id)
+    except MlflowException as error:
+        raise UserError(f"model URI {model_uri!r}: {error.message}") from error
 
 
 def scratch_dir(prefix: str) -> tempfile.TemporaryDirectory:

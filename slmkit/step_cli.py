@@ -30,3 +30,10 @@ def positive_int(name: str, value: int) -> int:
     if value < 1:
         raise UserError(f"{name}={value}: must be at least 1")
     return value
+
+
+def parse_bool(name: str, value: str) -> bool:
+    """MLproject has no boolean type: accept exactly `true` or `false`, refuse anything else."""
+    if value not in ("true", "false"):
+        raise UserError(f"{name}={value!r}: use true or false")
+    return value == "true"

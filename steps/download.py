@@ -5,7 +5,8 @@ Params:
         or a hub repo id.
     revision: hub branch, tag or commit; empty keeps the preset's.
 
-Logs (run tags `slmkit.step=download`, `slmkit.source_key`, `slmkit.resolved_revision`):
+Logs (run tags `slmkit.step=download`, `slmkit.source_key`, `slmkit.resolved_revision`,
+`slmkit.manifest_sha256`):
     artifacts `checkpoint/` (safetensors, config, tokenizer, chat template) and `manifest.json`
     (source, resolved revision, each file's size and sha256); params `model_name`, `source.*`,
     `resolved_revision`; metrics `checkpoint_bytes`, `download_seconds`.
@@ -20,8 +21,16 @@ from pathlib import Path
 import mlflow
 
 from slmkit.checkpoint import fetch_checkpoint
-from slmkit.lineage import CHECKPOINT_ARTIFACT, REVISION_TAG, SOURCE_KEY_TAG, STEP_TAG, scratch_dir, source_key
-from slmkit.manifest import MANIFEST_NAME, build_manifest, write_manifest
+from slmkit.lineage import (
+    CHECKPOINT_ARTIFACT,
+    MANIFEST_SHA_TAG,
+    REVISION_TAG,
+    SOURCE_KEY_TAG,
+    STEP_TAG,
+    scratch_dir,
+    source_key,
+)
+from slmkit.manifest import MANIFEST_NAME, build_manifest, file_sha256, write_manifest
 from slmkit.presets import resolve_model, source_params
 from slmkit.step_cli import run_cli
 
@@ -44,7 +53,7 @@ def main(args: argparse.Namespace) -> None:
         # The manifest goes last: a run without it never finished logging its checkpoint.
         mlflow.log_artifact(str(Path(scratch) / MANIFEST_NAME))
         mlflow.log_param("resolved_revision", revision)
-        mlflow.set_tag(REVISION_TAG, revision)
+        mlflow.set_tags({REVISION_TAG: revision, MANIFEST_SHA_TAG: file_sha256(Path(scratch) / MANIFEST_NAME)})
 
 
 if __name__ == "__main__":

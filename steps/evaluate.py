@@ -1,39 +1,68 @@
-"""Entry point `evaluate`: run both logged models on the eval set and log quality, parity, speed.
+"""Entry point `evaluate`: measure both models on one eval set, register them, gate `champion`.
 
 Params:
     pipeline_model_uri, onnx_model_uri: the models to compare (`models:/…` or `runs:/…`);
         empty finds the newest finished run of that step for `model`, or runs it.
     model: used only to find or make missing models.
-    eval_set: JSONL of {"messages": [...], "answers": [...]}; relative paths are taken from
-        the project folder.
-    max_rows: evaluate only the first rows (0: all); keeps a CPU run of a 3.8B model affordable.
-    max_tokens: completion length per answer.
+    eval_set: JSONL of {"messages": [...], "answers": [...]}: a path (relative to the project
+        folder) or an artifact URI (`runs:/…`, `s3://…`, …).
+    max_rows: evaluate only the first rows (0: all); max_tokens: completion length per answer.
+    pipeline_registered_model, onnx_registered_model: registry names (`catalog.schema.model`
+        for Unity Catalog); empty skips registering that model.
+    min_correct_rate, max_regression, min_parity: the promotion gate (slmkit.promotion).
+    fail_on_gate: `true` makes a failed gate fail the run, for CI-style use.
     env_manager: how to run a missing upstream step.
 
-Logs (tag `slmkit.step=evaluate`): metrics `pipeline/*` and `onnx/*` from
-slmkit.evaluation.summarize, `parity/*` (ONNX against the pipeline, greedy), the table
-`eval_results.json` with each question and both answers; params `eval_rows`, `*_model_uri`.
+Logs (tag `slmkit.step=evaluate`): the eval set as a dataset input; one nested run per model
+scored with `mlflow.genai.evaluate` (per-row traces, `<scorer>/mean`); metrics `pipeline/*`,
+`onnx/*` and `parity/*`; artifacts `eval_results.json` (per-row table), `comparison.md`,
+`plots/latency.png`, `plots/overview.png`; tags `gate.<model>` with the gate's decision.
 """
 
 from __future__ import annotations
 
 import argparse
-import gc
 import os
 from pathlib import Path
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 
 import mlflow
+import pandas as pd
 
 from slmkit import PROJECT_ROOT
-from slmkit.evaluation import evaluate_model, load_eval_set, parity, rows_table, summarize
-from slmkit.lineage import MODEL_URI_TAG, STEP_TAG, ensure_step_run
+from slmkit.errors import UserError
+from slmkit.evaluation import EvalRow, load_eval_set, parity, rows_table, summarize
+from slmkit.lineage import (
+    DOWNLOAD_RUN_TAG,
+    MANIFEST_SHA_TAG,
+    MODEL_URI_TAG,
+    REVISION_TAG,
+    STEP_TAG,
+    ensure_step_run,
+    model_run,
+    scratch_dir,
+)
+from slmkit.measure import Measurement, measure_in_subprocess
 from slmkit.presets import resolve_model
-from slmkit.step_cli import positive_int, run_cli
+from slmkit.promotion import (
+    CHAMPION,
+    QUALITY_METRICS,
+    GateDecision,
+    GatePolicy,
+    champion_version,
+    check_registered_name,
+    decide,
+    promote,
+    register_candidate,
+)
+from slmkit.report import comparison_markdown, latency_figure, overview_figure
+from slmkit.scorers import SCORERS
+from slmkit.step_cli import parse_bool, positive_int, run_cli
 
-MODELS = {"pipeline": "log_pipeline", "onnx": "log_onnx_wrapper"}
+STEPS = {"pipeline": "log_pipeline", "onnx": "log_onnx_wrapper"}
 RESULTS_TABLE = "eval_results.json"
+EVAL_FINGERPRINT_TAG = "eval.fingerprint"
 
 
 def model_uri(given: str, step: str, model: str, env_manager: str) -> str:
@@ -45,28 +74,131 @@ def model_uri(given: str, step: str, model: str, env_manager: str) -> str:
     return mlflow.get_run(run_id).data.tags[MODEL_URI_TAG]
 
 
+def eval_set_file(value: str, scratch: Path) -> Path:
+    """A local copy of the eval set: artifact URIs are downloaded, paths resolved from the project."""
+    if "://" in value or value.startswith(("runs:/", "models:/")):
+        try:
+            return Path(mlflow.artifacts.download_artifacts(artifact_uri=value, dst_path=str(scratch)))
+        except Exception as error:  # any store's failure: S3, HTTP, a missing run
+            raise UserError(f"eval_set={value!r}: cannot download it ({error})") from error
+    path = Path(value)
+    return path if path.is_absolute() else PROJECT_ROOT / path
+
+
+def eval_dataset(rows: list[EvalRow], source: str) -> mlflow.data.pandas_dataset.PandasDataset:
+    frame = pd.DataFrame([{"id": r.row_id, "messages": r.messages, "answers": r.answers} for r in rows])
+    return mlflow.data.from_pandas(frame, source=source, name=Path(source).stem)
+
+
+def score_with_genai(name: str, rows: list[EvalRow], measurement: Measurement) -> dict[str, float]:
+    """Score the answers with the code scorers in a nested run: per-row traces, mean metrics."""
+    data = [
+        {
+            "inputs": {"messages": row.messages},
+            "outputs": {"content": result.answer, "finish_reason": result.finish_reason},
+            "expectations": {"answers": row.answers},
+        }
+        for row, result in zip(rows, measurement.results, strict=True)
+    ]
+    with mlflow.start_run(run_name=f"{name}-scores", nested=True):
+        mlflow.set_tag(STEP_TAG, "evaluate.scores")
+        return {key: float(value) for key, value in mlflow.genai.evaluate(data=data, scorers=SCORERS).metrics.items()}
+
+
+def version_tags(uri: str, metrics: dict[str, float], fingerprint: str) -> dict[str, str]:
+    """Tags a registered version carries: where it came from and how it scored."""
+    tags = model_run(uri).data.tags
+    lineage = {
+        "source_key": tags.get("slmkit.source_key", ""),
+        "resolved_revision": tags.get(REVISION_TAG, ""),
+        "manifest_sha256": tags.get(MANIFEST_SHA_TAG, ""),
+        "download_run_id": tags.get(DOWNLOAD_RUN_TAG, ""),
+        "git_commit": tags.get("mlflow.source.git.commit", ""),
+        EVAL_FINGERPRINT_TAG: fingerprint,
+    }
+    return {**lineage, **{f"eval.{key}": f"{value:.6g}" for key, value in metrics.items()}}
+
+
+def champion_metrics(
+    name: str, rows: list[EvalRow], fingerprint: str, max_tokens: int, scratch: Path
+) -> tuple[str, dict[str, float]] | None:
+    """The champion's quality on this eval set: from its tags if it was scored on the same
+    rows and settings, else measured now, so the comparison is always like for like."""
+    champion = champion_version(name)
+    if champion is None:
+        return None
+    if champion.tags.get(EVAL_FINGERPRINT_TAG) == fingerprint:
+        return champion.version, {m: float(champion.tags[f"eval.{m}"]) for m in QUALITY_METRICS}
+    measured = measure_in_subprocess(f"models:/{name}@{CHAMPION}", rows, max_tokens, scratch)
+    return champion.version, summarize(measured.results)
+
+
 def main(args: argparse.Namespace) -> None:
     positive_int("max_tokens", args.max_tokens)
-    eval_set = Path(args.eval_set) if Path(args.eval_set).is_absolute() else PROJECT_ROOT / args.eval_set
-    rows = load_eval_set(eval_set, args.max_rows)
-    uris = {
-        "pipeline": model_uri(args.pipeline_model_uri, "log_pipeline", args.model, args.env_manager),
-        "onnx": model_uri(args.onnx_model_uri, "log_onnx_wrapper", args.model, args.env_manager),
+    fail_on_gate = parse_bool("fail_on_gate", args.fail_on_gate)
+    names = {
+        "pipeline": check_registered_name(args.pipeline_registered_model, "pipeline_registered_model"),
+        "onnx": check_registered_name(args.onnx_registered_model, "onnx_registered_model"),
     }
-    with mlflow.start_run():
-        mlflow.set_tag(STEP_TAG, "evaluate")
-        mlflow.log_params({"eval_rows": len(rows), **{f"{name}_model_uri_used": uri for name, uri in uris.items()}})
-        results = {}
-        for name, uri in uris.items():
-            model = mlflow.pyfunc.load_model(uri)
-            results[name] = evaluate_model(model.predict, rows, args.max_tokens)
-            mlflow.log_metrics({f"{name}/{key}": value for key, value in summarize(results[name]).items()})
-            del model
-            gc.collect()
-        mlflow.log_metrics(
-            {f"parity/{key}": value for key, value in parity(results["pipeline"], results["onnx"]).items()}
-        )
-        mlflow.log_table(rows_table(rows, results), RESULTS_TABLE)
+    policies = {
+        "pipeline": GatePolicy(args.min_correct_rate, args.max_regression),
+        "onnx": GatePolicy(args.min_correct_rate, args.max_regression, args.min_parity),
+    }
+    with scratch_dir("evaluate") as scratch_name:
+        scratch = Path(scratch_name)
+        rows = load_eval_set(eval_set_file(args.eval_set, scratch), args.max_rows)
+        uris = {
+            name: model_uri(getattr(args, f"{name}_model_uri"), step, args.model, args.env_manager)
+            for name, step in STEPS.items()
+        }
+        dataset = eval_dataset(rows, args.eval_set)
+        fingerprint = f"{dataset.digest}:rows={len(rows)}:max_tokens={args.max_tokens}"
+        with mlflow.start_run():
+            mlflow.set_tag(STEP_TAG, "evaluate")
+            mlflow.log_input(dataset, context="evaluation")
+            mlflow.log_params({"eval_rows": len(rows), "eval_fingerprint": fingerprint})
+            mlflow.log_params({f"{name}_model_uri_used": uri for name, uri in uris.items()})
+            measurements, metrics = {}, {}
+            for name, uri in uris.items():
+                measurements[name] = measure_in_subprocess(uri, rows, args.max_tokens, scratch)
+                model_metrics = {**summarize(measurements[name].results), **measurements[name].size_metrics()}
+                model_metrics.update(score_with_genai(name, rows, measurements[name]))
+                metrics.update({f"{name}/{key}": value for key, value in model_metrics.items()})
+            parity_metrics = parity(measurements["pipeline"].results, measurements["onnx"].results)
+            metrics.update({f"parity/{key}": value for key, value in parity_metrics.items()})
+            mlflow.log_metrics(metrics)
+            mlflow.log_table(rows_table(rows, {n: m.results for n, m in measurements.items()}), RESULTS_TABLE)
+            mlflow.log_figure(
+                latency_figure({n: [r.latency_s for r in m.results] for n, m in measurements.items()}),
+                "plots/latency.png",
+            )
+            mlflow.log_figure(overview_figure(metrics), "plots/overview.png")
+
+            decisions: dict[str, GateDecision] = {}
+            for name, registered in names.items():
+                if not registered:
+                    continue
+                own = summarize(measurements[name].results)
+                champion = champion_metrics(registered, rows, fingerprint, args.max_tokens, scratch)
+                decision = decide(
+                    own, champion[1] if champion else None, parity_metrics if name == "onnx" else None, policies[name]
+                )
+                version = register_candidate(uris[name], registered, version_tags(uris[name], own, fingerprint))
+                if decision.passed:
+                    promote(registered, version.version)
+                decisions[name] = decision
+                summary = f"{registered} v{version.version} {decision.describe()}"
+                if champion:
+                    summary += f" (compared with champion v{champion[0]})"
+                mlflow.set_tags({f"gate.{name}": summary[:5000], f"gate.{name}.passed": str(decision.passed).lower()})
+                print(f"promotion gate {name}: {summary}")  # noqa: T201 - the step's report to the user
+            gate_text = {name: d.describe() for name, d in decisions.items()}
+            mlflow.log_text(comparison_markdown(metrics, uris, gate_text, len(rows)), "comparison.md")
+            failed = [name for name, decision in decisions.items() if not decision.passed]
+            if fail_on_gate and failed:
+                raise UserError(
+                    f"promotion gate failed for {', '.join(failed)} and fail_on_gate=true; see the gate.* tags"
+                )
 
 
 if __name__ == "__main__":
@@ -77,5 +209,11 @@ if __name__ == "__main__":
     parser.add_argument("--eval-set", default="data/eval_set.jsonl")
     parser.add_argument("--max-rows", type=int, default=0)
     parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--pipeline-registered-model", default="slm-chat-pipeline")
+    parser.add_argument("--onnx-registered-model", default="slm-chat-onnx")
+    parser.add_argument("--min-correct-rate", type=float, default=0.0)
+    parser.add_argument("--max-regression", type=float, default=0.05)
+    parser.add_argument("--min-parity", type=float, default=0.0)
+    parser.add_argument("--fail-on-gate", default="false")
     parser.add_argument("--env-manager", default="local")
     run_cli(main, parser)

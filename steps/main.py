@@ -49,11 +49,22 @@ def main(args: argparse.Namespace) -> None:
                 "eval_set": args.eval_set,
                 "max_rows": str(args.max_rows),
                 "max_tokens": str(args.max_tokens),
+                "pipeline_registered_model": args.pipeline_registered_model,
+                "onnx_registered_model": args.onnx_registered_model,
+                "min_correct_rate": str(args.min_correct_rate),
+                "max_regression": str(args.max_regression),
+                "min_parity": str(args.min_parity),
+                "fail_on_gate": args.fail_on_gate,
                 "env_manager": env_manager,
             },
         )
-        metrics = mlflow.get_run(evaluation).data.metrics
-        summary = format_summary(parent.info.run_id, runs, uris, metrics, mlflow.get_tracking_uri())
+        evaluated = mlflow.get_run(evaluation).data
+        gate = {
+            key.split(".")[1]: value
+            for key, value in evaluated.tags.items()
+            if key.startswith("gate.") and key.count(".") == 1
+        }
+        summary = format_summary(parent.info.run_id, runs, uris, evaluated.metrics, gate, mlflow.get_tracking_uri())
         mlflow.log_text(summary, "summary.txt")
     print(summary)  # noqa: T201 - the report `make run` ends with
 
@@ -70,5 +81,11 @@ if __name__ == "__main__":
     parser.add_argument("--eval-set", default="data/eval_set.jsonl")
     parser.add_argument("--max-rows", type=int, default=0)
     parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--pipeline-registered-model", default="slm-chat-pipeline")
+    parser.add_argument("--onnx-registered-model", default="slm-chat-onnx")
+    parser.add_argument("--min-correct-rate", type=float, default=0.0)
+    parser.add_argument("--max-regression", type=float, default=0.05)
+    parser.add_argument("--min-parity", type=float, default=0.0)
+    parser.add_argument("--fail-on-gate", default="false")
     parser.add_argument("--env-manager", default="local")
     run_cli(main, parser)

@@ -14,9 +14,12 @@ from pathlib import Path
 import mlflow
 import pytest
 import requests
+from mlflow.entities import Run
 
 from slmkit import PROJECT_ROOT
-from tests.tiny_models import build_tiny_phi3
+from slmkit.evaluation import load_eval_set
+from slmkit.lineage import MODEL_URI_TAG, STEP_TAG
+from tests.tiny_models import build_tiny_phi3, train_tiny_phi3
 
 BIN = Path(sys.executable).parent
 
@@ -96,9 +99,67 @@ def tiny_phi3(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_tiny_phi3(tmp_path_factory.mktemp("models") / "tiny-phi3")
 
 
+TRAINED_ROWS = 3
+
+
+@pytest.fixture(scope="session")
+def trained_tiny_phi3(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny Phi-3 overfit to answer the first eval rows correctly, so quality is measurable."""
+    rows = load_eval_set(PROJECT_ROOT / "data" / "eval_set.jsonl", max_rows=TRAINED_ROWS)
+    folder = build_tiny_phi3(tmp_path_factory.mktemp("models") / "trained-phi3")
+    return train_tiny_phi3(folder, [(row.messages, f"{row.answers[0]}.") for row in rows], steps=200)
+
+
 def mlflow_run(server: TrackingServer, *args: str, timeout_s: float = 600, **env: str) -> subprocess.CompletedProcess:
     """`mlflow run` of this project, as a user types it, against `server`."""
     command = [str(BIN / "mlflow"), "run", str(PROJECT_ROOT), "--env-manager", "local", *args]
     return subprocess.run(
         command, env=server.env(**env), capture_output=True, text=True, timeout=timeout_s, check=False
+    )
+
+
+@dataclass(frozen=True)
+class PipelineRun:
+    """One finished `mlflow run .` (entry point main) and its child runs by step."""
+
+    parent: Run
+    children: dict[str, Run]
+    output: str
+
+    def model_uri(self, step: str) -> str:
+        return self.children[step].data.tags[MODEL_URI_TAG]
+
+
+def runs_of(experiment_name: str) -> list[Run]:
+    """All runs of an experiment, oldest first."""
+    experiment = mlflow.get_experiment_by_name(experiment_name)
+    if experiment is None:
+        return []
+    return mlflow.search_runs([experiment.experiment_id], output_format="list", order_by=["attributes.start_time ASC"])
+
+
+def run_main(server: TrackingServer, experiment: str, *params: str) -> PipelineRun:
+    """`mlflow run .` with `-P` overrides; returns the newest main run of `experiment`."""
+    args = [arg for param in params for arg in ("-P", param)]
+    result = mlflow_run(server, "--experiment-name", experiment, *args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    runs = runs_of(experiment)
+    parent = [r for r in runs if r.data.tags.get(STEP_TAG) == "main"][-1]
+    children = {r.data.tags[STEP_TAG]: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
+    return PipelineRun(parent, children, result.stdout + result.stderr)
+
+
+E2E_REGISTERED = ("pipeline_registered_model=e2e-pipeline", "onnx_registered_model=e2e-onnx")
+
+
+@pytest.fixture(scope="session")
+def pipeline_run(tracking_server: TrackingServer, trained_tiny_phi3: Path) -> PipelineRun:
+    """`main` on the trained tiny Phi-3, registering into `e2e-pipeline` and `e2e-onnx`."""
+    return run_main(
+        tracking_server,
+        "e2e-tiny",
+        f"model={trained_tiny_phi3}",
+        f"max_rows={TRAINED_ROWS}",
+        "max_tokens=8",
+        *E2E_REGISTERED,
     )

@@ -1,4 +1,4 @@
-"""`mlflow run .` end to end on a tiny random Phi-3, against a real tracking server.
+"""`mlflow run .` end to end on a tiny Phi-3, against a real tracking server.
 
 One session-scoped run of `main` feeds most tests; each test reads what a user would read:
 runs, params, metrics, artifacts, and the logged models loaded back by URI.
@@ -10,62 +10,24 @@ import itertools
 import json
 import subprocess
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
 import onnxruntime_genai as og
 import pytest
-from mlflow.entities import Run
 from mlflow.exceptions import MlflowException
 
+from slmkit import PROJECT_ROOT
 from slmkit.environment import read_pins
+from slmkit.evaluation import load_eval_set
 from slmkit.lineage import DOWNLOAD_RUN_TAG, MODEL_URI_TAG, SOURCE_KEY_TAG, STEP_TAG
 from slmkit.manifest import file_sha256, read_manifest, verify_folder
-from tests.conftest import TrackingServer, free_port, mlflow_run
+from tests.conftest import PipelineRun, TrackingServer, free_port, mlflow_run, runs_of
 
 pytestmark = pytest.mark.integration
 
 STEPS = ("download", "log_pipeline", "log_onnx_wrapper", "evaluate")
 CHAT = {"messages": [{"role": "user", "content": "What is the capital of France?"}], "max_tokens": 6}
-
-
-@dataclass(frozen=True)
-class PipelineRun:
-    parent: Run
-    children: dict[str, Run]
-    output: str
-
-
-def runs_of(experiment_name: str) -> list[Run]:
-    experiment = mlflow.get_experiment_by_name(experiment_name)
-    if experiment is None:
-        return []
-    return mlflow.search_runs([experiment.experiment_id], output_format="list", order_by=["attributes.start_time ASC"])
-
-
-@pytest.fixture(scope="module")
-def pipeline_run(tracking_server: TrackingServer, tiny_phi3: Path) -> PipelineRun:
-    result = mlflow_run(
-        tracking_server,
-        "--experiment-name",
-        "e2e-tiny",
-        "-P",
-        f"model={tiny_phi3}",
-        "-P",
-        "max_rows=3",
-        "-P",
-        "max_tokens=8",
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    runs = runs_of("e2e-tiny")
-    parent = next(r for r in runs if r.data.tags.get(STEP_TAG) == "main")
-    children = {r.data.tags[STEP_TAG]: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
-    return PipelineRun(parent, children, result.stdout + result.stderr)
-
-
-def model_uri(pipeline_run: PipelineRun, step: str) -> str:
-    return pipeline_run.children[step].data.tags[MODEL_URI_TAG]
 
 
 def test_main_runs_four_finished_children_in_order(pipeline_run: PipelineRun):
@@ -82,12 +44,12 @@ def test_main_runs_four_finished_children_in_order(pipeline_run: PipelineRun):
 def test_summary_names_runs_models_and_metrics(pipeline_run: PipelineRun):
     for step, run in pipeline_run.children.items():
         assert f"{step:<17} run {run.info.run_id}" in pipeline_run.output
-    assert model_uri(pipeline_run, "log_onnx_wrapper") in pipeline_run.output
+    assert pipeline_run.model_uri("log_onnx_wrapper") in pipeline_run.output
     assert "answer_correct_rate" in pipeline_run.output
     assert "mlflow models serve -m models:/" in pipeline_run.output
 
 
-def test_steps_log_params_metrics_and_lineage(pipeline_run: PipelineRun, tiny_phi3: Path):
+def test_steps_log_params_metrics_and_lineage(pipeline_run: PipelineRun):
     download, pipeline, onnx, evaluation = (pipeline_run.children[s] for s in STEPS)
     assert download.data.params["source.kind"] == "local_dir"
     assert download.data.params["resolved_revision"].startswith("sha256:")
@@ -106,7 +68,9 @@ def test_steps_log_params_metrics_and_lineage(pipeline_run: PipelineRun, tiny_ph
     assert evaluation.data.params["eval_rows"] == "3"
 
 
-def test_manifest_checksums_match_the_logged_checkpoint(pipeline_run: PipelineRun, tiny_phi3: Path, tmp_path: Path):
+def test_manifest_checksums_match_the_logged_checkpoint(
+    pipeline_run: PipelineRun, trained_tiny_phi3: Path, tmp_path: Path
+):
     run_id = pipeline_run.children["download"].info.run_id
     manifest = read_manifest(
         Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="manifest.json", dst_path=str(tmp_path)))
@@ -116,7 +80,7 @@ def test_manifest_checksums_match_the_logged_checkpoint(pipeline_run: PipelineRu
     )
     assert verify_folder(checkpoint, manifest) == []
     weights = next(entry for entry in manifest["files"] if entry["path"] == "model.safetensors")
-    assert weights["sha256"] == file_sha256(tiny_phi3 / "model.safetensors")
+    assert weights["sha256"] == file_sha256(trained_tiny_phi3 / "model.safetensors")
 
 
 def test_eval_table_has_each_question_and_both_answers(pipeline_run: PipelineRun, tmp_path: Path):
@@ -135,7 +99,7 @@ def test_eval_table_has_each_question_and_both_answers(pipeline_run: PipelineRun
 @pytest.fixture(scope="module")
 def both_models(pipeline_run: PipelineRun) -> dict[str, mlflow.pyfunc.PyFuncModel]:
     return {
-        step: mlflow.pyfunc.load_model(model_uri(pipeline_run, step)) for step in ("log_pipeline", "log_onnx_wrapper")
+        step: mlflow.pyfunc.load_model(pipeline_run.model_uri(step)) for step in ("log_pipeline", "log_onnx_wrapper")
     }
 
 
@@ -159,7 +123,7 @@ def test_both_models_answer_chat_with_the_same_response_shape(both_models):
 @pytest.fixture(scope="module")
 def onnx_folder(pipeline_run: PipelineRun, tmp_path_factory: pytest.TempPathFactory) -> Path:
     local = mlflow.artifacts.download_artifacts(
-        model_uri(pipeline_run, "log_onnx_wrapper"), dst_path=str(tmp_path_factory.mktemp("onnx"))
+        pipeline_run.model_uri("log_onnx_wrapper"), dst_path=str(tmp_path_factory.mktemp("onnx"))
     )
     return Path(local) / "artifacts" / "onnx_model"
 
@@ -180,14 +144,38 @@ def bare_greedy(folder: Path, messages: list[dict[str, str]], max_tokens: int) -
     return tokens, len(prompt_ids)
 
 
-def test_onnx_wrapper_equals_a_bare_greedy_loop_and_counts_usage_with_its_tokenizer(both_models, onnx_folder: Path):
-    response = both_models["log_onnx_wrapper"].predict(CHAT)[0]
-    tokens, prompt_tokens = bare_greedy(onnx_folder, CHAT["messages"], CHAT["max_tokens"])
+def eos_ids(folder: Path) -> set[int]:
+    eos = json.loads((folder / "genai_config.json").read_text())["model"]["eos_token_id"]
+    return set(eos if isinstance(eos, list) else [eos])
+
+
+@pytest.mark.parametrize(
+    "request_",
+    [
+        CHAT,
+        {"messages": load_eval_set(PROJECT_ROOT / "data" / "eval_set.jsonl", max_rows=1)[0].messages, "max_tokens": 12},
+    ],
+    ids=["untrained-question", "trained-question"],
+)
+def test_onnx_wrapper_equals_a_bare_greedy_loop_and_counts_usage_with_its_tokenizer(
+    both_models, onnx_folder: Path, request_
+):
+    response = both_models["log_onnx_wrapper"].predict(request_)[0]
+    tokens, prompt_tokens = bare_greedy(onnx_folder, request_["messages"], request_["max_tokens"])
     tokenizer = og.Tokenizer(og.Model(str(onnx_folder)))
+    stopped = tokens[-1] in eos_ids(onnx_folder)
     assert response["usage"]["prompt_tokens"] == prompt_tokens
     assert response["usage"]["completion_tokens"] == len(tokens)
-    assert response["choices"][0]["message"]["content"] == tokenizer.decode(tokens)
-    assert response["choices"][0]["finish_reason"] == "length"
+    assert response["choices"][0]["message"]["content"] == tokenizer.decode(tokens[:-1] if stopped else tokens)
+    assert response["choices"][0]["finish_reason"] == ("stop" if stopped else "length")
+
+
+def test_trained_question_is_answered_and_stops(both_models):
+    messages = load_eval_set(PROJECT_ROOT / "data" / "eval_set.jsonl", max_rows=1)[0].messages
+    for model in both_models.values():
+        choice = model.predict({"messages": messages, "max_tokens": 12})[0]["choices"][0]
+        assert choice["message"]["content"] == "Paris."
+        assert choice["finish_reason"] == "stop"
 
 
 def test_onnx_wrapper_accepts_the_seed_notebooks_raw_prompt(both_models):
@@ -205,7 +193,7 @@ def test_onnx_wrapper_refuses_invalid_requests_naming_the_field(both_models):
 def test_logged_models_pin_the_conda_yaml_versions(pipeline_run: PipelineRun, tmp_path: Path):
     pins = set(read_pins().values())
     for step in ("log_pipeline", "log_onnx_wrapper"):
-        folder = Path(mlflow.artifacts.download_artifacts(model_uri(pipeline_run, step), dst_path=str(tmp_path / step)))
+        folder = Path(mlflow.artifacts.download_artifacts(pipeline_run.model_uri(step), dst_path=str(tmp_path / step)))
         requirements = [line for line in (folder / "requirements.txt").read_text().splitlines() if line]
         assert requirements
         assert set(requirements) <= pins, step
@@ -221,7 +209,7 @@ def test_models_load_with_pickle_deserialization_disabled(pipeline_run: Pipeline
         "    out = mlflow.pyfunc.load_model(uri).predict({'messages': [{'role': 'user', 'content': 'Hi'}], 'max_tokens': 2})\n"
         "    print(out[0]['object'])\n"
     )
-    uris = [model_uri(pipeline_run, step) for step in ("log_pipeline", "log_onnx_wrapper")]
+    uris = [pipeline_run.model_uri(step) for step in ("log_pipeline", "log_onnx_wrapper")]
     result = subprocess.run(
         ["python", "-c", script, *uris],
         env=tracking_server.env(MLFLOW_ALLOW_PICKLE_DESERIALIZATION="false"),
@@ -245,7 +233,7 @@ def test_mlflow_models_serve_answers_chat_over_http(pipeline_run: PipelineRun, t
         "models",
         "serve",
         "-m",
-        model_uri(pipeline_run, "log_onnx_wrapper"),
+        pipeline_run.model_uri("log_onnx_wrapper"),
         "--env-manager",
         "local",
     ]
@@ -270,11 +258,11 @@ def test_mlflow_models_serve_answers_chat_over_http(pipeline_run: PipelineRun, t
 
 
 def test_log_onnx_wrapper_alone_reuses_the_finished_download(
-    pipeline_run: PipelineRun, tracking_server: TrackingServer, tiny_phi3: Path
+    pipeline_run: PipelineRun, tracking_server: TrackingServer, trained_tiny_phi3: Path
 ):
     downloads_before = [r for r in runs_of("e2e-tiny") if r.data.tags.get(STEP_TAG) == "download"]
     result = mlflow_run(
-        tracking_server, "-e", "log_onnx_wrapper", "--experiment-name", "e2e-tiny", "-P", f"model={tiny_phi3}"
+        tracking_server, "-e", "log_onnx_wrapper", "--experiment-name", "e2e-tiny", "-P", f"model={trained_tiny_phi3}"
     )
     assert result.returncode == 0, result.stderr[-3000:]
     runs = runs_of("e2e-tiny")

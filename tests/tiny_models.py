@@ -76,3 +76,37 @@ def build_tiny_phi3(dest: Path, seed: int = 0, context_length: int = 512) -> Pat
     model.save_pretrained(dest)
     fast.save_pretrained(dest)
     return dest
+
+
+def train_tiny_phi3(dest: Path, conversations: list[tuple[list[dict[str, str]], str]], steps: int = 300) -> Path:
+    """Overfit the tiny Phi-3 in `dest` to answer each conversation with its answer.
+
+    A model that really answers a few eval rows lets tests see a promotion gate pass on
+    quality and then fail against a worse, untrained candidate, with no metric faked.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(dest)
+    model = AutoModelForCausalLM.from_pretrained(dest)
+    end = "<|end|>"
+    batches = []
+    for messages, answer in conversations:
+        prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        answer_ids = tokenizer(answer + end, add_special_tokens=False)["input_ids"]
+        ids = torch.tensor([prompt_ids + answer_ids])
+        labels = torch.tensor([[-100] * len(prompt_ids) + answer_ids])
+        batches.append((ids, labels))
+    torch.manual_seed(0)
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    model.train()
+    for step in range(steps):
+        ids, labels = batches[step % len(batches)]
+        loss = model(input_ids=ids, labels=labels).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.eval()
+    model.save_pretrained(dest)
+    return dest

@@ -1,0 +1,161 @@
+"""`evaluate` decides: dataset input, per-model scores, plots, report, registry and the gate.
+
+The champion is the tiny Phi-3 trained to answer the first eval rows; the worse candidate is an
+untrained tiny Phi-3, so its lower quality is measured, not faked.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import mlflow
+import pytest
+from mlflow import MlflowClient
+
+from slmkit.errors import UserError
+from slmkit.promotion import CANDIDATE, CHAMPION, GatePolicy, check_registered_name, decide
+from tests.conftest import E2E_REGISTERED, TRAINED_ROWS, PipelineRun, TrackingServer, mlflow_run, run_main, runs_of
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def test_gate_passes_on_floor_and_without_champion():
+    decision = decide(
+        {"answer_correct_rate": 0.6, "token_f1_mean": 0.5}, None, {"exact_match_rate": 0.9}, GatePolicy(0.5, 0.05, 0.8)
+    )
+    assert decision.passed
+    assert decision.reasons == (
+        "ok answer_correct_rate 0.600 vs floor 0.500",
+        "ok no champion yet",
+        "ok parity exact_match_rate 0.900 vs floor 0.800",
+    )
+
+
+def test_gate_fails_on_regression_beyond_tolerance_and_names_it():
+    champion = {"answer_correct_rate": 0.8, "token_f1_mean": 0.7}
+    decision = decide({"answer_correct_rate": 0.76, "token_f1_mean": 0.5}, champion, None, GatePolicy(0.0, 0.05))
+    assert not decision.passed
+    assert "ok answer_correct_rate 0.760 vs champion 0.800 (tolerance 0.050)" in decision.reasons
+    assert "FAIL token_f1_mean 0.500 vs champion 0.700 (tolerance 0.050)" in decision.reasons
+
+
+def test_gate_fails_below_quality_floor_and_parity_floor():
+    decision = decide(
+        {"answer_correct_rate": 0.1, "token_f1_mean": 0.1}, None, {"exact_match_rate": 0.2}, GatePolicy(0.5, 0.05, 0.5)
+    )
+    assert not decision.passed
+    assert [r.split()[0] for r in decision.reasons] == ["FAIL", "ok", "FAIL"]
+
+
+@pytest.mark.parametrize("name", ["slm-chat", "main.models.slm_chat", ""])
+def test_workspace_and_unity_catalog_names_are_accepted(name: str):
+    assert check_registered_name(name, "onnx_registered_model") == name
+
+
+@pytest.mark.parametrize("name", ["../evil", "a b", "a.b.c.d", "x/y"])
+def test_unsafe_registered_names_are_refused(name: str):
+    with pytest.raises(UserError, match="onnx_registered_model="):
+        check_registered_name(name, "onnx_registered_model")
+
+
+integration = pytest.mark.integration
+
+
+@integration
+def test_eval_set_is_logged_as_dataset_input(pipeline_run: PipelineRun):
+    inputs = pipeline_run.children["evaluate"].inputs.dataset_inputs
+    assert len(inputs) == 1
+    assert inputs[0].dataset.name == "eval_set"
+    assert inputs[0].tags[0].value == "evaluation"
+
+
+@integration
+def test_both_models_have_scorer_results_per_row_and_aggregate(pipeline_run: PipelineRun):
+    evaluate = pipeline_run.children["evaluate"]
+    metrics = evaluate.data.metrics
+    for model in ("pipeline", "onnx"):
+        for key in (
+            "answer_correct/mean",
+            "token_f1/mean",
+            "well_formed/mean",
+            "peak_rss_bytes",
+            "model_size_bytes",
+            "latency_p95_s",
+            "prompt_tokens_per_s_median",
+        ):
+            assert f"{model}/{key}" in metrics, f"{model}/{key}"
+        # The trained rows are answered correctly by both models.
+        assert metrics[f"{model}/answer_correct_rate"] == 1.0
+        assert metrics[f"{model}/answer_correct/mean"] == 1.0
+    assert metrics["parity/exact_match_rate"] == 1.0
+    scored = [r for r in runs_of("e2e-tiny") if r.data.tags.get("mlflow.parentRunId") == evaluate.info.run_id]
+    assert sorted(r.info.run_name for r in scored) == ["onnx-scores", "pipeline-scores"]
+    traces = mlflow.search_traces(
+        locations=[evaluate.info.experiment_id], run_id=scored[0].info.run_id, return_type="list"
+    )
+    assert len(traces) == TRAINED_ROWS
+
+
+@integration
+def test_plots_are_png_and_report_has_the_table(pipeline_run: PipelineRun, tmp_path: Path):
+    run_id = pipeline_run.children["evaluate"].info.run_id
+    for plot in ("plots/latency.png", "plots/overview.png"):
+        data = Path(
+            mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=plot, dst_path=str(tmp_path))
+        ).read_bytes()
+        assert data.startswith(PNG_MAGIC)
+        assert len(data) > 5000
+    report = Path(
+        mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="comparison.md", dst_path=str(tmp_path))
+    ).read_text()
+    assert "| answer correct rate | 1.000 | 1.000 |" in report
+    assert "## Promotion gate" in report
+    assert "| answer correct rate | 1.000 | 1.000 |" in pipeline_run.output
+
+
+@integration
+def test_first_run_registers_both_with_candidate_and_champion(pipeline_run: PipelineRun):
+    client = MlflowClient()
+    for name in ("e2e-pipeline", "e2e-onnx"):
+        champion = client.get_model_version_by_alias(name, CHAMPION)
+        candidate = client.get_model_version_by_alias(name, CANDIDATE)
+        assert champion.version == candidate.version
+        assert champion.tags["eval.answer_correct_rate"] == "1"
+        assert champion.tags["resolved_revision"].startswith("sha256:")
+        assert len(champion.tags["manifest_sha256"]) == 64
+        assert champion.tags["download_run_id"] == pipeline_run.children["download"].info.run_id
+    assert pipeline_run.children["evaluate"].data.tags["gate.onnx.passed"] == "true"
+
+
+@integration
+def test_worse_candidate_leaves_champion_and_records_why(
+    pipeline_run: PipelineRun, tracking_server: TrackingServer, tiny_phi3: Path
+):
+    client = MlflowClient()
+    champion_before = client.get_model_version_by_alias("e2e-onnx", CHAMPION).version
+    worse = run_main(
+        tracking_server, "e2e-worse", f"model={tiny_phi3}", f"max_rows={TRAINED_ROWS}", "max_tokens=8", *E2E_REGISTERED
+    )
+    tags = worse.children["evaluate"].data.tags
+    assert worse.children["evaluate"].info.status == "FINISHED"  # a failed gate is not a failed run
+    assert tags["gate.onnx.passed"] == "false"
+    assert "FAIL answer_correct_rate 0.000 vs champion 1.000" in tags["gate.onnx"]
+    assert client.get_model_version_by_alias("e2e-onnx", CHAMPION).version == champion_before
+    assert client.get_model_version_by_alias("e2e-onnx", CANDIDATE).version != champion_before
+    assert "promotion gate" in worse.output
+
+
+@integration
+def test_fail_on_gate_fails_the_run(pipeline_run: PipelineRun, tracking_server: TrackingServer, tiny_phi3: Path):
+    result = mlflow_run(
+        tracking_server, "--experiment-name", "e2e-ci-gate", "-e", "evaluate",
+        "-P", f"pipeline_model_uri={pipeline_run.model_uri('log_pipeline')}",
+        "-P", f"onnx_model_uri={pipeline_run.model_uri('log_onnx_wrapper')}",
+        "-P", "max_rows=1", "-P", "max_tokens=4", "-P", "min_correct_rate=1.1", "-P", "fail_on_gate=true",
+        "-P", "pipeline_registered_model=", "-P", "onnx_registered_model=e2e-ci-gate",
+    )  # fmt: skip
+    assert result.returncode != 0
+    assert "error: promotion gate failed for onnx and fail_on_gate=true" in result.stderr
+    evaluate = [r for r in runs_of("e2e-ci-gate") if r.data.tags.get("slmkit.step") == "evaluate"]
+    assert [r.info.status for r in evaluate] == ["FAILED"]
+    assert evaluate[0].data.tags["gate.onnx.passed"] == "false"
