@@ -58,7 +58,7 @@ from slmkit.promotion import (
 )
 from slmkit.report import comparison_markdown, latency_figure, overview_figure
 from slmkit.scorers import SCORERS
-from slmkit.step_cli import parse_bool, positive_int, run_cli
+from slmkit.step_cli import EVALUATION_OPTIONS, add_options, parse_bool, positive_int, run_cli
 
 STEPS = {"pipeline": "log_pipeline", "onnx": "log_onnx_wrapper"}
 RESULTS_TABLE = "eval_results.json"
@@ -206,14 +206,6 @@ if __name__ == "__main__":
     parser.add_argument("--pipeline-model-uri", default="")
     parser.add_argument("--onnx-model-uri", default="")
     parser.add_argument("--model", default="")
-    parser.add_argument("--eval-set", default="data/eval_set.jsonl")
-    parser.add_argument("--max-rows", type=int, default=0)
-    parser.add_argument("--max-tokens", type=int, default=64)
-    parser.add_argument("--pipeline-registered-model", default="slm-chat-pipeline")
-    parser.add_argument("--onnx-registered-model", default="slm-chat-onnx")
-    parser.add_argument("--min-correct-rate", type=float, default=0.0)
-    parser.add_argument("--max-regression", type=float, default=0.05)
-    parser.add_argument("--min-parity", type=float, default=0.0)
-    parser.add_argument("--fail-on-gate", default="false")
+    add_options(parser, EVALUATION_OPTIONS)
     parser.add_argument("--env-manager", default="local")
     run_cli(main, parser)

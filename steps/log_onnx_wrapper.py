@@ -40,7 +40,7 @@ from slmkit.manifest import MANIFEST_NAME, build_manifest, write_manifest
 from slmkit.onnx_build import build_int4, fetch_ready_variant
 from slmkit.pipeline_model import generation_config
 from slmkit.presets import ModelSpec, check_execution_provider, load_presets, resolve_model
-from slmkit.step_cli import run_cli
+from slmkit.step_cli import GENERATION_OPTIONS, add_options, run_cli
 
 WRAPPER = PROJECT_ROOT / "wrappers" / "onnx_chat_model.py"
 LIBRARY = PROJECT_ROOT / "slmkit"
@@ -104,7 +104,6 @@ if __name__ == "__main__":
     parser.add_argument("--download-run-id", default="")
     parser.add_argument("--execution-provider", default="cpu")
     parser.add_argument("--onnx-source", default="auto")
-    parser.add_argument("--temperature", type=float, default=0.0)
-    parser.add_argument("--max-new-tokens", type=int, default=256)
+    add_options(parser, GENERATION_OPTIONS)
     parser.add_argument("--env-manager", default="local")
     run_cli(main, parser)

@@ -29,7 +29,7 @@ import mlflow
 from slmkit.environment import PIPELINE_PACKAGES, model_requirements
 from slmkit.lineage import MODEL_URI_TAG, STEP_TAG, download_checkpoint, scratch_dir, upstream_download
 from slmkit.pipeline_model import build_pipeline, check_dtype, generation_config
-from slmkit.step_cli import run_cli
+from slmkit.step_cli import GENERATION_OPTIONS, add_options, run_cli
 
 MODEL_NAME = "model"
 
@@ -61,7 +61,6 @@ if __name__ == "__main__":
     parser.add_argument("--download-run-id", default="")
     parser.add_argument("--model", default="")
     parser.add_argument("--torch-dtype", default="auto")
-    parser.add_argument("--temperature", type=float, default=0.0)
-    parser.add_argument("--max-new-tokens", type=int, default=256)
+    add_options(parser, GENERATION_OPTIONS)
     parser.add_argument("--env-manager", default="local")
     run_cli(main, parser)

@@ -14,13 +14,13 @@ import argparse
 import mlflow
 
 from slmkit.lineage import MODEL_URI_TAG, STEP_TAG, check_env_manager, run_entry_point
-from slmkit.step_cli import run_cli
+from slmkit.step_cli import EVALUATION_OPTIONS, GENERATION_OPTIONS, add_options, forward, run_cli
 from slmkit.summary import format_summary
 
 
 def main(args: argparse.Namespace) -> None:
     env_manager = check_env_manager(args.env_manager)
-    generation = {"temperature": str(args.temperature), "max_new_tokens": str(args.max_new_tokens)}
+    generation = forward(args, GENERATION_OPTIONS)
     with mlflow.start_run() as parent:
         mlflow.set_tag(STEP_TAG, "main")
         runs: dict[str, str] = {}
@@ -46,16 +46,8 @@ def main(args: argparse.Namespace) -> None:
             {
                 "pipeline_model_uri": uris["pipeline"],
                 "onnx_model_uri": uris["onnx"],
-                "eval_set": args.eval_set,
-                "max_rows": str(args.max_rows),
-                "max_tokens": str(args.max_tokens),
-                "pipeline_registered_model": args.pipeline_registered_model,
-                "onnx_registered_model": args.onnx_registered_model,
-                "min_correct_rate": str(args.min_correct_rate),
-                "max_regression": str(args.max_regression),
-                "min_parity": str(args.min_parity),
-                "fail_on_gate": args.fail_on_gate,
                 "env_manager": env_manager,
+                **forward(args, EVALUATION_OPTIONS),
             },
         )
         evaluated = mlflow.get_run(evaluation).data
@@ -76,16 +68,6 @@ if __name__ == "__main__":
     parser.add_argument("--torch-dtype", default="auto")
     parser.add_argument("--execution-provider", default="cpu")
     parser.add_argument("--onnx-source", default="auto")
-    parser.add_argument("--temperature", type=float, default=0.0)
-    parser.add_argument("--max-new-tokens", type=int, default=256)
-    parser.add_argument("--eval-set", default="data/eval_set.jsonl")
-    parser.add_argument("--max-rows", type=int, default=0)
-    parser.add_argument("--max-tokens", type=int, default=64)
-    parser.add_argument("--pipeline-registered-model", default="slm-chat-pipeline")
-    parser.add_argument("--onnx-registered-model", default="slm-chat-onnx")
-    parser.add_argument("--min-correct-rate", type=float, default=0.0)
-    parser.add_argument("--max-regression", type=float, default=0.05)
-    parser.add_argument("--min-parity", type=float, default=0.0)
-    parser.add_argument("--fail-on-gate", default="false")
+    add_options(parser, GENERATION_OPTIONS + EVALUATION_OPTIONS)
     parser.add_argument("--env-manager", default="local")
     run_cli(main, parser)
