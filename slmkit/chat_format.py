@@ -9,6 +9,7 @@ MLflow's scoring server sends for `MlflowException.invalid_parameter_value`.
 from __future__ import annotations
 
 import math
+import re
 import time
 import uuid
 from collections.abc import Mapping, Sequence
@@ -18,6 +19,10 @@ from typing import Any
 ROLES = ("system", "user", "assistant")
 FINISH_STOP = "stop"
 FINISH_LENGTH = "length"
+# `truncation`: refuse a conversation past the context, or drop its oldest non-system turns.
+TRUNCATION_MODES = ("none", "oldest")
+# C0 controls other than tab, newline and carriage return, and DEL: never meaningful in a chat.
+_CONTROL_CHARACTERS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 
 
 class ChatRequestError(ValueError):
@@ -39,6 +44,7 @@ class ChatRequest:
     top_p: float | None = None
     stop: tuple[str, ...] = ()
     seed: int | None = None
+    truncation: str = "none"
 
     def messages_as_dicts(self) -> list[dict[str, str]]:
         return [{"role": role, "content": content} for role, content in self.messages or ()]
@@ -68,6 +74,15 @@ def _number(name: str, value: Any) -> float:
     return float(value)
 
 
+def _text(name: str, value: str) -> str:
+    match = _CONTROL_CHARACTERS.search(value)
+    if match:
+        raise ChatRequestError(
+            f"{name} contains the control character U+{ord(match.group()):04X} at position {match.start()}"
+        )
+    return value
+
+
 def _messages(value: Any) -> tuple[tuple[str, str], ...]:
     value = _as_list(value)
     if not isinstance(value, list) or not value:
@@ -83,12 +98,16 @@ def _messages(value: Any) -> tuple[tuple[str, str], ...]:
             raise ChatRequestError(f"messages[{index}].content must be a string, got {type(content).__name__}")
         if role != "assistant" and not content.strip():
             raise ChatRequestError(f"messages[{index}].content is empty")
-        parsed.append((role, content))
+        parsed.append((role, _text(f"messages[{index}].content", content)))
     return tuple(parsed)
 
 
-def parse_request(raw: Mapping[str, Any]) -> ChatRequest:
+def parse_request(raw: Mapping[str, Any], streaming: bool = False) -> ChatRequest:
     """Validate one raw request (a JSON object) into a ChatRequest.
+
+    Args:
+        raw: the request.
+        streaming: the caller streams, so `stream: true` is welcome rather than refused.
 
     Raises:
         ChatRequestError: the first field that breaks the contract, named in the message.
@@ -101,10 +120,12 @@ def parse_request(raw: Mapping[str, Any]) -> ChatRequest:
         raise ChatRequestError("messages is required: a non-empty list of {role, content} objects")
     if prompt is not None and (not isinstance(prompt, str) or not prompt.strip()):
         raise ChatRequestError("prompt must be a non-empty string")
+    if prompt is not None:
+        _text("prompt", prompt)
     n = _integer("n", given["n"], 1) if "n" in given else 1
     if n != 1:
         raise ChatRequestError(f"n={n} is not supported: send {n} requests, with a seed each for distinct samples")
-    if given.get("stream"):
+    if given.get("stream") and not streaming:
         raise ChatRequestError("stream=true is not supported by predict; call predict_stream instead")
     temperature = _number("temperature", given["temperature"]) if "temperature" in given else None
     if temperature is not None and temperature < 0:
@@ -115,6 +136,9 @@ def parse_request(raw: Mapping[str, Any]) -> ChatRequest:
     stop = _as_list(given.get("stop", []))
     if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop):
         raise ChatRequestError("stop must be a list of non-empty strings")
+    truncation = given.get("truncation", "none")
+    if truncation not in TRUNCATION_MODES:
+        raise ChatRequestError(f"truncation must be one of {', '.join(TRUNCATION_MODES)}, got {truncation!r}")
     return ChatRequest(
         messages=_messages(messages) if messages is not None else None,
         prompt=prompt,
@@ -123,6 +147,7 @@ def parse_request(raw: Mapping[str, Any]) -> ChatRequest:
         top_p=top_p,
         stop=tuple(stop),
         seed=_integer("seed", given["seed"], 0) if "seed" in given else None,
+        truncation=truncation,
     )
 
 
@@ -136,6 +161,45 @@ def raw_requests(model_input: Any) -> list[dict[str, Any]]:
     if is_list and all(isinstance(item, Mapping) for item in model_input):
         return [dict(item) for item in model_input]
     raise ChatRequestError("the input must be a chat request object with a messages field")
+
+
+def without_oldest_turn(messages: tuple[tuple[str, str], ...]) -> tuple[tuple[str, str], ...] | None:
+    """The conversation minus its oldest non-system turn; None when only the last turn is left."""
+    droppable = [i for i, (role, _) in enumerate(messages[:-1]) if role != "system"]
+    if not droppable:
+        return None
+    return messages[: droppable[0]] + messages[droppable[0] + 1 :]
+
+
+class StopScanner:
+    """Streams text while watching for stop strings that may span several pieces.
+
+    Text that could still turn out to be the start of a stop string is held back until the
+    next piece decides it, so a streamed answer never shows what `predict` would have cut.
+    """
+
+    def __init__(self, stop: tuple[str, ...]) -> None:
+        self._stop = stop
+        self._hold = max((len(s) for s in stop), default=1) - 1
+        self.text = ""
+        self._sent = 0
+        self.stopped = False
+
+    def feed(self, piece: str) -> str:
+        """Add a decoded piece; return what can be shown now."""
+        self.text += piece
+        cut, self.stopped = cut_at_stop(self.text, self._stop)
+        if self.stopped:
+            self.text = cut
+            return self.flush()
+        safe = max(self._sent, len(self.text) - self._hold)
+        shown, self._sent = self.text[self._sent : safe], safe
+        return shown
+
+    def flush(self) -> str:
+        """What was held back, once generation has ended."""
+        shown, self._sent = self.text[self._sent :], len(self.text)
+        return shown
 
 
 def cut_at_stop(text: str, stop: Sequence[str]) -> tuple[str, bool]:
@@ -162,6 +226,27 @@ def chat_completion(
     }
 
 
+def chat_chunk(
+    completion_id: str,
+    created: int,
+    model: str,
+    content: str,
+    finish_reason: str | None,
+    usage: dict[str, int] | None = None,
+) -> dict[str, Any]:
+    """One streamed ChatCompletionChunk in the OpenAI shape; the last carries the usage."""
+    chunk = {
+        "id": completion_id,
+        "object": "chat.completion.chunk",
+        "created": created,
+        "model": model,
+        "choices": [{"index": 0, "delta": {"role": "assistant", "content": content}, "finish_reason": finish_reason}],
+    }
+    if usage is not None:
+        chunk["usage"] = usage
+    return chunk
+
+
 def response_text(response: Any) -> str:
     """The assistant's text from a ChatCompletion, as either model returns it from pyfunc."""
     if isinstance(response, list):
@@ -170,27 +255,24 @@ def response_text(response: Any) -> str:
 
 
 def chat_signature() -> Any:
-    """The ONNX wrapper's signature: MLflow's chat schema, trimmed to what it serves.
+    """The ONNX wrapper's signature: MLflow's chat request shape, with our own field checks.
 
     Declared explicitly: a signature inferred from an example makes every field required.
-    `messages` is optional only because the seed's raw `prompt` request is accepted instead.
+    `messages` keeps its typed shape so the signature documents it, and is optional only because
+    the seed's raw `prompt` request is accepted instead. The scalar fields are `Any`: schema
+    enforcement would refuse `"temperature": -1` or `"stop": "x"` with messages that do not
+    always name the field, while `parse_request` names it every time.
     """
     from mlflow.models import ModelSignature
     from mlflow.types.llm import CHAT_MODEL_OUTPUT_SCHEMA
-    from mlflow.types.schema import Array, ColSpec, DataType, Object, Property, Schema
+    from mlflow.types.schema import AnyType, Array, ColSpec, DataType, Object, Property, Schema
 
     message = Object([Property("role", DataType.string), Property("content", DataType.string, False)])
+    fields = ("prompt", "temperature", "max_tokens", "stop", "n", "stream", "top_p", "seed", "truncation")
     inputs = Schema(
         [
             ColSpec(name="messages", type=Array(message), required=False),
-            ColSpec(name="prompt", type=DataType.string, required=False),
-            ColSpec(name="temperature", type=DataType.double, required=False),
-            ColSpec(name="max_tokens", type=DataType.long, required=False),
-            ColSpec(name="stop", type=Array(DataType.string), required=False),
-            ColSpec(name="n", type=DataType.long, required=False),
-            ColSpec(name="stream", type=DataType.boolean, required=False),
-            ColSpec(name="top_p", type=DataType.double, required=False),
-            ColSpec(name="seed", type=DataType.long, required=False),
+            *(ColSpec(name=name, type=AnyType(), required=False) for name in fields),
         ]
     )
     return ModelSignature(inputs=inputs, outputs=CHAT_MODEL_OUTPUT_SCHEMA)

@@ -45,6 +45,7 @@ def measure(model_uri: str, rows: list[EvalRow], max_tokens: int) -> Measurement
     """Download, load and evaluate `model_uri` in this process."""
     import mlflow
 
+    mlflow.tracing.disable()  # traces per request would cost time and clutter the experiment
     started = time.perf_counter()
     local = Path(mlflow.artifacts.download_artifacts(model_uri))
     model = mlflow.pyfunc.load_model(str(local))

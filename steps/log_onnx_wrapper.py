@@ -6,6 +6,7 @@ Params:
     execution_provider: cpu or cuda; picks the hub variant's subfolder or the builder's target.
     onnx_source: auto (the hub variant when the preset has one, else build), hub, or build.
     temperature, max_new_tokens: the wrapper's defaults, as for `log_pipeline`.
+    tracing: `true` records an MLflow trace per request (prompt and decode spans), `false` not.
     env_manager: how to run `download` when it must run first.
 
 Logs (tags `slmkit.step=log_onnx_wrapper`, `slmkit.source_key`, `slmkit.model_uri`):
@@ -23,9 +24,6 @@ from pathlib import Path
 
 import mlflow
 
-from slmkit import PROJECT_ROOT
-from slmkit.chat_format import chat_signature
-from slmkit.environment import model_requirements, onnx_packages
 from slmkit.errors import UserError
 from slmkit.lineage import (
     MODEL_URI_TAG,
@@ -38,14 +36,12 @@ from slmkit.lineage import (
 )
 from slmkit.manifest import MANIFEST_NAME, build_manifest, write_manifest
 from slmkit.onnx_build import build_int4, fetch_ready_variant
+from slmkit.onnx_wrapper_model import wrapper_model_arguments
 from slmkit.pipeline_model import generation_config
 from slmkit.presets import ModelSpec, check_execution_provider, load_presets, resolve_model
-from slmkit.step_cli import GENERATION_OPTIONS, add_options, run_cli
+from slmkit.step_cli import GENERATION_OPTIONS, add_options, parse_bool, run_cli
 
-WRAPPER = PROJECT_ROOT / "wrappers" / "onnx_chat_model.py"
-LIBRARY = PROJECT_ROOT / "slmkit"
 ONNX_SOURCES = ("auto", "hub", "build")
-INPUT_EXAMPLE = {"messages": [{"role": "user", "content": "What is the capital of France?"}], "max_tokens": 16}
 
 
 def use_hub_variant(spec: ModelSpec | None, onnx_source: str, execution_provider: str) -> bool:
@@ -62,6 +58,7 @@ def use_hub_variant(spec: ModelSpec | None, onnx_source: str, execution_provider
 
 def main(args: argparse.Namespace) -> None:
     check_execution_provider(args.execution_provider)
+    tracing = parse_bool("tracing", args.tracing)
     generation = generation_config(args.temperature, args.max_new_tokens)
     preset = args.model if args.model in load_presets() else ""
     spec = resolve_model(preset) if preset else None
@@ -84,15 +81,10 @@ def main(args: argparse.Namespace) -> None:
         mlflow.log_params({"onnx_origin": origin, "onnx_revision": revision})
         mlflow.log_metric("build_seconds", time.perf_counter() - started)
         started = time.perf_counter()
+        model_name = Path(download.model if download else preset).name
         info = mlflow.pyfunc.log_model(
             name="model",
-            python_model=str(WRAPPER),
-            artifacts={"onnx_model": str(onnx_dir)},
-            code_paths=[str(LIBRARY)],
-            signature=chat_signature(),
-            input_example=INPUT_EXAMPLE,
-            pip_requirements=model_requirements(onnx_packages(args.execution_provider)),
-            model_config={"model_name": Path(download.model if download else preset).name, **generation},
+            **wrapper_model_arguments(onnx_dir, model_name, generation, args.execution_provider, tracing),
         )
         mlflow.log_metrics({"log_seconds": time.perf_counter() - started, "model_size_bytes": manifest["total_bytes"]})
         mlflow.set_tag(MODEL_URI_TAG, info.model_uri)
@@ -104,6 +96,7 @@ if __name__ == "__main__":
     parser.add_argument("--download-run-id", default="")
     parser.add_argument("--execution-provider", default="cpu")
     parser.add_argument("--onnx-source", default="auto")
+    parser.add_argument("--tracing", default="true")
     add_options(parser, GENERATION_OPTIONS)
     parser.add_argument("--env-manager", default="local")
     run_cli(main, parser)

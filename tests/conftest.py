@@ -19,6 +19,8 @@ from mlflow.entities import Run
 from slmkit import PROJECT_ROOT
 from slmkit.evaluation import load_eval_set
 from slmkit.lineage import MODEL_URI_TAG, STEP_TAG
+from slmkit.onnx_build import build_int4
+from slmkit.onnx_wrapper_model import ONNX_ARTIFACT, wrapper_model_arguments
 from tests.tiny_models import build_tiny_phi3, train_tiny_phi3
 
 BIN = Path(sys.executable).parent
@@ -93,6 +95,12 @@ def tracking_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Tracki
         log.close()
 
 
+@pytest.fixture(scope="session", autouse=True)
+def local_tracking_store(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Keep runs and traces of tests that use no server out of the project folder."""
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path_factory.mktemp('local-store') / 'mlflow.db'}")
+
+
 @pytest.fixture(scope="session")
 def tiny_phi3(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A random tiny Phi-3 checkpoint folder, built once per session."""
@@ -163,3 +171,28 @@ def pipeline_run(tracking_server: TrackingServer, trained_tiny_phi3: Path) -> Pi
         "max_tokens=8",
         *E2E_REGISTERED,
     )
+
+
+GREEDY_DEFAULTS = {"do_sample": False, "max_new_tokens": 16}
+
+
+def save_wrapper(checkpoint: Path, dest: Path, tracing: bool = True) -> Path:
+    """Build an int4 ONNX model of `checkpoint` and save it as the ONNX chat wrapper at `dest`."""
+    scratch = dest.parent / f"{dest.name}-build"
+    scratch.mkdir(parents=True)
+    build_int4(checkpoint, scratch / ONNX_ARTIFACT, scratch, "cpu")
+    mlflow.pyfunc.save_model(
+        str(dest), **wrapper_model_arguments(scratch / ONNX_ARTIFACT, "tiny-phi3", GREEDY_DEFAULTS, tracing=tracing)
+    )
+    return dest
+
+
+@pytest.fixture(scope="session")
+def wrapper_dir(trained_tiny_phi3: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The ONNX chat wrapper of the trained tiny Phi-3, saved as an MLflow model folder."""
+    return save_wrapper(trained_tiny_phi3, tmp_path_factory.mktemp("wrapper") / "model")
+
+
+@pytest.fixture(scope="session")
+def wrapper(wrapper_dir: Path) -> mlflow.pyfunc.PyFuncModel:
+    return mlflow.pyfunc.load_model(str(wrapper_dir))

@@ -6,18 +6,22 @@ so it checks the wheel source, GGUF conversion, and that int4 keeps the model's 
 
 from __future__ import annotations
 
+import time
+from pathlib import Path
+
+import mlflow
 import pytest
 
-from slmkit.lineage import STEP_TAG
-from tests.conftest import TrackingServer, mlflow_run
-from tests.test_pipeline_e2e import runs_of
+from slmkit.lineage import MODEL_URI_TAG, STEP_TAG
+from tests.conftest import TrackingServer, mlflow_run, runs_of
+from tests.test_serving import serve
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 
 
-def test_smollm2_preset_runs_end_to_end_and_answers(tracking_server: TrackingServer):
+def test_smollm2_preset_runs_end_to_end_and_answers(tracking_server: TrackingServer, tmp_path: Path):
     result = mlflow_run(
         tracking_server, "--experiment-name", "smollm2", "-P", "model=smollm2-135m", "-P", "max_rows=4", "-P", "max_tokens=24",
         timeout_s=1200,
@@ -38,3 +42,20 @@ def test_smollm2_preset_runs_end_to_end_and_answers(tracking_server: TrackingSer
     assert metrics["onnx/well_formed_rate"] == 1.0
     assert metrics["parity/common_prefix_ratio_mean"] > 0
     assert metrics["onnx/decode_tokens_per_s_median"] > metrics["pipeline/decode_tokens_per_s_median"]
+    check_generation_stops_at_the_server_timeout(runs["log_onnx_wrapper"].data.tags[MODEL_URI_TAG], tmp_path)
+
+
+def check_generation_stops_at_the_server_timeout(model_uri: str, tmp_path: Path) -> None:
+    """A request past `-t 1` gets a 504, and the generation behind it stops instead of running on."""
+    local = mlflow.artifacts.download_artifacts(model_uri, dst_path=str(tmp_path / "model"))
+    for server in serve(Path(local), tmp_path / "server.log", "-t", "1"):
+        started = time.monotonic()
+        timed_out = server.post({"messages": [{"role": "user", "content": "Write a long story."}], "max_tokens": 1500})
+        assert timed_out.status_code == 504
+        assert time.monotonic() - started < 5
+        time.sleep(1.5)
+        assert "request passed the server timeout; generation stopped after" in server.log.read_text()
+        started = time.monotonic()
+        quick = server.post({"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4})
+        assert quick.status_code == 200
+        assert time.monotonic() - started < 1.0, "the abandoned generation is still holding the model"

@@ -8,17 +8,27 @@ Logged `model_config` keys:
     model_name: the name put in each response's `model` field.
     max_new_tokens: default for requests without `max_tokens`.
     temperature: default for requests without `temperature`; 0 means greedy.
+    tracing: "true" (default) records an MLflow trace per request; "false" turns it off.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
+import os
 import threading
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import mlflow
 import onnxruntime_genai as og
+from mlflow.entities import SpanType
+from mlflow.environment_variables import MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT
 from mlflow.exceptions import MlflowException
 from mlflow.models import set_model
 
@@ -27,11 +37,51 @@ from slmkit.chat_format import (
     FINISH_STOP,
     ChatRequest,
     ChatRequestError,
+    StopScanner,
+    chat_chunk,
     chat_completion,
-    cut_at_stop,
     parse_request,
     raw_requests,
+    without_oldest_turn,
 )
+
+logger = logging.getLogger(__name__)
+
+# No token is longer than this many characters, so longer text cannot fit the context: refuse it
+# before tokenizing megabytes.
+MAX_CHARS_PER_TOKEN = 32
+
+
+@dataclass
+class Generation:
+    """What one request produced so far; filled in while tokens are generated."""
+
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    finish_reason: str = FINISH_LENGTH
+    text: str = ""
+
+    def usage(self) -> dict[str, int]:
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "total_tokens": self.prompt_tokens + self.completion_tokens,
+        }
+
+
+def _invalid(error: ChatRequestError) -> MlflowException:
+    """The scoring server answers this with HTTP 400 and no stack trace."""
+    return MlflowException.invalid_parameter_value(str(error))
+
+
+def server_deadline() -> float | None:
+    """When the scoring server will have answered 504: generation stops then, not later.
+
+    `mlflow models serve` sets the timeout variable for its workers; in-process use has none.
+    """
+    if MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT.name not in os.environ:
+        return None
+    return time.monotonic() + MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT.get()
 
 
 class OnnxChatModel(mlflow.pyfunc.PythonModel):
@@ -50,6 +100,7 @@ class OnnxChatModel(mlflow.pyfunc.PythonModel):
         self._model_name = str(config.get("model_name", folder.name))
         self._default_max_tokens = int(config.get("max_new_tokens", 256))
         self._default_temperature = float(config.get("temperature", 0.0))
+        self._tracing = str(config.get("tracing", "true")).lower() == "true"
         # onnxruntime-genai objects are not thread-safe and hold the GIL: one request at a time.
         self._lock = threading.Lock()
 
@@ -60,8 +111,10 @@ class OnnxChatModel(mlflow.pyfunc.PythonModel):
         Request (one JSON object, or a list/DataFrame of them):
             messages: [{"role": "system"|"user"|"assistant", "content": str}, ...], or instead
             prompt: text already formatted with the chat template (the seed notebook's request);
-            max_tokens: int >= 1; temperature: float >= 0 (0 is greedy); top_p: float in (0, 1];
-            stop: [str, ...]; n: 1 only; seed: int, for reproducible sampling.
+            max_tokens: int >= 1, at most the context length; temperature: float >= 0 (0 is
+            greedy); top_p: float in (0, 1]; stop: [str, ...]; n: 1 only; seed: int, for
+            reproducible sampling; truncation: "none" (refuse a conversation past the context)
+            or "oldest" (drop the oldest non-system turns until it fits).
 
         Response per request: a ChatCompletion dict with id, object, created, model,
         choices[0].message {role, content}, choices[0].finish_reason ("stop" or "length") and
@@ -73,27 +126,79 @@ class OnnxChatModel(mlflow.pyfunc.PythonModel):
         """
         try:
             requests = [parse_request(raw) for raw in raw_requests(model_input)]
-            return [self._complete(request) for request in requests]
         except ChatRequestError as error:
-            raise MlflowException.invalid_parameter_value(str(error)) from None
+            raise _invalid(error) from None
+        return [self._complete(request) for request in requests]
 
-    def _prompt_ids(self, request: ChatRequest) -> Any:
-        prompt = request.prompt
-        if prompt is None:
-            prompt = self._tokenizer.apply_chat_template(
-                json.dumps(request.messages_as_dicts()), add_generation_prompt=True
-            )
-        ids = self._tokenizer.encode(prompt)
-        if len(ids) >= self._context_length:
-            field = "prompt" if request.prompt is not None else "messages"
-            raise ChatRequestError(
-                f"{field}: the prompt has {len(ids)} tokens, but the model's context is {self._context_length}; shorten it"
-            )
-        return ids
+    def predict_stream(self, context, model_input, params=None):
+        """Stream one request as ChatCompletionChunk dicts; the last has finish_reason and usage.
+
+        Text is decoded with onnxruntime-genai's tokenizer stream, so a multi-byte character is
+        never split across chunks; stop strings are applied across chunk boundaries.
+        """
+        try:
+            raws = raw_requests(model_input)
+            if len(raws) != 1:
+                raise ChatRequestError("predict_stream takes exactly one request")
+            request = parse_request(raws[0], streaming=True)
+        except ChatRequestError as error:
+            raise _invalid(error) from None
+        completion_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        generation = Generation()
+        for piece in self._generate(request, generation):
+            if piece:
+                yield chat_chunk(completion_id, created, self._model_name, piece, None)
+        yield chat_chunk(completion_id, created, self._model_name, "", generation.finish_reason, generation.usage())
+
+    def _complete(self, request: ChatRequest) -> dict[str, Any]:
+        generation = Generation()
+        for _ in self._generate(request, generation):
+            pass
+        return chat_completion(
+            generation.text,
+            generation.finish_reason,
+            generation.prompt_tokens,
+            generation.completion_tokens,
+            self._model_name,
+        )
+
+    def _span(self, name: str, span_type: str = SpanType.LLM) -> Any:
+        return mlflow.start_span(name=name, span_type=span_type) if self._tracing else contextlib.nullcontext()
+
+    def _encode(self, request: ChatRequest) -> Any:
+        """Token ids of the templated prompt, dropping old turns if the request allows it."""
+        messages = request.messages
+        while True:
+            if request.prompt is not None:
+                field, text = "prompt", request.prompt
+            else:
+                field = "messages"
+                as_dicts = [{"role": role, "content": content} for role, content in messages]
+                text = self._tokenizer.apply_chat_template(json.dumps(as_dicts), add_generation_prompt=True)
+            if len(text) <= self._context_length * MAX_CHARS_PER_TOKEN:
+                ids = self._tokenizer.encode(text)
+                if len(ids) < self._context_length:
+                    return ids
+            shorter = without_oldest_turn(messages) if request.truncation == "oldest" and messages else None
+            if shorter is None:
+                size = (
+                    f"{len(ids)} tokens"
+                    if len(text) <= self._context_length * MAX_CHARS_PER_TOKEN
+                    else f"{len(text)} characters"
+                )
+                hint = "" if request.truncation == "oldest" else ", or send truncation='oldest' to drop old turns"
+                raise ChatRequestError(
+                    f"{field}: the prompt has {size}, past the model's context of {self._context_length} tokens; shorten it{hint}"
+                )
+            messages = shorter
 
     def _search_options(self, request: ChatRequest, prompt_length: int) -> dict[str, Any]:
         """Only what the request or the logged defaults set; genai_config.json owns the rest."""
         max_tokens = request.max_tokens or self._default_max_tokens
+        if max_tokens > self._context_length:
+            raise ChatRequestError(
+                f"max_tokens must be at most the model's context of {self._context_length} tokens, got {max_tokens}"
+            )
         temperature = self._default_temperature if request.temperature is None else request.temperature
         options: dict[str, Any] = {"max_length": min(prompt_length + max_tokens, self._context_length)}
         if temperature == 0:
@@ -106,32 +211,54 @@ class OnnxChatModel(mlflow.pyfunc.PythonModel):
                 options["random_seed"] = request.seed
         return options
 
-    def _complete(self, request: ChatRequest) -> dict[str, Any]:
-        with self._lock:
-            prompt_ids = self._prompt_ids(request)
-            params = og.GeneratorParams(self._model)
-            params.set_search_options(**self._search_options(request, len(prompt_ids)))
-            generator = og.Generator(self._model, params)
-            generator.append_tokens(prompt_ids)
-            stream = self._tokenizer.create_stream()
-            generated: list[int] = []
-            text, stopped = "", False
-            while not generator.is_done():
-                generator.generate_next_token()
-                token = int(generator.get_next_tokens()[0])
-                generated.append(token)
-                if token in self._eos_ids:
-                    stopped = True
-                    break
-                text += stream.decode(token)
-                if request.stop:
-                    text, stopped = cut_at_stop(text, request.stop)
-                    if stopped:
-                        break
-        if not request.stop:
-            text = self._tokenizer.decode([t for t in generated if t not in self._eos_ids])
-        finish_reason = FINISH_STOP if stopped else FINISH_LENGTH
-        return chat_completion(text, finish_reason, len(prompt_ids), len(generated), self._model_name)
+    def _generate(self, request: ChatRequest, generation: Generation) -> Iterator[str]:
+        """Yield decoded text pieces while filling in `generation`; holds the model's lock."""
+        deadline = server_deadline()
+        with self._lock, self._span("chat", SpanType.CHAT_MODEL) as root:
+            try:
+                with self._span("prompt") as prompt_span:
+                    prompt_ids = self._encode(request)
+                    params = og.GeneratorParams(self._model)
+                    params.set_search_options(**self._search_options(request, len(prompt_ids)))
+                    generator = og.Generator(self._model, params)
+                    generator.append_tokens(prompt_ids)
+                    generation.prompt_tokens = len(prompt_ids)
+                    if prompt_span:
+                        prompt_span.set_attribute("prompt_tokens", len(prompt_ids))
+            except ChatRequestError as error:
+                raise _invalid(error) from None
+            with self._span("decode") as decode_span:
+                yield from self._decode(generator, request, generation, deadline)
+                if decode_span:
+                    decode_span.set_attributes(
+                        {"completion_tokens": generation.completion_tokens, "finish_reason": generation.finish_reason}
+                    )
+            if root:
+                root.set_attributes({**generation.usage(), "model": self._model_name})
+
+    def _decode(
+        self, generator: Any, request: ChatRequest, generation: Generation, deadline: float | None
+    ) -> Iterator[str]:
+        stream, scanner = self._tokenizer.create_stream(), StopScanner(request.stop)
+        tokens: list[int] = []
+        while not generator.is_done():
+            if deadline is not None and time.monotonic() > deadline:
+                logger.warning("request passed the server timeout; generation stopped after %d tokens", len(tokens))
+                break
+            generator.generate_next_token()
+            token = int(generator.get_next_tokens()[0])
+            generation.completion_tokens += 1
+            if token in self._eos_ids:
+                generation.finish_reason = FINISH_STOP
+                break
+            tokens.append(token)
+            yield scanner.feed(stream.decode(token))
+            if scanner.stopped:
+                generation.finish_reason = FINISH_STOP
+                break
+        yield scanner.flush()
+        # Without stop strings the whole decode is exact, also where pieces would join differently.
+        generation.text = scanner.text if request.stop else self._tokenizer.decode(tokens)
 
 
 set_model(OnnxChatModel())

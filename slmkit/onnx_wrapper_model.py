@@ -1,0 +1,39 @@
+"""How the ONNX chat wrapper is packaged as an MLflow model, in one place.
+
+`log_onnx_wrapper` passes these arguments to `mlflow.pyfunc.log_model`; tests and benchmarks pass
+the same ones to `mlflow.pyfunc.save_model`, so every copy of the wrapper is packaged alike.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from slmkit import PROJECT_ROOT
+from slmkit.chat_format import chat_signature
+from slmkit.environment import model_requirements, onnx_packages
+
+WRAPPER = PROJECT_ROOT / "wrappers" / "onnx_chat_model.py"
+LIBRARY = PROJECT_ROOT / "slmkit"
+ONNX_ARTIFACT = "onnx_model"
+INPUT_EXAMPLE = {"messages": [{"role": "user", "content": "What is the capital of France?"}], "max_tokens": 16}
+
+
+def wrapper_model_arguments(
+    onnx_dir: Path, model_name: str, generation: dict[str, Any], execution_provider: str = "cpu", tracing: bool = True
+) -> dict[str, Any]:
+    """Keyword arguments for `mlflow.pyfunc.log_model`/`save_model` of the ONNX wrapper.
+
+    The wrapper goes in as code (models-from-code, never a pickle) with the slmkit package as
+    code path, the ONNX folder as the `onnx_model` artifact, the explicit chat signature and pip
+    requirements pinned from conda.yaml, without torch.
+    """
+    return {
+        "python_model": str(WRAPPER),
+        "artifacts": {ONNX_ARTIFACT: str(onnx_dir)},
+        "code_paths": [str(LIBRARY)],
+        "signature": chat_signature(),
+        "input_example": INPUT_EXAMPLE,
+        "pip_requirements": model_requirements(onnx_packages(execution_provider)),
+        "model_config": {"model_name": model_name, "tracing": str(tracing).lower(), **generation},
+    }

@@ -1,0 +1,117 @@
+"""The ONNX chat wrapper in process: streaming, stop strings, context limits, sampling, tracing,
+thread safety. The model is the tiny Phi-3 trained to answer the first eval rows."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import mlflow
+import pytest
+from mlflow.exceptions import MlflowException
+
+from slmkit import PROJECT_ROOT
+from slmkit.evaluation import load_eval_set
+from tests.conftest import save_wrapper
+
+FRANCE = load_eval_set(PROJECT_ROOT / "data" / "eval_set.jsonl", max_rows=1)[0].messages
+
+
+def ask(content: str, **fields) -> dict:
+    return {"messages": [{"role": "user", "content": content}], **fields}
+
+
+def test_stream_chunks_join_to_the_predicted_answer(wrapper):
+    whole = wrapper.predict({"messages": FRANCE, "max_tokens": 12})[0]
+    chunks = list(wrapper.predict_stream({"messages": FRANCE, "max_tokens": 12}))
+    assert all(chunk["object"] == "chat.completion.chunk" for chunk in chunks)
+    assert len({chunk["id"] for chunk in chunks}) == 1
+    assert (
+        "".join(chunk["choices"][0]["delta"]["content"] for chunk in chunks)
+        == "Paris."
+        == whole["choices"][0]["message"]["content"]
+    )
+    assert [chunk["choices"][0]["finish_reason"] for chunk in chunks[:-1]] == [None] * (len(chunks) - 1)
+    assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
+    assert chunks[-1]["usage"] == whole["usage"]
+
+
+def test_stop_strings_cut_the_answer_in_predict_and_stream(wrapper):
+    request = {"messages": FRANCE, "max_tokens": 12, "stop": ["ri"]}
+    answer = wrapper.predict(request)[0]["choices"][0]
+    assert answer == {"index": 0, "message": {"role": "assistant", "content": "Pa"}, "finish_reason": "stop"}
+    streamed = "".join(c["choices"][0]["delta"]["content"] for c in wrapper.predict_stream(request))
+    assert streamed == "Pa"
+
+
+def test_conversation_past_the_context_is_refused_or_truncated_on_request(wrapper):
+    filler = "The capital of France is Paris. " * 30
+    turns = []
+    for _ in range(8):
+        turns += [{"role": "user", "content": filler}, {"role": "assistant", "content": "Yes."}]
+    long_chat = [{"role": "system", "content": "Be brief."}, *turns, FRANCE[-1]]
+    with pytest.raises(MlflowException, match=r"messages: the prompt has .* past the model's context of 512 tokens"):
+        wrapper.predict({"messages": long_chat, "max_tokens": 4})
+    answer = wrapper.predict({"messages": long_chat, "max_tokens": 4, "truncation": "oldest"})[0]
+    assert 0 < answer["usage"]["prompt_tokens"] < 512
+
+
+def test_huge_max_tokens_and_huge_payload_are_refused_fast(wrapper):
+    with pytest.raises(MlflowException, match="max_tokens must be at most the model's context of 512"):
+        wrapper.predict(ask("Hi", max_tokens=10**9))
+    started = time.monotonic()
+    with pytest.raises(MlflowException, match="characters, past the model's context"):
+        wrapper.predict(ask("x" * 8_000_000))
+    assert time.monotonic() - started < 5
+
+
+def test_control_characters_are_refused_and_unicode_is_answered(wrapper):
+    with pytest.raises(MlflowException, match=r"messages\[0\]\.content contains the control character U\+0000"):
+        wrapper.predict(ask("nul\x00here"))
+    answer = wrapper.predict(ask("Привет 👋 你好 — ça va?", max_tokens=4))[0]
+    assert answer["usage"]["prompt_tokens"] > 0
+
+
+def test_seed_makes_sampling_reproducible(wrapper):
+    def sample(seed: int) -> str:
+        request = ask("Tell me something.", max_tokens=16, temperature=1.5, top_p=1.0, seed=seed)
+        return wrapper.predict(request)[0]["choices"][0]["message"]["content"]
+
+    assert sample(7) == sample(7)
+    assert len({sample(seed) for seed in range(4)}) > 1
+
+
+def test_each_request_is_traced_with_prompt_and_decode_spans(wrapper):
+    answer = wrapper.predict({"messages": FRANCE, "max_tokens": 12})[0]
+    mlflow.flush_trace_async_logging()
+    trace = mlflow.get_trace(mlflow.get_last_active_trace_id())
+    spans = {span.name: span for span in trace.data.spans}
+    assert {"chat", "prompt", "decode"} <= set(spans)
+    assert spans["prompt"].attributes["prompt_tokens"] == answer["usage"]["prompt_tokens"]
+    assert spans["decode"].attributes["completion_tokens"] == answer["usage"]["completion_tokens"]
+    assert spans["prompt"].parent_id == spans["chat"].span_id
+
+
+def test_tracing_can_be_turned_off(trained_tiny_phi3: Path, tmp_path: Path):
+    untraced = mlflow.pyfunc.load_model(str(save_wrapper(trained_tiny_phi3, tmp_path / "untraced", tracing=False)))
+    before = mlflow.get_last_active_trace_id()
+    untraced.predict({"messages": FRANCE, "max_tokens": 4})
+    assert mlflow.get_last_active_trace_id() == before
+
+
+def test_threads_sharing_one_model_get_their_own_answers(wrapper):
+    prompts = [f"Question number {i}: what is {i} plus {i}?" for i in range(12)]
+    alone = {p: wrapper.predict(ask(p, max_tokens=8))[0]["choices"][0]["message"]["content"] for p in prompts}
+    together: dict[str, str] = {}
+
+    def client(chunk: list[str]) -> None:
+        for prompt in chunk:
+            together[prompt] = wrapper.predict(ask(prompt, max_tokens=8))[0]["choices"][0]["message"]["content"]
+
+    threads = [threading.Thread(target=client, args=(prompts[i::4],)) for i in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert together == alone
