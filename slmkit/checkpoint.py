@@ -7,6 +7,7 @@ half-fetched checkpoint is never mistaken for a complete one.
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import logging
 import os
@@ -15,6 +16,7 @@ import subprocess
 import sys
 import tempfile
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
 
 from slmkit.errors import UserError
@@ -88,13 +90,55 @@ def copy_local_checkpoint(folder: Path, dest: Path) -> str:
     return f"sha256:{tree_sha256(describe_files(dest))}"
 
 
-def _hub_unreachable(source: HubSource, cause: Exception) -> UserError:
-    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
-    return UserError(
-        f"cannot reach the Hugging Face Hub at {endpoint} for {source.repo_id}@{source.revision} "
-        f"({type(cause).__name__}: {cause}). Presets that work offline: {', '.join(offline_presets())}; "
-        "a local folder or .gguf path works too"
-    )
+@contextlib.contextmanager
+def hub_errors(source: HubSource) -> Iterator[None]:
+    """Turn the hub client's failures into one-line UserErrors that say what to do."""
+    from huggingface_hub.errors import HfHubHTTPError, HTTPError, RepositoryNotFoundError, RevisionNotFoundError
+
+    where = f"hub repo {source.repo_id}@{source.revision}"
+    try:
+        yield
+    except RepositoryNotFoundError as error:
+        raise UserError(f"{where}: repository not found or gated; for a gated repo set HF_TOKEN") from error
+    except RevisionNotFoundError as error:
+        raise UserError(f"{where}: revision {source.revision!r} does not exist") from error
+    except HfHubHTTPError as error:
+        raise UserError(f"{where}: the hub answered {error}") from error
+    except (HTTPError, OSError) as error:
+        endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+        raise UserError(
+            f"cannot reach the Hugging Face Hub at {endpoint} for {source.repo_id}@{source.revision} "
+            f"({type(error).__name__}: {error}). Presets that work offline: {', '.join(offline_presets())}; "
+            "a local folder or .gguf path works too"
+        ) from error
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE") == "1"
+
+
+def resolve_hub_commit(source: HubSource) -> str:
+    """The commit sha a hub revision points at now; from the local cache with HF_HUB_OFFLINE=1."""
+    from huggingface_hub import HfApi, snapshot_download
+
+    with hub_errors(source):
+        if _offline():
+            return Path(snapshot_download(source.repo_id, revision=source.revision, local_files_only=True)).name
+        return HfApi().model_info(source.repo_id, revision=source.revision).sha
+
+
+def source_revision(source: Source) -> str:
+    """The revision `download` records for `source`, found without fetching any weights."""
+    if isinstance(source, HubSource):
+        return resolve_hub_commit(source)
+    if isinstance(source, LocalDirSource):
+        folder = Path(source.path)
+        names = select_checkpoint_files([p.name for p in folder.iterdir() if p.is_file()], f"local folder {folder}")
+        files = [{"path": n, "size": (folder / n).stat().st_size, "sha256": file_sha256(folder / n)} for n in names]
+        return f"sha256:{tree_sha256(files)}"
+    if isinstance(source, GgufFileSource):
+        return f"sha256:{file_sha256(Path(source.path))}"
+    return f"sha256:{source.sha256}"
 
 
 def fetch_hub_checkpoint(source: HubSource, dest: Path) -> str:
@@ -104,11 +148,10 @@ def fetch_hub_checkpoint(source: HubSource, dest: Path) -> str:
     With HF_HUB_OFFLINE=1 the files come from the local cache without a single request.
     """
     from huggingface_hub import HfApi, snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, HTTPError, RepositoryNotFoundError, RevisionNotFoundError
 
     where = f"hub repo {source.repo_id}@{source.revision}"
-    try:
-        if os.environ.get("HF_HUB_OFFLINE") == "1":
+    with hub_errors(source):
+        if _offline():
             snapshot = Path(snapshot_download(source.repo_id, revision=source.revision, local_files_only=True))
             names = [p.relative_to(snapshot).as_posix() for p in snapshot.rglob("*") if p.is_file()]
             selected = select_checkpoint_files(names, where)
@@ -120,14 +163,6 @@ def fetch_hub_checkpoint(source: HubSource, dest: Path) -> str:
             commit = info.sha
             expected_sha256 = {n: siblings[n].lfs.sha256 for n in selected if siblings[n].lfs is not None}
             snapshot = Path(snapshot_download(source.repo_id, revision=commit, allow_patterns=selected))
-    except RepositoryNotFoundError as error:
-        raise UserError(f"{where}: repository not found or gated; for a gated repo set HF_TOKEN") from error
-    except RevisionNotFoundError as error:
-        raise UserError(f"{where}: revision {source.revision!r} does not exist") from error
-    except HfHubHTTPError as error:
-        raise UserError(f"{where}: the hub answered {error}") from error
-    except (HTTPError, OSError) as error:
-        raise _hub_unreachable(source, error) from error
     for name in selected:
         shutil.copyfile(snapshot / name, dest / name)
         if name in expected_sha256 and file_sha256(dest / name) != expected_sha256[name]:

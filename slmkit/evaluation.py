@@ -15,8 +15,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from slmkit import PROJECT_ROOT
 from slmkit.chat_format import ChatRequestError, parse_request, response_text
 from slmkit.errors import UserError
+from slmkit.manifest import file_sha256
 
 # Chat-template markers that must never leak into an answer (Phi-3, ChatML, Llama styles).
 TEMPLATE_MARKERS = ("<|", "|>", "<s>", "</s>", "[INST]", "[/INST]")
@@ -34,6 +36,26 @@ class EvalRow:
     @property
     def question(self) -> str:
         return self.messages[-1]["content"]
+
+
+def is_artifact_uri(value: str) -> bool:
+    """`runs:/…`, `models:/…`, `s3://…` and the like, as opposed to a local path."""
+    return "://" in value or value.startswith(("runs:/", "models:/"))
+
+
+def eval_set_path(value: str) -> Path:
+    """A local eval set path; relative paths are taken from the project folder."""
+    path = Path(value)
+    return path if path.is_absolute() else PROJECT_ROOT / path
+
+
+def eval_set_digest(value: str) -> str:
+    """What identifies the eval set's content for the step cache: a local file's sha256, or
+    the URI itself for remote sets (artifact URIs of runs do not change)."""
+    if is_artifact_uri(value):
+        return f"uri:{value}"
+    path = eval_set_path(value)
+    return f"sha256:{file_sha256(path)}" if path.is_file() else f"missing:{value}"
 
 
 def write_eval_set(rows: list[EvalRow], path: Path) -> None:

@@ -30,9 +30,8 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 import mlflow
 import pandas as pd
 
-from slmkit import PROJECT_ROOT
 from slmkit.errors import UserError
-from slmkit.evaluation import EvalRow, load_eval_set, parity, rows_table, summarize
+from slmkit.evaluation import EvalRow, eval_set_path, is_artifact_uri, load_eval_set, parity, rows_table, summarize
 from slmkit.lineage import (
     DOWNLOAD_RUN_TAG,
     MANIFEST_SHA_TAG,
@@ -76,13 +75,12 @@ def model_uri(given: str, step: str, model: str, env_manager: str) -> str:
 
 def eval_set_file(value: str, scratch: Path) -> Path:
     """A local copy of the eval set: artifact URIs are downloaded, paths resolved from the project."""
-    if "://" in value or value.startswith(("runs:/", "models:/")):
-        try:
-            return Path(mlflow.artifacts.download_artifacts(artifact_uri=value, dst_path=str(scratch)))
-        except Exception as error:  # any store's failure: S3, HTTP, a missing run
-            raise UserError(f"eval_set={value!r}: cannot download it ({error})") from error
-    path = Path(value)
-    return path if path.is_absolute() else PROJECT_ROOT / path
+    if not is_artifact_uri(value):
+        return eval_set_path(value)
+    try:
+        return Path(mlflow.artifacts.download_artifacts(artifact_uri=value, dst_path=str(scratch)))
+    except Exception as error:  # any store's failure: S3, HTTP, a missing run
+        raise UserError(f"eval_set={value!r}: cannot download it ({error})") from error
 
 
 def eval_dataset(rows: list[EvalRow], source: str) -> mlflow.data.pandas_dataset.PandasDataset:
