@@ -15,8 +15,14 @@ from slmkit.presets import OnnxVariant
 RUNTIME_SUFFIXES = (".onnx", ".data", ".json", ".jinja", ".model", ".txt")
 
 
-def builder_command(checkpoint: Path, output: Path, cache: Path, execution_provider: str) -> list[str]:
-    """The builder's command line for an int4 build (its --help crashes; see builder.py's argparse)."""
+def builder_command(
+    checkpoint: Path, output: Path, cache: Path, execution_provider: str, extra_options: dict[str, str] | None = None
+) -> list[str]:
+    """The builder's command line for an int4 build (its --help crashes; see builder.py's argparse).
+
+    `extra_options` go to `--extra_options key=value ...`, e.g. `accuracy_level` or `block_size`.
+    """
+    extra = ["--extra_options", *(f"{key}={value}" for key, value in extra_options.items())] if extra_options else []
     return [
         sys.executable,
         "-m",
@@ -26,10 +32,13 @@ def builder_command(checkpoint: Path, output: Path, cache: Path, execution_provi
         "--precision", "int4",
         "--execution_provider", execution_provider,
         "--cache_dir", str(cache),
+        *extra,
     ]  # fmt: skip
 
 
-def build_int4(checkpoint: Path, output: Path, scratch: Path, execution_provider: str) -> None:
+def build_int4(
+    checkpoint: Path, output: Path, scratch: Path, execution_provider: str, extra_options: dict[str, str] | None = None
+) -> None:
     """Build an int4 ONNX model of a safetensors checkpoint into `output`.
 
     The builder runs in a subprocess: it holds the whole float model in memory, and the memory
@@ -40,7 +49,7 @@ def build_int4(checkpoint: Path, output: Path, scratch: Path, execution_provider
     """
     build_dir = scratch / "builder-output"
     result = subprocess.run(
-        builder_command(checkpoint, build_dir, scratch / "builder-cache", execution_provider),
+        builder_command(checkpoint, build_dir, scratch / "builder-cache", execution_provider, extra_options),
         capture_output=True,
         text=True,
         check=False,

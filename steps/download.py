@@ -21,6 +21,7 @@ from pathlib import Path
 import mlflow
 
 from slmkit.checkpoint import fetch_checkpoint
+from slmkit.databricks import DOWNLOAD_RUN_ID, publish_task_value
 from slmkit.lineage import (
     CHECKPOINT_ARTIFACT,
     MANIFEST_SHA_TAG,
@@ -37,7 +38,7 @@ from slmkit.step_cli import run_cli
 
 def main(args: argparse.Namespace) -> None:
     spec = resolve_model(args.model, args.revision)
-    with mlflow.start_run(), scratch_dir("download") as scratch:
+    with mlflow.start_run() as run, scratch_dir("download") as scratch:
         mlflow.set_tags({STEP_TAG: "download", SOURCE_KEY_TAG: source_key(spec)})
         mlflow.log_params({"model_name": spec.name, **source_params(spec.source)})
         checkpoint = Path(scratch) / CHECKPOINT_ARTIFACT
@@ -54,10 +55,16 @@ def main(args: argparse.Namespace) -> None:
         mlflow.log_artifact(str(Path(scratch) / MANIFEST_NAME))
         mlflow.log_param("resolved_revision", revision)
         mlflow.set_tags({REVISION_TAG: revision, MANIFEST_SHA_TAG: file_sha256(Path(scratch) / MANIFEST_NAME)})
+        publish_task_value(DOWNLOAD_RUN_ID, run.info.run_id)
 
 
-if __name__ == "__main__":
+def build_parser() -> argparse.ArgumentParser:
+    """The step's command line; flags mirror the MLproject params with dashes."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True)
     parser.add_argument("--revision", default="")
-    run_cli(main, parser)
+    return parser
+
+
+if __name__ == "__main__":
+    run_cli(main, build_parser())

@@ -199,11 +199,16 @@ def main(args: argparse.Namespace) -> None:
                 )
 
 
-if __name__ == "__main__":
+def build_parser() -> argparse.ArgumentParser:
+    """The step's command line; flags mirror the MLproject params with dashes."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pipeline-model-uri", default="")
     parser.add_argument("--onnx-model-uri", default="")
     parser.add_argument("--model", default="")
     add_options(parser, EVALUATION_OPTIONS)
     parser.add_argument("--env-manager", default="local")
-    run_cli(main, parser)
+    return parser
+
+
+if __name__ == "__main__":
+    run_cli(main, build_parser())

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import mlflow
 
+from slmkit.databricks import ONNX_MODEL_URI, publish_task_value
 from slmkit.errors import UserError
 from slmkit.lineage import (
     MODEL_URI_TAG,
@@ -88,9 +89,11 @@ def main(args: argparse.Namespace) -> None:
         )
         mlflow.log_metrics({"log_seconds": time.perf_counter() - started, "model_size_bytes": manifest["total_bytes"]})
         mlflow.set_tag(MODEL_URI_TAG, info.model_uri)
+        publish_task_value(ONNX_MODEL_URI, info.model_uri)
 
 
-if __name__ == "__main__":
+def build_parser() -> argparse.ArgumentParser:
+    """The step's command line; flags mirror the MLproject params with dashes."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="")
     parser.add_argument("--download-run-id", default="")
@@ -99,4 +102,8 @@ if __name__ == "__main__":
     parser.add_argument("--tracing", default="true")
     add_options(parser, GENERATION_OPTIONS)
     parser.add_argument("--env-manager", default="local")
-    run_cli(main, parser)
+    return parser
+
+
+if __name__ == "__main__":
+    run_cli(main, build_parser())

@@ -26,6 +26,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 
 import mlflow
 
+from slmkit.databricks import PIPELINE_MODEL_URI, publish_task_value
 from slmkit.environment import PIPELINE_PACKAGES, model_requirements
 from slmkit.lineage import MODEL_URI_TAG, STEP_TAG, download_checkpoint, scratch_dir, upstream_download
 from slmkit.pipeline_model import build_pipeline, check_dtype, generation_config
@@ -54,13 +55,19 @@ def main(args: argparse.Namespace) -> None:
         mlflow.log_metrics({"log_seconds": time.perf_counter() - started, "model_size_bytes": manifest["total_bytes"]})
         mlflow.log_param("torch_dtype_loaded", str(pipeline.model.dtype).removeprefix("torch."))
         mlflow.set_tag(MODEL_URI_TAG, info.model_uri)
+        publish_task_value(PIPELINE_MODEL_URI, info.model_uri)
 
 
-if __name__ == "__main__":
+def build_parser() -> argparse.ArgumentParser:
+    """The step's command line; flags mirror the MLproject params with dashes."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--download-run-id", default="")
     parser.add_argument("--model", default="")
     parser.add_argument("--torch-dtype", default="auto")
     add_options(parser, GENERATION_OPTIONS)
     parser.add_argument("--env-manager", default="local")
-    run_cli(main, parser)
+    return parser
+
+
+if __name__ == "__main__":
+    run_cli(main, build_parser())

@@ -110,7 +110,8 @@ def main(args: argparse.Namespace) -> None:
     print(summary)  # noqa: T201 - the report `make run` ends with
 
 
-if __name__ == "__main__":
+def build_parser() -> argparse.ArgumentParser:
+    """The step's command line; flags mirror the MLproject params with dashes."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True)
     parser.add_argument("--revision", default="")
@@ -121,4 +122,8 @@ if __name__ == "__main__":
     parser.add_argument("--force", default="false")
     add_options(parser, GENERATION_OPTIONS + EVALUATION_OPTIONS)
     parser.add_argument("--env-manager", default="local")
-    run_cli(main, parser)
+    return parser
+
+
+if __name__ == "__main__":
+    run_cli(main, build_parser())

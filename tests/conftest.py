@@ -118,9 +118,11 @@ def trained_tiny_phi3(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return train_tiny_phi3(folder, [(row.messages, f"{row.answers[0]}.") for row in rows], steps=200)
 
 
-def mlflow_run(server: TrackingServer, *args: str, timeout_s: float = 600, **env: str) -> subprocess.CompletedProcess:
-    """`mlflow run` of this project, as a user types it, against `server`."""
-    command = [str(BIN / "mlflow"), "run", str(PROJECT_ROOT), "--env-manager", "local", *args]
+def mlflow_run(
+    server: TrackingServer, *args: str, timeout_s: float = 600, project: Path = PROJECT_ROOT, **env: str
+) -> subprocess.CompletedProcess:
+    """`mlflow run` of this project (or a copy of it), as a user types it, against `server`."""
+    command = [str(BIN / "mlflow"), "run", str(project), "--env-manager", "local", *args]
     return subprocess.run(
         command, env=server.env(**env), capture_output=True, text=True, timeout=timeout_s, check=False
     )

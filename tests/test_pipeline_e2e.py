@@ -13,10 +13,10 @@ import time
 from pathlib import Path
 
 import mlflow
-import onnxruntime_genai as og
 import pytest
 from mlflow.exceptions import MlflowException
 
+from bench.reference import bare_greedy, load
 from slmkit import PROJECT_ROOT
 from slmkit.environment import read_pins
 from slmkit.evaluation import load_eval_set
@@ -128,22 +128,6 @@ def onnx_folder(pipeline_run: PipelineRun, tmp_path_factory: pytest.TempPathFact
     return Path(local) / "artifacts" / "onnx_model"
 
 
-def bare_greedy(folder: Path, messages: list[dict[str, str]], max_tokens: int) -> tuple[list[int], int]:
-    """A plain onnxruntime-genai loop, the reference the wrapper must equal token for token."""
-    model = og.Model(str(folder))
-    tokenizer = og.Tokenizer(model)
-    prompt_ids = tokenizer.encode(tokenizer.apply_chat_template(json.dumps(messages), add_generation_prompt=True))
-    params = og.GeneratorParams(model)
-    params.set_search_options(max_length=len(prompt_ids) + max_tokens, do_sample=False)
-    generator = og.Generator(model, params)
-    generator.append_tokens(prompt_ids)
-    tokens = []
-    while not generator.is_done():
-        generator.generate_next_token()
-        tokens.append(int(generator.get_next_tokens()[0]))
-    return tokens, len(prompt_ids)
-
-
 def eos_ids(folder: Path) -> set[int]:
     eos = json.loads((folder / "genai_config.json").read_text())["model"]["eos_token_id"]
     return set(eos if isinstance(eos, list) else [eos])
@@ -161,8 +145,8 @@ def test_onnx_wrapper_equals_a_bare_greedy_loop_and_counts_usage_with_its_tokeni
     both_models, onnx_folder: Path, request_
 ):
     response = both_models["log_onnx_wrapper"].predict(request_)[0]
-    tokens, prompt_tokens = bare_greedy(onnx_folder, request_["messages"], request_["max_tokens"])
-    tokenizer = og.Tokenizer(og.Model(str(onnx_folder)))
+    model, tokenizer = load(onnx_folder)
+    tokens, prompt_tokens = bare_greedy(model, tokenizer, request_["messages"], request_["max_tokens"])
     stopped = tokens[-1] in eos_ids(onnx_folder)
     assert response["usage"]["prompt_tokens"] == prompt_tokens
     assert response["usage"]["completion_tokens"] == len(tokens)

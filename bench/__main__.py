@@ -1,0 +1,352 @@
+"""`make bench`: every figure is a ratio measured side by side in this one run, on this machine.
+
+Runs the pipeline on a model (default `smollm2-135m`, offline) into a scratch tracking store,
+then measures the logged models against their floors: a bare onnxruntime-genai loop, in-process
+predict, a plain file copy, the machine's memory bandwidth. Prints a table with each target
+marked met or not met and writes bench/results/<date>-<host>.json; a missed target gets a
+pyinstrument profile beside the JSON, named in it. Nothing here asserts a time.
+
+    python -m bench [--model smollm2-135m] [--reps 5] [--max-tokens 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import requests
+
+from bench.figures import BIN, PROMPTS, Figure, decode_rate, median_time, profile_to, served, timed
+from bench.reference import bare_greedy, load
+from slmkit import PROJECT_ROOT
+from slmkit.onnx_build import build_int4
+from slmkit.onnx_wrapper_model import ONNX_ARTIFACT, wrapper_model_arguments
+
+RESULTS = PROJECT_ROOT / "bench" / "results"
+
+
+def mlflow_run(env: dict[str, str], model: str, *params: str) -> float:
+    """Seconds for one `mlflow run .` of the whole pipeline."""
+    command = [str(BIN / "mlflow"), "run", str(PROJECT_ROOT), "--env-manager", "local", "--experiment-name", "bench"]
+    command += ["-P", f"model={model}", "-P", "max_rows=4", "-P", "max_tokens=16", *params]
+    _, seconds = timed(lambda: subprocess.run(command, env=env, check=True, capture_output=True))
+    return seconds
+
+
+def wrapper_generate(model):
+    return lambda messages, k: model.predict({"messages": messages, "max_tokens": k})[0]["usage"]["completion_tokens"]
+
+
+def served_generate(url: str):
+    def generate(messages, k):
+        answer = requests.post(url, json={"messages": messages, "max_tokens": k}, timeout=300)
+        answer.raise_for_status()
+        return answer.json()[0]["usage"]["completion_tokens"]
+
+    return generate
+
+
+def cold_start(script: str, folder: Path, env: dict[str, str], reps: int) -> float:
+    """Median seconds from load to first token, each in a fresh process (imports not counted)."""
+    times = []
+    for _ in range(reps):
+        out = subprocess.run(
+            [sys.executable, "-c", script, str(folder)], env=env, check=True, capture_output=True, text=True
+        )
+        times.append(float(out.stdout.strip().splitlines()[-1]))
+    return statistics.median(times)
+
+
+BARE_COLD = """
+import sys, time, json
+import onnxruntime_genai as og
+start = time.perf_counter()
+model = og.Model(sys.argv[1]); tok = og.Tokenizer(model)
+ids = tok.encode(tok.apply_chat_template(json.dumps([{"role": "user", "content": "Hi"}]), add_generation_prompt=True))
+params = og.GeneratorParams(model); params.set_search_options(max_length=len(ids) + 1, do_sample=False)
+gen = og.Generator(model, params); gen.append_tokens(ids); gen.generate_next_token()
+print(time.perf_counter() - start)
+"""
+WRAPPER_COLD = """
+import sys, time
+import mlflow
+start = time.perf_counter()
+model = mlflow.pyfunc.load_model(sys.argv[1])
+model.predict({"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1})
+print(time.perf_counter() - start)
+"""
+
+
+def memory_bandwidth(reps: int) -> float:
+    """Bytes/s of a large numpy reduction: the machine's memory read bandwidth."""
+    data = np.ones(64 * 2**20, dtype=np.float64)  # 512 MiB, far past any cache
+    seconds = median_time(data.sum, reps)
+    return data.nbytes / seconds
+
+
+def aggregate_rate(url: str, clients: int, requests_each: int, max_tokens: int) -> float:
+    """Completion tokens/s of all clients together against one server."""
+    counts = [0] * clients
+    generate = served_generate(url)
+
+    def client(index: int) -> None:
+        for r in range(requests_each):
+            counts[index] += generate(PROMPTS[(index + r) % len(PROMPTS)], max_tokens)
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
+    started = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return sum(counts) / (time.perf_counter() - started)
+
+
+def greedy_outputs(folder: Path, max_tokens: int) -> list[list[int]]:
+    model, tokenizer = load(folder)
+    return [bare_greedy(model, tokenizer, messages, max_tokens)[0] for messages in PROMPTS]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--max-tokens", type=int, default=64)
+    args = parser.parse_args()
+    stamp = f"{datetime.date.today().isoformat()}-{platform.node() or 'host'}"
+    work = Path(tempfile.mkdtemp(prefix="slmkit-bench-"))
+    env = {
+        **os.environ,
+        "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
+        "MLFLOW_TRACKING_URI": f"sqlite:///{work / 'mlflow.db'}",
+        "SLMKIT_LOCK_DIR": str(work / "locks"),
+        "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"),
+    }
+    os.environ.update({key: env[key] for key in ("MLFLOW_TRACKING_URI", "SLMKIT_LOCK_DIR", "HF_HUB_OFFLINE")})
+    os.chdir(work)  # `./mlruns` of the scratch store lands here
+    import mlflow
+    import transformers
+
+    figures: list[Figure] = []
+    reps, max_tokens = args.reps, args.max_tokens
+
+    # 7. Pipeline: a scheduled rerun with every step cached, over the cold run.
+    cold = mlflow_run(env, args.model)
+    cached = statistics.median(mlflow_run(env, args.model) for _ in range(max(1, reps // 2)))
+    figures.append(
+        Figure(
+            "pipeline: cached rerun / cold run",
+            cached / cold,
+            "<= 0.05",
+            cached / cold <= 0.05,
+            {"cold_s": cold, "cached_s": cached},
+        )
+    )
+
+    main_run = mlflow.search_runs(
+        experiment_names=["bench"], filter_string="tags.`slmkit.step` = 'main'", output_format="list"
+    )[0]
+    onnx_uri = "models:/slm-chat-onnx@champion"
+    pipeline_uri = "models:/slm-chat-pipeline@champion"
+    onnx_model_dir = Path(mlflow.artifacts.download_artifacts(onnx_uri, dst_path=str(work / "onnx-model")))
+    onnx_dir = onnx_model_dir / "artifacts" / ONNX_ARTIFACT
+    download_run_id = main_run.data.params["download_run_id"]
+    checkpoint = Path(
+        mlflow.artifacts.download_artifacts(run_id=download_run_id, artifact_path="checkpoint", dst_path=str(work))
+    )
+
+    # 1. Wrapper overhead: the logged wrapper in process over a bare loop on the same folder.
+    wrapper = mlflow.pyfunc.load_model(str(onnx_model_dir))
+    bare_model, bare_tokenizer = load(onnx_dir)
+    bare_rate = decode_rate(lambda m, k: len(bare_greedy(bare_model, bare_tokenizer, m, k)[0]), max_tokens, reps)
+    wrapper_rate = decode_rate(wrapper_generate(wrapper), max_tokens, reps)
+    overhead = Figure(
+        "wrapper decode tok/s / bare loop",
+        wrapper_rate / bare_rate,
+        ">= 0.98",
+        wrapper_rate / bare_rate >= 0.98,
+        {"wrapper_tok_s": wrapper_rate, "bare_tok_s": bare_rate},
+    )
+    if not overhead.met:
+        overhead.profile = profile_to(
+            RESULTS / f"{stamp}-wrapper.txt", lambda: [wrapper_generate(wrapper)(m, max_tokens) for m in PROMPTS]
+        )
+    figures.append(overhead)
+
+    # 6. Cold start: load to first token, wrapper over bare, fresh processes.
+    bare_cold = cold_start(BARE_COLD, onnx_dir, env, reps)
+    wrapper_cold = cold_start(WRAPPER_COLD, onnx_model_dir, env, reps)
+    start_figure = Figure(
+        "cold start: wrapper / bare",
+        wrapper_cold / bare_cold,
+        "<= 1.2",
+        wrapper_cold / bare_cold <= 1.2,
+        {"wrapper_s": wrapper_cold, "bare_s": bare_cold},
+    )
+    if not start_figure.met:
+        start_figure.profile = profile_to(
+            RESULTS / f"{stamp}-cold-start.txt",
+            lambda: mlflow.pyfunc.load_model(str(onnx_model_dir)).predict({"messages": PROMPTS[0], "max_tokens": 1}),
+        )
+    figures.append(start_figure)
+
+    # 2 and 5. Serving overhead and concurrency, on one served ONNX model.
+    request = {"messages": PROMPTS[0], "max_tokens": max_tokens}
+    in_process = median_time(lambda: wrapper.predict(request), reps)
+    with served(onnx_model_dir, env, work / "server.log") as url:
+        over_http = median_time(lambda: requests.post(url, json=request, timeout=300).raise_for_status(), reps)
+        one = aggregate_rate(url, 1, 8, max_tokens)
+        four = aggregate_rate(url, 4, 8, max_tokens)
+    figures.append(
+        Figure(
+            "serving latency / in-process",
+            over_http / in_process,
+            "<= 1.10",
+            over_http / in_process <= 1.10,
+            {"http_s": over_http, "in_process_s": in_process},
+        )
+    )
+    concurrency = Figure(
+        "4 clients / 1 client aggregate tok/s",
+        four / one,
+        ">= 1.6",
+        four / one >= 1.6,
+        {"one_client_tok_s": one, "four_clients_tok_s": four},
+    )
+    if not concurrency.met:
+
+        def four_threads() -> None:
+            threads = [
+                threading.Thread(target=wrapper_generate(wrapper), args=(PROMPTS[i], max_tokens)) for i in range(4)
+            ]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+
+        concurrency.profile = profile_to(RESULTS / f"{stamp}-concurrency.txt", four_threads)
+    figures.append(concurrency)
+
+    # 3. ONNX int4 over the transformers pipeline, both loaded from the registry.
+    pipeline = mlflow.pyfunc.load_model(pipeline_uri)
+    pipeline_rate = decode_rate(wrapper_generate(pipeline), max_tokens, 1, PROMPTS[:3])
+    registry_onnx_rate = decode_rate(wrapper_generate(mlflow.pyfunc.load_model(onnx_uri)), max_tokens, 1, PROMPTS[:3])
+    figures.append(
+        Figure(
+            "ONNX int4 / pipeline decode tok/s",
+            registry_onnx_rate / pipeline_rate,
+            "report",
+            None,
+            {"onnx_tok_s": registry_onnx_rate, "pipeline_tok_s": pipeline_rate},
+        )
+    )
+    del pipeline
+
+    # 4. Against the memory wall, and the builder and session options that move it.
+    bandwidth = memory_bandwidth(reps)
+    weight_bytes = sum(p.stat().st_size for p in onnx_dir.iterdir() if p.name.startswith("model.onnx"))
+    limit = bandwidth / weight_bytes
+    reference = greedy_outputs(onnx_dir, max_tokens)
+    variants = {}
+    for name, options in {"accuracy_level=4": {"accuracy_level": "4"}, "block_size=128": {"block_size": "128"}}.items():
+        scratch = work / f"variant-{name.replace('=', '-')}"
+        build_int4(checkpoint, scratch / "onnx", scratch, "cpu", options)
+        model, tokenizer = load(scratch / "onnx")
+        rate = decode_rate(
+            lambda m, k, model=model, tokenizer=tokenizer: len(bare_greedy(model, tokenizer, m, k)[0]), max_tokens, reps
+        )
+        outputs = greedy_outputs(scratch / "onnx", max_tokens)
+        variants[name] = {
+            "decode_tok_s": rate,
+            "parity_exact_match": statistics.fmean(a == b for a, b in zip(reference, outputs, strict=True)),
+        }
+    for threads in (1, 2):
+        folder = work / f"threads-{threads}"
+        shutil.copytree(onnx_dir, folder)
+        config_path = folder / "genai_config.json"
+        config = json.loads(config_path.read_text())
+        config["model"]["decoder"]["session_options"]["intra_op_num_threads"] = threads
+        config_path.write_text(json.dumps(config))
+        model, tokenizer = load(folder)
+        variants[f"intra_op_threads={threads}"] = {
+            "decode_tok_s": decode_rate(
+                lambda m, k, model=model, tokenizer=tokenizer: len(bare_greedy(model, tokenizer, m, k)[0]),
+                max_tokens,
+                reps,
+            ),
+            "parity_exact_match": 1.0,
+        }
+    figures.append(
+        Figure(
+            "decode tok/s / memory-bandwidth limit", bare_rate / limit, "report", None,
+            {"bandwidth_gb_s": bandwidth / 1e9, "weight_bytes": weight_bytes, "limit_tok_s": limit, "default_tok_s": bare_rate, "variants": variants},
+        )
+    )  # fmt: skip
+
+    # 8. Logging cost: log_model over a plain copy of the same files.
+    with mlflow.start_run(run_name="bench-logging"):
+        _, log_onnx = timed(
+            lambda: mlflow.pyfunc.log_model(
+                name="onnx", **wrapper_model_arguments(onnx_dir, "bench", {"max_new_tokens": 16})
+            )
+        )
+        _, copy_onnx = timed(lambda: shutil.copytree(onnx_dir, work / "copy-onnx"))
+        pipe = transformers.pipeline("text-generation", model=str(checkpoint))
+        _, log_pipe = timed(
+            lambda: mlflow.transformers.log_model(
+                pipe, name="pipeline", task="llm/v1/chat", pip_requirements=["mlflow"]
+            )
+        )
+        _, copy_pipe = timed(lambda: shutil.copytree(checkpoint, work / "copy-checkpoint"))
+    for name, logged, copied in (("ONNX wrapper", log_onnx, copy_onnx), ("pipeline", log_pipe, copy_pipe)):
+        ratio = logged / copied
+        figure = Figure(f"log {name} / plain copy", ratio, "<= 1.5", ratio <= 1.5, {"log_s": logged, "copy_s": copied})
+        if not figure.met and name == "ONNX wrapper":
+            with mlflow.start_run(run_name="bench-logging-profile"):
+                figure.profile = profile_to(
+                    RESULTS / f"{stamp}-logging.txt",
+                    lambda: mlflow.pyfunc.log_model(
+                        name="onnx", **wrapper_model_arguments(onnx_dir, "bench", {"max_new_tokens": 16})
+                    ),
+                )
+        figures.append(figure)
+
+    if not figures[0].met:
+        figures[0].detail["where_the_time_goes"] = (
+            "every `mlflow run` starts a Python process per step-runner and imports mlflow; see cached_s"
+        )
+
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    result = {
+        "date": datetime.datetime.now(datetime.UTC).isoformat(),
+        "host": platform.node(),
+        "machine": f"{os.cpu_count()} CPU cores, {platform.machine()}, {platform.processor() or 'unknown CPU'}",
+        "model": args.model,
+        "reps": reps,
+        "max_tokens": max_tokens,
+        "command": "make bench",
+        "figures": [figure.as_dict() for figure in figures],
+    }
+    out = RESULTS / f"{stamp}.json"
+    out.write_text(json.dumps(result, indent=2))
+    print("| figure | value | target | verdict |\n|---|---:|---|---|")
+    for figure in figures:
+        print(figure.row())
+    print(f"\nwritten {out}")
+    shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

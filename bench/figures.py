@@ -1,0 +1,127 @@
+"""Small measuring tools shared by the benchmark figures: timers, rates, profiles, a server."""
+
+from __future__ import annotations
+
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import requests
+
+BIN = Path(sys.executable).parent
+
+# Open-ended prompts, so both models write the full token budget and decode dominates.
+PROMPTS = [
+    [{"role": "user", "content": "Write a short story about a robot who learns to paint."}],
+    [{"role": "user", "content": "Explain how a bicycle works to a ten-year-old."}],
+    [{"role": "user", "content": "Describe a walk through a forest in autumn."}],
+    [{"role": "user", "content": "Give advice to someone starting to learn the piano."}],
+    [{"role": "user", "content": "Tell me about the history of bread."}],
+]
+
+
+@dataclass
+class Figure:
+    """One benchmark figure: a ratio, its target, and where the time goes when it is missed."""
+
+    name: str
+    value: float
+    target: str
+    met: bool | None
+    detail: dict[str, Any] = field(default_factory=dict)
+    profile: str | None = None
+
+    def row(self) -> str:
+        verdict = "-" if self.met is None else ("met" if self.met else "NOT MET")
+        return f"| {self.name} | {self.value:.3f} | {self.target} | {verdict} |"
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def timed(fn: Callable[[], Any]) -> tuple[Any, float]:
+    started = time.perf_counter()
+    result = fn()
+    return result, time.perf_counter() - started
+
+
+def median_time(fn: Callable[[], Any], reps: int) -> float:
+    fn()  # warm-up
+    return statistics.median(timed(fn)[1] for _ in range(reps))
+
+
+Generate = Callable[[list[dict[str, str]], int], int]
+
+
+def decode_rate(generate: Generate, max_tokens: int, reps: int, prompts: list = PROMPTS) -> float:
+    """Median decode tokens/s: (n - 1) tokens over the full time minus the 1-token time.
+
+    `generate(messages, max_tokens)` returns the number of completion tokens. Measured the same
+    way for every model, so ratios compare like with like.
+    """
+    generate(prompts[0], 4)  # warm-up
+    rates = []
+    for _ in range(reps):
+        for messages in prompts:
+            _, first = timed(lambda m=messages: generate(m, 1))
+            tokens, total = timed(lambda m=messages: generate(m, max_tokens))
+            if tokens > 1 and total > first:
+                rates.append((tokens - 1) / (total - first))
+    return statistics.median(rates)
+
+
+def profile_to(path: Path, fn: Callable[[], Any]) -> str:
+    """Run `fn` under pyinstrument and write its text report to `path`."""
+    from pyinstrument import Profiler
+
+    profiler = Profiler()
+    profiler.start()
+    try:
+        fn()
+    finally:
+        profiler.stop()
+    path.write_text(profiler.output_text(unicode=False, color=False, show_all=False))
+    return str(path)
+
+
+@contextmanager
+def served(model_dir: Path, env: dict[str, str], log: Path) -> Iterator[str]:
+    """`mlflow models serve` on a free port; yields the /invocations URL."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    command = [
+        str(BIN / "mlflow"),
+        "models",
+        "serve",
+        "-m",
+        str(model_dir),
+        "--env-manager",
+        "local",
+        "--host",
+        "127.0.0.1",
+        "-p",
+        str(port),
+    ]
+    with log.open("w") as sink:
+        process = subprocess.Popen(command, env=env, stdout=sink, stderr=subprocess.STDOUT, cwd=log.parent)
+        try:
+            deadline = time.monotonic() + 180
+            while time.monotonic() < deadline:
+                try:
+                    if requests.get(f"http://127.0.0.1:{port}/ping", timeout=1).ok:
+                        break
+                except requests.ConnectionError:
+                    time.sleep(0.5)
+            yield f"http://127.0.0.1:{port}/invocations"
+        finally:
+            process.terminate()
+            process.wait(timeout=30)
