@@ -59,25 +59,31 @@ def median_time(fn: Callable[[], Any], reps: int) -> float:
 Generate = Callable[[list[dict[str, str]], int], int]
 
 
-def decode_rate(generate: Generate, max_tokens: int, reps: int, prompts: list = PROMPTS) -> float:
-    """Median decode tokens/s: (n - 1) tokens over the full time minus the 1-token time.
+def decode_rates(
+    generators: dict[str, Generate], max_tokens: int, reps: int, prompts: list = PROMPTS
+) -> dict[str, float]:
+    """Median decode tokens/s of each generator: (n - 1) tokens over the full time minus the
+    1-token time, measured the same way for all.
 
-    `generate(messages, max_tokens)` returns the number of completion tokens. Measured the same
-    way for every model, so ratios compare like with like.
+    `generate(messages, max_tokens)` returns the number of completion tokens. The generators
+    take turns prompt by prompt, so drift in the machine's speed hits them alike.
     """
-    generate(prompts[0], 4)  # warm-up
-    rates = []
+    for generate in generators.values():
+        generate(prompts[0], 4)  # warm-up
+    rates: dict[str, list[float]] = {name: [] for name in generators}
     for _ in range(reps):
         for messages in prompts:
-            _, first = timed(lambda m=messages: generate(m, 1))
-            tokens, total = timed(lambda m=messages: generate(m, max_tokens))
-            if tokens > 1 and total > first:
-                rates.append((tokens - 1) / (total - first))
-    return statistics.median(rates)
+            for name, generate in generators.items():
+                _, first = timed(lambda m=messages, g=generate: g(m, 1))
+                tokens, total = timed(lambda m=messages, g=generate: g(m, max_tokens))
+                if tokens > 1 and total > first:
+                    rates[name].append((tokens - 1) / (total - first))
+    return {name: statistics.median(values) for name, values in rates.items()}
 
 
 def profile_to(path: Path, fn: Callable[[], Any]) -> str:
-    """Run `fn` under pyinstrument and write its text report to `path`."""
+    """Run `fn` under pyinstrument, write its text report to `path`, return the path as named
+    in the result file (relative to the project)."""
     from pyinstrument import Profiler
 
     profiler = Profiler()
@@ -87,7 +93,13 @@ def profile_to(path: Path, fn: Callable[[], Any]) -> str:
     finally:
         profiler.stop()
     path.write_text(profiler.output_text(unicode=False, color=False, show_all=False))
-    return str(path)
+    return relative(path)
+
+
+def relative(path: Path) -> str:
+    from slmkit import PROJECT_ROOT
+
+    return path.relative_to(PROJECT_ROOT).as_posix()
 
 
 @contextmanager

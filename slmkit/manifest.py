@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 MANIFEST_NAME = "manifest.json"
@@ -62,15 +62,26 @@ def read_manifest(path: Path) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
-def verify_folder(folder: Path, manifest: dict[str, Any]) -> list[str]:
+def is_safe_relative(path: str) -> bool:
+    """A manifest path must stay inside its folder: relative, and no `..` part."""
+    pure = PurePosixPath(path)
+    return bool(path) and not pure.is_absolute() and ".." not in pure.parts and "\\" not in path
+
+
+def verify_folder(folder: Path, manifest: dict[str, Any], ignore: frozenset[str] = frozenset()) -> list[str]:
     """Every way `folder` differs from `manifest`, as readable lines; empty means it matches.
 
     A missing, extra, resized or altered file is named with what was expected, so an error
-    built from these lines tells the user which file to look at.
+    built from these lines tells the user which file to look at. A manifest path that would
+    escape the folder is reported, never opened. Names in `ignore` (the manifest itself when it
+    lives in the folder) are not compared.
     """
+    unsafe = [entry["path"] for entry in manifest["files"] if not is_safe_relative(entry["path"])]
+    if unsafe:
+        return [f"{path}: unsafe path in the manifest" for path in unsafe]
     problems = []
     expected = {entry["path"]: entry for entry in manifest["files"]}
-    present = {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()}
+    present = {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()} - ignore
     for name in sorted(expected.keys() - present):
         problems.append(f"{name}: missing")
     for name in sorted(present - expected.keys()):

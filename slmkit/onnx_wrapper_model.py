@@ -12,11 +12,19 @@ from typing import Any
 from slmkit import PROJECT_ROOT
 from slmkit.chat_format import chat_signature
 from slmkit.environment import model_requirements, onnx_packages
+from slmkit.manifest import MANIFEST_NAME, build_manifest, write_manifest
 
 WRAPPER = PROJECT_ROOT / "wrappers" / "onnx_chat_model.py"
 LIBRARY = PROJECT_ROOT / "slmkit"
 ONNX_ARTIFACT = "onnx_model"
 INPUT_EXAMPLE = {"messages": [{"role": "user", "content": "What is the capital of France?"}], "max_tokens": 16}
+
+
+def seal_onnx_folder(onnx_dir: Path, origin: str, revision: str) -> dict[str, Any]:
+    """Write the folder's manifest (each file's size and sha256), which the wrapper checks at load."""
+    manifest = build_manifest(onnx_dir, {"origin": origin}, revision)
+    write_manifest(onnx_dir / MANIFEST_NAME, manifest)
+    return manifest
 
 
 def wrapper_model_arguments(

@@ -35,9 +35,8 @@ from slmkit.lineage import (
     source_key,
     upstream_download,
 )
-from slmkit.manifest import MANIFEST_NAME, build_manifest, write_manifest
 from slmkit.onnx_build import build_int4, fetch_ready_variant
-from slmkit.onnx_wrapper_model import wrapper_model_arguments
+from slmkit.onnx_wrapper_model import seal_onnx_folder, wrapper_model_arguments
 from slmkit.pipeline_model import generation_config
 from slmkit.presets import ModelSpec, check_execution_provider, load_presets, resolve_model
 from slmkit.step_cli import GENERATION_OPTIONS, add_options, parse_bool, run_cli
@@ -77,8 +76,7 @@ def main(args: argparse.Namespace) -> None:
             checkpoint, _ = download_checkpoint(download.run_id, Path(scratch))
             build_int4(checkpoint, onnx_dir, Path(scratch), args.execution_provider)
             revision, origin = download.revision, f"built-int4-from:{download.run_id}"
-        manifest = build_manifest(onnx_dir, {"origin": origin}, revision)
-        write_manifest(onnx_dir / MANIFEST_NAME, manifest)
+        manifest = seal_onnx_folder(onnx_dir, origin, revision)
         mlflow.log_params({"onnx_origin": origin, "onnx_revision": revision})
         mlflow.log_metric("build_seconds", time.perf_counter() - started)
         started = time.perf_counter()

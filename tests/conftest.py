@@ -20,10 +20,12 @@ from slmkit import PROJECT_ROOT
 from slmkit.evaluation import load_eval_set
 from slmkit.lineage import MODEL_URI_TAG, STEP_TAG
 from slmkit.onnx_build import build_int4
-from slmkit.onnx_wrapper_model import ONNX_ARTIFACT, wrapper_model_arguments
+from slmkit.onnx_wrapper_model import ONNX_ARTIFACT, seal_onnx_folder, wrapper_model_arguments
 from tests.tiny_models import build_tiny_phi3, train_tiny_phi3
 
 BIN = Path(sys.executable).parent
+# Every `mlflow run` in the tests carries this token; tests/test_reliability.py greps for it.
+HF_TOKEN_CANARY = "hf_canaryTOKEN0123456789abcdefSECRET"
 
 
 def free_port() -> int:
@@ -68,6 +70,7 @@ class TrackingServer:
             "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
             "MLFLOW_TRACKING_URI": self.uri,
             "HF_HUB_OFFLINE": "1",
+            "HF_TOKEN": HF_TOKEN_CANARY,
             **extra,
         }
 
@@ -183,6 +186,7 @@ def save_wrapper(checkpoint: Path, dest: Path, tracing: bool = True) -> Path:
     scratch = dest.parent / f"{dest.name}-build"
     scratch.mkdir(parents=True)
     build_int4(checkpoint, scratch / ONNX_ARTIFACT, scratch, "cpu")
+    seal_onnx_folder(scratch / ONNX_ARTIFACT, f"test-build:{checkpoint.name}", "test")
     mlflow.pyfunc.save_model(
         str(dest), **wrapper_model_arguments(scratch / ONNX_ARTIFACT, "tiny-phi3", GREEDY_DEFAULTS, tracing=tracing)
     )

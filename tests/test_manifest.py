@@ -51,3 +51,15 @@ def test_tree_sha256_ignores_touching_but_not_content(folder: Path):
     assert build_manifest(folder, {}, "r")["tree_sha256"] == before
     (folder / "config.json").write_text('{"a": 3}')
     assert build_manifest(folder, {}, "r")["tree_sha256"] != before
+
+
+@pytest.mark.parametrize("path", ["../outside.txt", "/etc/passwd", "sub/../../x", ""])
+def test_manifest_paths_that_escape_the_folder_are_reported_not_opened(folder: Path, path: str):
+    manifest = {"files": [{"path": path, "size": 1, "sha256": "0" * 64}]}
+    assert verify_folder(folder, manifest) == [f"{path}: unsafe path in the manifest"]
+
+
+def test_ignored_names_are_not_compared(folder: Path):
+    manifest = build_manifest(folder, {}, "r")
+    (folder / "manifest.json").write_text("{}")
+    assert verify_folder(folder, manifest, ignore=frozenset({"manifest.json"})) == []

@@ -9,6 +9,10 @@ Logged `model_config` keys:
     max_new_tokens: default for requests without `max_tokens`.
     temperature: default for requests without `temperature`; 0 means greedy.
     tracing: "true" (default) records an MLflow trace per request; "false" turns it off.
+
+At load, the ONNX folder is checked against the manifest it carries (every file's size and
+sha256) before the model is opened, so a corrupted or incomplete artifact fails with the file's
+name instead of answering garbage. Set SLMKIT_VERIFY_ONNX=false to skip the check.
 """
 
 from __future__ import annotations
@@ -44,12 +48,29 @@ from slmkit.chat_format import (
     raw_requests,
     without_oldest_turn,
 )
+from slmkit.manifest import MANIFEST_NAME, read_manifest, verify_folder
 
 logger = logging.getLogger(__name__)
 
 # No token is longer than this many characters, so longer text cannot fit the context: refuse it
 # before tokenizing megabytes.
 MAX_CHARS_PER_TOKEN = 32
+
+
+VERIFY_ENV = "SLMKIT_VERIFY_ONNX"
+
+
+def verify_onnx_folder(folder: Path) -> None:
+    """Refuse an ONNX folder whose files differ from its manifest, naming each difference."""
+    manifest_path = folder / MANIFEST_NAME
+    if not manifest_path.is_file():
+        raise MlflowException(f"{folder} has no {MANIFEST_NAME}: the ONNX artifact is incomplete; log the model again")
+    problems = verify_folder(folder, read_manifest(manifest_path), ignore=frozenset({MANIFEST_NAME}))
+    if problems:
+        raise MlflowException(
+            f"the ONNX model files in {folder} do not match their manifest: {'; '.join(problems[:5])}. "
+            f"The artifact is corrupted or incomplete: log the model again, or set {VERIFY_ENV}=false to load it anyway"
+        )
 
 
 @dataclass
@@ -91,6 +112,8 @@ class OnnxChatModel(mlflow.pyfunc.PythonModel):
         """Load the model and tokenizer once; generators are made per request."""
         folder = Path(context.artifacts["onnx_model"])
         config = context.model_config or {}
+        if os.environ.get(VERIFY_ENV, "true").lower() != "false":
+            verify_onnx_folder(folder)
         self._model = og.Model(str(folder))
         self._tokenizer = og.Tokenizer(self._model)
         genai_config = json.loads((folder / "genai_config.json").read_text())["model"]
