@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 from pathlib import Path
 
+import mlflow
 import pytest
 from mlflow import MlflowClient
 from mlflow.entities import Run
@@ -104,6 +105,9 @@ def test_two_mains_at_once_do_each_step_once_and_register_once(
     ]
     command += [arg for param in params for arg in ("-P", param)]
     env = tracking_server.env(SLMKIT_LOCK_DIR=str(tmp_path / "locks"))
+    # Two `mlflow run --experiment-name` racing to create the same experiment is MLflow's own
+    # race (one gets RESOURCE_ALREADY_EXISTS); scheduled runs log to an existing experiment.
+    mlflow.create_experiment("concurrent")
     both = [
         subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         for _ in range(2)
