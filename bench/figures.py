@@ -102,38 +102,48 @@ def relative(path: Path) -> str:
     return path.relative_to(PROJECT_ROOT).as_posix()
 
 
+@dataclass(frozen=True)
+class ServedModel:
+    """A running `mlflow models serve` process."""
+
+    url: str
+    process: subprocess.Popen
+    log: Path
+
+
 @contextmanager
-def served(model_dir: Path, env: dict[str, str], log: Path) -> Iterator[str]:
-    """`mlflow models serve` on a free port; yields the /invocations URL."""
+def served(
+    model: Path | str, env: dict[str, str], log: Path, *extra: str, timeout_s: float = 180
+) -> Iterator[ServedModel]:
+    """`mlflow models serve` on a free port of 127.0.0.1, run from the log's folder (so traces
+    and caches land there), stopped on exit; `extra` are more serve flags such as `-t 1`."""
     import socket
 
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    command = [
-        str(BIN / "mlflow"),
-        "models",
-        "serve",
-        "-m",
-        str(model_dir),
-        "--env-manager",
-        "local",
-        "--host",
-        "127.0.0.1",
-        "-p",
-        str(port),
-    ]
+    command = [str(BIN / "mlflow"), "models", "serve", "-m", str(model), "--env-manager", "local"]
+    command += ["--host", "127.0.0.1", "-p", str(port), *extra]
     with log.open("w") as sink:
         process = subprocess.Popen(command, env=env, stdout=sink, stderr=subprocess.STDOUT, cwd=log.parent)
         try:
-            deadline = time.monotonic() + 180
-            while time.monotonic() < deadline:
+            deadline = time.monotonic() + timeout_s
+            while True:
+                if process.poll() is not None:
+                    raise RuntimeError(f"mlflow models serve exited with {process.returncode}; see {log}")
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"mlflow models serve did not answer within {timeout_s} s; see {log}")
                 try:
                     if requests.get(f"http://127.0.0.1:{port}/ping", timeout=1).ok:
                         break
                 except requests.ConnectionError:
-                    time.sleep(0.5)
-            yield f"http://127.0.0.1:{port}/invocations"
+                    pass
+                time.sleep(0.5)
+            yield ServedModel(f"http://127.0.0.1:{port}/invocations", process, log)
         finally:
             process.terminate()
-            process.wait(timeout=30)
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()

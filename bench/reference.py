@@ -24,8 +24,11 @@ def bare_greedy(model: Any, tokenizer: Any, messages: list[dict[str, str]], max_
     return tokens, len(prompt_ids)
 
 
-def load(folder: Path) -> tuple[Any, Any]:
+def load(folder: Path, threads: int | None = None) -> tuple[Any, Any]:
+    """Model and tokenizer, opened with the same thread count as the wrapper uses by default."""
     import onnxruntime_genai as og
 
-    model = og.Model(str(folder))
+    from slmkit.onnx_session import intra_op_threads, open_model
+
+    model = open_model(folder, threads or intra_op_threads())
     return model, og.Tokenizer(model)

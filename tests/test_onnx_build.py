@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from slmkit.onnx_build import DEFAULT_EXTRA_OPTIONS, builder_command
+from slmkit.onnx_build import builder_command
 
 
 def test_int4_command_names_input_output_precision_and_provider():
@@ -20,5 +20,13 @@ def test_extra_options_are_key_value_pairs():
     assert command[command.index("--extra_options") :] == ["--extra_options", "accuracy_level=4", "block_size=32"]
 
 
-def test_default_build_uses_int8_activations_like_the_hub_phi3_build():
-    assert DEFAULT_EXTRA_OPTIONS == {"accuracy_level": "4"}
+def test_intra_op_threads_default_to_the_available_cpus_and_can_be_overridden(monkeypatch):
+    import os
+
+    from slmkit.onnx_session import intra_op_threads
+
+    monkeypatch.delenv("SLMKIT_INTRA_OP_THREADS", raising=False)
+    assert intra_op_threads() == len(os.sched_getaffinity(0))
+    assert intra_op_threads(3) == 3
+    monkeypatch.setenv("SLMKIT_INTRA_OP_THREADS", "1")
+    assert intra_op_threads(3) == 1

@@ -14,8 +14,10 @@ from pathlib import Path
 
 import mlflow
 import pytest
+import requests
 from mlflow.exceptions import MlflowException
 
+from bench.figures import served
 from bench.reference import bare_greedy, load
 from slmkit import PROJECT_ROOT
 from slmkit.environment import read_pins
@@ -206,39 +208,22 @@ def test_models_load_with_pickle_deserialization_disabled(pipeline_run: Pipeline
     assert result.stdout.split() == ["chat.completion", "chat.completion"]
 
 
-def test_mlflow_models_serve_answers_chat_over_http(pipeline_run: PipelineRun, tracking_server: TrackingServer):
-    import requests
-
-    from tests.conftest import BIN, stop, wait_for_http
-
-    port = free_port()
-    command = [
-        str(BIN / "mlflow"),
-        "models",
-        "serve",
-        "-m",
-        pipeline_run.model_uri("log_onnx_wrapper"),
-        "--env-manager",
-        "local",
-    ]
-    command += ["--host", "127.0.0.1", "-p", str(port)]
-    server = subprocess.Popen(command, env=tracking_server.env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        wait_for_http(f"http://127.0.0.1:{port}/ping", server, timeout_s=120)
-        url = f"http://127.0.0.1:{port}/invocations"
-        answer = requests.post(url, json=CHAT, timeout=60)
+def test_mlflow_models_serve_answers_chat_over_http(
+    pipeline_run: PipelineRun, tracking_server: TrackingServer, tmp_path: Path
+):
+    model = pipeline_run.model_uri("log_onnx_wrapper")
+    with served(model, tracking_server.env(), tmp_path / "server.log") as server:
+        answer = requests.post(server.url, json=CHAT, timeout=60)
         assert answer.status_code == 200, answer.text
         body = answer.json()  # a one-element list, exactly as the pipeline model answers
         assert len(body) == 1
         assert body[0]["object"] == "chat.completion"
         assert body[0]["choices"][0]["finish_reason"] in ("stop", "length")
-        refused = requests.post(url, json={**CHAT, "max_tokens": 0}, timeout=60)
+        refused = requests.post(server.url, json={**CHAT, "max_tokens": 0}, timeout=60)
         assert refused.status_code == 400
         assert "max_tokens must be at least 1" in refused.json()["message"]
         assert "stack_trace" not in refused.json()
-        assert requests.post(url, json=CHAT, timeout=60).status_code == 200
-    finally:
-        stop(server)
+        assert requests.post(server.url, json=CHAT, timeout=60).status_code == 200
 
 
 def test_log_onnx_wrapper_alone_reuses_the_finished_download(

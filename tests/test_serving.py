@@ -14,7 +14,8 @@ import psutil
 import pytest
 import requests
 
-from tests.conftest import BIN, free_port, stop, wait_for_http
+from bench.figures import ServedModel, served
+from tests.conftest import BIN
 
 pytestmark = pytest.mark.integration
 
@@ -23,14 +24,22 @@ VALID = {"messages": [{"role": "user", "content": "What is the capital of France
 
 @dataclass(frozen=True)
 class Server:
-    url: str
-    process: subprocess.Popen
-    log: Path
+    """A served model as the tests talk to it."""
+
+    running: ServedModel
+
+    @property
+    def process(self) -> subprocess.Popen:
+        return self.running.process
+
+    @property
+    def log(self) -> Path:
+        return self.running.log
 
     def post(self, body: object, **kwargs) -> requests.Response:
         data = body if isinstance(body, (str, bytes)) else json.dumps(body)
         return requests.post(
-            f"{self.url}/invocations", data=data, headers={"Content-Type": "application/json"}, timeout=120, **kwargs
+            self.running.url, data=data, headers={"Content-Type": "application/json"}, timeout=120, **kwargs
         )
 
     def resident_bytes(self) -> int:
@@ -40,33 +49,10 @@ class Server:
 
 
 def serve(model: Path, log: Path, *extra: str) -> Iterator[Server]:
-    port = free_port()
-    command = [
-        str(BIN / "mlflow"),
-        "models",
-        "serve",
-        "-m",
-        str(model),
-        "--env-manager",
-        "local",
-        "--host",
-        "127.0.0.1",
-        "-p",
-        str(port),
-        *extra,
-    ]
-    with log.open("w") as sink:
-        process = subprocess.Popen(
-            command,
-            stdout=sink,
-            stderr=subprocess.STDOUT,
-            env={"PATH": f"{BIN}:/usr/bin:/bin", "HOME": str(log.parent)},
-        )
-        try:
-            wait_for_http(f"http://127.0.0.1:{port}/ping", process, timeout_s=120)
-            yield Server(f"http://127.0.0.1:{port}", process, log)
-        finally:
-            stop(process)
+    """Serve a local model folder with a bare environment, from a scratch folder."""
+    env = {"PATH": f"{BIN}:/usr/bin:/bin", "HOME": str(log.parent)}
+    with served(model, env, log, *extra) as running:
+        yield Server(running)
 
 
 @pytest.fixture(scope="module")

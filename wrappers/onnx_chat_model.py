@@ -9,6 +9,8 @@ Logged `model_config` keys:
     max_new_tokens: default for requests without `max_tokens`.
     temperature: default for requests without `temperature`; 0 means greedy.
     tracing: "true" (default) records an MLflow trace per request; "false" turns it off.
+    intra_op_threads: onnxruntime threads; 0 (default) is one per available CPU
+        (SLMKIT_INTRA_OP_THREADS overrides it at serving time; see slmkit.onnx_session).
 
 At load, the ONNX folder is checked against the manifest it carries (every file's size and
 sha256) before the model is opened, so a corrupted or incomplete artifact fails with the file's
@@ -49,6 +51,7 @@ from slmkit.chat_format import (
     without_oldest_turn,
 )
 from slmkit.manifest import MANIFEST_NAME, read_manifest, verify_folder
+from slmkit.onnx_session import intra_op_threads, open_model
 
 logger = logging.getLogger(__name__)
 
@@ -114,7 +117,7 @@ class OnnxChatModel(mlflow.pyfunc.PythonModel):
         config = context.model_config or {}
         if os.environ.get(VERIFY_ENV, "true").lower() != "false":
             verify_onnx_folder(folder)
-        self._model = og.Model(str(folder))
+        self._model = open_model(folder, intra_op_threads(int(config.get("intra_op_threads", 0))))
         self._tokenizer = og.Tokenizer(self._model)
         genai_config = json.loads((folder / "genai_config.json").read_text())["model"]
         eos = genai_config["eos_token_id"]
