@@ -100,8 +100,10 @@ def tracking_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Tracki
 
 @pytest.fixture(scope="session", autouse=True)
 def local_tracking_store(tmp_path_factory: pytest.TempPathFactory) -> None:
-    """Keep runs and traces of tests that use no server out of the project folder."""
-    mlflow.set_tracking_uri(f"sqlite:///{tmp_path_factory.mktemp('local-store') / 'mlflow.db'}")
+    """Keep runs, traces and their artifacts of tests that use no server out of the project folder."""
+    store = tmp_path_factory.mktemp("local-store")
+    mlflow.set_tracking_uri(f"sqlite:///{store / 'mlflow.db'}")
+    mlflow.set_experiment(experiment_id=mlflow.create_experiment("tests", artifact_location=str(store / "artifacts")))
 
 
 @pytest.fixture(scope="session")
