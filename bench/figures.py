@@ -66,14 +66,20 @@ def decode_rates(
     1-token time, measured the same way for all.
 
     `generate(messages, max_tokens)` returns the number of completion tokens. The generators
-    take turns prompt by prompt, so drift in the machine's speed hits them alike.
+    take turns prompt by prompt, in rotating order, so drift in the machine's speed and the
+    after-effects of the previous call hit them alike.
     """
     for generate in generators.values():
         generate(prompts[0], 4)  # warm-up
     rates: dict[str, list[float]] = {name: [] for name in generators}
-    for _ in range(reps):
-        for messages in prompts:
-            for name, generate in generators.items():
+    names = list(generators)
+    for rep in range(reps):
+        for index, messages in enumerate(prompts):
+            # Rotate who goes first: onnxruntime's pool threads spin a while after a call, which
+            # slows whatever runs right after in the same process.
+            shift = (rep * len(prompts) + index) % len(names)
+            for name in names[shift:] + names[:shift]:
+                generate = generators[name]
                 _, first = timed(lambda m=messages, g=generate: g(m, 1))
                 tokens, total = timed(lambda m=messages, g=generate: g(m, max_tokens))
                 if tokens > 1 and total > first:
