@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import statistics
 import subprocess
 import sys
@@ -117,39 +118,50 @@ class ServedModel:
     log: Path
 
 
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for_http(url: str, process: subprocess.Popen, timeout_s: float) -> None:
+    """Poll `url` until it answers 200; fail early, naming the exit code, if the process died."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"process exited with {process.returncode} before {url} answered")
+        try:
+            if requests.get(url, timeout=1).status_code == 200:
+                return
+        except requests.ConnectionError:
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(f"{url} did not answer within {timeout_s} s")
+
+
+def stop_process(process: subprocess.Popen, timeout_s: float = 30) -> None:
+    """Terminate, and kill if it does not exit in time."""
+    process.terminate()
+    try:
+        process.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
 @contextmanager
 def served(
     model: Path | str, env: dict[str, str], log: Path, *extra: str, timeout_s: float = 180
 ) -> Iterator[ServedModel]:
     """`mlflow models serve` on a free port of 127.0.0.1, run from the log's folder (so traces
     and caches land there), stopped on exit; `extra` are more serve flags such as `-t 1`."""
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     command = [str(BIN / "mlflow"), "models", "serve", "-m", str(model), "--env-manager", "local"]
     command += ["--host", "127.0.0.1", "-p", str(port), *extra]
     with log.open("w") as sink:
         process = subprocess.Popen(command, env=env, stdout=sink, stderr=subprocess.STDOUT, cwd=log.parent)
         try:
-            deadline = time.monotonic() + timeout_s
-            while True:
-                if process.poll() is not None:
-                    raise RuntimeError(f"mlflow models serve exited with {process.returncode}; see {log}")
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"mlflow models serve did not answer within {timeout_s} s; see {log}")
-                try:
-                    if requests.get(f"http://127.0.0.1:{port}/ping", timeout=1).ok:
-                        break
-                except requests.ConnectionError:
-                    pass
-                time.sleep(0.5)
+            wait_for_http(f"http://127.0.0.1:{port}/ping", process, timeout_s)
             yield ServedModel(f"http://127.0.0.1:{port}/invocations", process, log)
         finally:
-            process.terminate()
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+            stop_process(process)

@@ -3,19 +3,17 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
 import pytest
-import requests
 from mlflow.entities import Run
 
+from bench.figures import free_port, stop_process, wait_for_http
 from slmkit import PROJECT_ROOT
 from slmkit.evaluation import load_eval_set
 from slmkit.lineage import MODEL_URI_TAG, STEP_TAG
@@ -28,34 +26,11 @@ BIN = Path(sys.executable).parent
 HF_TOKEN_CANARY = "hf_canaryTOKEN0123456789abcdefSECRET"
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def wait_for_http(url: str, process: subprocess.Popen, timeout_s: float) -> None:
-    """Poll `url` until it answers 200; fail early if the process died."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"process exited with {process.returncode} before {url} answered")
-        try:
-            if requests.get(url, timeout=1).status_code == 200:
-                return
-        except requests.ConnectionError:
-            pass
-        time.sleep(0.5)
-    raise TimeoutError(f"{url} did not answer within {timeout_s} s")
-
-
-def stop(process: subprocess.Popen) -> None:
-    process.terminate()
-    try:
-        process.wait(timeout=15)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
+def use_experiment(experiment_id: str) -> None:
+    """Make an experiment active in this process only: `set_experiment` also exports
+    MLFLOW_EXPERIMENT_ID, which a child `mlflow run --experiment-name` refuses beside its own."""
+    mlflow.set_experiment(experiment_id=experiment_id)
+    os.environ.pop("MLFLOW_EXPERIMENT_ID", None)
 
 
 @dataclass(frozen=True)
@@ -92,9 +67,10 @@ def tracking_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Tracki
     try:
         wait_for_http(f"http://127.0.0.1:{port}/health", process, timeout_s=60)
         mlflow.set_tracking_uri(f"http://127.0.0.1:{port}")
+        use_experiment("0")  # the server's Default experiment
         yield TrackingServer(uri=f"http://127.0.0.1:{port}", root=root)
     finally:
-        stop(process)
+        stop_process(process)
         log.close()
 
 
@@ -103,7 +79,7 @@ def local_tracking_store(tmp_path_factory: pytest.TempPathFactory) -> None:
     """Keep runs, traces and their artifacts of tests that use no server out of the project folder."""
     store = tmp_path_factory.mktemp("local-store")
     mlflow.set_tracking_uri(f"sqlite:///{store / 'mlflow.db'}")
-    mlflow.set_experiment(experiment_id=mlflow.create_experiment("tests", artifact_location=str(store / "artifacts")))
+    use_experiment(mlflow.create_experiment("tests", artifact_location=str(store / "artifacts")))
 
 
 @pytest.fixture(scope="session")
