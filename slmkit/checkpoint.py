@@ -105,6 +105,12 @@ def hub_errors(source: HubSource) -> Iterator[None]:
     except HfHubHTTPError as error:
         raise UserError(f"{where}: the hub answered {error}") from error
     except (HTTPError, OSError) as error:
+        if _offline():
+            raise UserError(
+                f"{where} is not in the Hugging Face cache and HF_HUB_OFFLINE=1 forbids downloading it: "
+                f"unset HF_HUB_OFFLINE, or use a preset that works offline ({', '.join(offline_presets())}), "
+                "a local folder or a .gguf path"
+            ) from error
         endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
         raise UserError(
             f"cannot reach the Hugging Face Hub at {endpoint} for {source.repo_id}@{source.revision} "
@@ -163,11 +169,33 @@ def fetch_hub_checkpoint(source: HubSource, dest: Path) -> str:
             commit = info.sha
             expected_sha256 = {n: siblings[n].lfs.sha256 for n in selected if siblings[n].lfs is not None}
             snapshot = Path(snapshot_download(source.repo_id, revision=commit, allow_patterns=selected))
+            remember_revision(snapshot, source.revision)
     for name in selected:
-        shutil.copyfile(snapshot / name, dest / name)
-        if name in expected_sha256 and file_sha256(dest / name) != expected_sha256[name]:
-            raise UserError(f"{where}: {name} does not match the hub's sha256; delete it from the HF cache and retry")
+        cached = snapshot / name
+        if name in expected_sha256 and (actual := file_sha256(cached)) != expected_sha256[name]:
+            evict_cached_file(cached)
+            raise UserError(
+                f"{where}: {name} has sha256 {actual}, not the hub's {expected_sha256[name]}; "
+                "it was removed from the Hugging Face cache, so running again downloads it afresh"
+            )
+        shutil.copyfile(cached, dest / name)
     return commit
+
+
+def remember_revision(snapshot: Path, revision: str) -> None:
+    """Point the cache's ref for `revision` at the snapshot's commit, as a download by branch or
+    tag name would: files fetched by commit sha are otherwise not found offline by that name."""
+    if revision != snapshot.name:
+        ref = snapshot.parent.parent / "refs" / revision
+        ref.parent.mkdir(parents=True, exist_ok=True)
+        ref.write_text(snapshot.name)
+
+
+def evict_cached_file(cached: Path) -> None:
+    """Remove a file of a hub cache snapshot and the blob it links to, so no later run reuses it."""
+    blob = cached.resolve()
+    cached.unlink()
+    blob.unlink(missing_ok=True)
 
 
 def check_gguf(path: Path) -> None:

@@ -1,0 +1,141 @@
+"""The hub code path of `download`, for real, against a hub-compatible server on 127.0.0.1.
+
+Each test runs `mlflow run . -e download` with HF_ENDPOINT at tests/fake_hub.py's server and
+its own Hugging Face cache, so faults (a dropped connection, bytes that do not match the hub's
+sha256, no hub at all) reach huggingface_hub and our checks exactly as on the internet.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import mlflow
+import pytest
+
+from bench.figures import free_port
+from slmkit.lineage import REVISION_TAG
+from tests.conftest import TrackingServer, mlflow_run, runs_of
+from tests.fake_hub import FakeHub, serve
+
+REPO_ID = "slmkit-tests/tiny-phi3"
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def hub(tiny_phi3: Path) -> Iterator[FakeHub]:
+    with serve(FakeHub(REPO_ID, tiny_phi3, refs=("main", "v1"))) as served:
+        yield served
+
+
+def download(server: TrackingServer, hub: FakeHub, cache: Path, experiment: str, *params: str, **env: str):
+    """`mlflow run . -e download` of the fake hub's repo with the Hugging Face cache at `cache`."""
+    args = [arg for param in (f"model={REPO_ID}", *params) for arg in ("-P", param)]
+    return mlflow_run(
+        server, "--experiment-name", experiment, "-e", "download", *args,
+        HF_ENDPOINT=hub.url, HF_HOME=str(cache), **{"HF_HUB_OFFLINE": "0", **env},
+    )  # fmt: skip
+
+
+def logged_manifest(run_id: str) -> dict:
+    return json.loads(mlflow.artifacts.load_text(f"runs:/{run_id}/manifest.json"))
+
+
+def assert_logged_files_match_the_hub(run_id: str, hub: FakeHub) -> None:
+    manifest = logged_manifest(run_id)
+    expected = hub.sha256s()
+    assert manifest["files"], manifest
+    for entry in manifest["files"]:
+        assert entry["sha256"] == expected[entry["path"]], entry["path"]
+
+
+def test_a_pinned_revision_resolves_to_its_commit(tracking_server: TrackingServer, hub: FakeHub, tmp_path: Path):
+    result = download(tracking_server, hub, tmp_path / "hf", "hub-pinned", "revision=v1")
+    assert result.returncode == 0, result.stderr[-3000:]
+    run = runs_of("hub-pinned")[-1]
+    assert run.data.tags[REVISION_TAG] == hub.commit
+    assert run.data.params["resolved_revision"] == hub.commit
+    assert_logged_files_match_the_hub(run.info.run_id, hub)
+    # Files were fetched at the commit, not at the moving tag.
+    assert any(request.startswith(f"GET /{REPO_ID}/resolve/{hub.commit}/") for request in hub.requests)
+
+
+def test_a_connection_dropped_mid_file_is_recovered(tracking_server: TrackingServer, hub: FakeHub, tmp_path: Path):
+    weights = "model.safetensors"
+    hub.drop_after_bytes[weights] = len(hub.files[weights]) // 2
+    result = download(tracking_server, hub, tmp_path / "hf", "hub-dropped")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert weights not in hub.drop_after_bytes  # the fault did fire
+    assert hub.requests.count(f"GET /{REPO_ID}/resolve/{hub.commit}/{weights}") == 2  # resumed once
+    assert_logged_files_match_the_hub(runs_of("hub-dropped")[-1].info.run_id, hub)
+
+
+def test_bytes_that_do_not_match_the_hubs_sha256_are_refused(
+    tracking_server: TrackingServer, hub: FakeHub, tmp_path: Path
+):
+    weights = "model.safetensors"
+    tampered = bytearray(hub.files[weights])
+    tampered[len(tampered) // 2] ^= 0xFF
+    hub.tampered[weights] = bytes(tampered)
+    cache = tmp_path / "hf"
+    result = download(tracking_server, hub, cache, "hub-tampered")
+    assert result.returncode != 0
+    assert f"{weights} has sha256" in result.stderr
+    assert "not the hub's" in result.stderr
+    assert "Traceback" not in result.stderr
+    failed = runs_of("hub-tampered")[-1]
+    assert failed.info.status == "FAILED"
+    assert mlflow.artifacts.list_artifacts(run_id=failed.info.run_id) == []  # nothing logged that looks valid
+    # The bad bytes left the cache: once the hub serves the right ones, the rerun succeeds.
+    del hub.tampered[weights]
+    rerun = download(tracking_server, hub, cache, "hub-tampered")
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert_logged_files_match_the_hub(runs_of("hub-tampered")[-1].info.run_id, hub)
+
+
+def test_a_warm_cache_downloads_offline_with_zero_requests(
+    tracking_server: TrackingServer, hub: FakeHub, tmp_path: Path
+):
+    cache = tmp_path / "hf"
+    assert download(tracking_server, hub, cache, "hub-warm").returncode == 0
+    hub.requests.clear()
+    result = download(tracking_server, hub, cache, "hub-warm", HF_HUB_OFFLINE="1")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert hub.requests == []
+    offline = runs_of("hub-warm")[-1]
+    assert offline.data.tags[REVISION_TAG] == hub.commit
+    assert_logged_files_match_the_hub(offline.info.run_id, hub)
+
+
+def test_a_cold_cache_without_the_hub_fails_fast_and_the_run_is_failed(
+    tracking_server: TrackingServer, hub: FakeHub, tmp_path: Path
+):
+    started = time.monotonic()
+    result = download(tracking_server, hub, tmp_path / "hf", "hub-cold-offline", HF_HUB_OFFLINE="1")
+    assert result.returncode != 0
+    assert time.monotonic() - started < 60  # the whole `mlflow run`, process starts included
+    assert f"hub repo {REPO_ID}@main" in result.stderr
+    assert "HF_HUB_OFFLINE=1 forbids downloading it" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert hub.requests == []
+    failed = runs_of("hub-cold-offline")[-1]
+    assert failed.info.status == "FAILED"
+    assert (failed.info.end_time - failed.info.start_time) / 1000 < 10
+
+
+def test_an_unreachable_hub_fails_fast_naming_offline_presets(tracking_server: TrackingServer, tmp_path: Path):
+    started = time.monotonic()
+    result = mlflow_run(
+        tracking_server, "--experiment-name", "no-hub", "-e", "download", "-P", "model=microsoft/Phi-3-mini-4k-instruct",
+        HF_HUB_OFFLINE="0", HF_ENDPOINT=f"http://127.0.0.1:{free_port()}", HF_HOME=str(tmp_path / "hf"),
+    )  # fmt: skip
+    assert result.returncode != 0
+    assert time.monotonic() - started < 60
+    assert "cannot reach the Hugging Face Hub" in result.stderr
+    assert "smollm2-135m" in result.stderr
+    assert "Traceback" not in result.stderr
+    failed = runs_of("no-hub")[-1]
+    assert failed.info.status == "FAILED"
+    assert (failed.info.end_time - failed.info.start_time) / 1000 < 10
