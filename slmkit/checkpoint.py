@@ -34,8 +34,13 @@ CHECKPOINT_PATTERNS = (
     "merges.txt",
     "vocab.txt",
 )
-# Pickled weights execute code when loaded; they are refused, never fetched.
+# Pickled weights can execute code when loaded: refused unless `allow_pickle`, and then turned
+# into safetensors inside `download`, so no later step or logged model ever holds a pickle.
 PICKLED_PATTERNS = ("*.bin", "*.pt", "*.pth", "*.pkl", "*.ckpt")
+PICKLE_RISK = (
+    "unpickling can run code hidden in the file; transformers loads it with torch's weights_only "
+    "loader, which refuses most such payloads but not every one"
+)
 GGUF_MAGIC = b"GGUF"
 
 
@@ -44,31 +49,64 @@ def is_checkpoint_file(name: str) -> bool:
     return "/" not in name and any(fnmatch.fnmatch(name, pattern) for pattern in CHECKPOINT_PATTERNS)
 
 
-def select_checkpoint_files(names: list[str], where: str) -> list[str]:
+def is_pickled(name: str) -> bool:
+    return any(fnmatch.fnmatch(name, pattern) for pattern in PICKLED_PATTERNS)
+
+
+def select_checkpoint_files(names: list[str], where: str, allow_pickle: bool = False) -> list[str]:
     """Pick the checkpoint files among `names`, refusing sources without safetensors.
 
+    With `allow_pickle`, a source whose only weights are pickled gets those picked too (top
+    level only); `fetch_checkpoint` converts them to safetensors.
+
     Raises:
-        UserError: no `.safetensors` weights; the message says when only pickled ones exist.
+        UserError: no `.safetensors` weights (and no pickled ones allowed); no config.json.
     """
     selected = sorted(name for name in names if is_checkpoint_file(name))
     if not any(name.endswith(".safetensors") for name in selected):
-        pickled = [n for n in names if any(fnmatch.fnmatch(n, p) for p in PICKLED_PATTERNS)]
-        detail = f" (only pickled weights: {', '.join(sorted(pickled)[:3])}; those are refused)" if pickled else ""
-        raise UserError(f"{where} has no .safetensors weights{detail}; convert it to safetensors first")
+        pickled = sorted(name for name in names if "/" not in name and is_pickled(name))
+        if pickled and allow_pickle:
+            selected = sorted(selected + pickled)
+        elif pickled:
+            raise UserError(
+                f"{where} has no .safetensors weights, only pickled ones ({', '.join(pickled[:3])}), which are "
+                f"refused: convert them to safetensors, or pass -P allow_pickle=true to have download convert "
+                f"them ({PICKLE_RISK})"
+            )
+        else:
+            raise UserError(f"{where} has no .safetensors weights; convert it to safetensors first")
     if "config.json" not in selected:
         raise UserError(f"{where} has no config.json; it is not a Hugging Face checkpoint")
     return selected
 
 
-def fetch_checkpoint(source: Source, dest: Path) -> str:
+def convert_pickled_weights(folder: Path) -> None:
+    """Replace a checkpoint's pickled weights by safetensors, in place; no-op without pickles."""
+    pickled = [path for path in folder.iterdir() if is_pickled(path.name)]
+    if not pickled:
+        return
+    from transformers import AutoModelForCausalLM
+
+    logger.warning("loading pickled weights %s: %s", ", ".join(p.name for p in pickled), PICKLE_RISK)
+    model = AutoModelForCausalLM.from_pretrained(folder, use_safetensors=False)
+    for path in [*pickled, *folder.glob("*.bin.index.json")]:
+        path.unlink()
+    model.save_pretrained(folder)
+
+
+def fetch_checkpoint(source: Source, dest: Path, allow_pickle: bool = False) -> str:
     """Fill `dest` (an empty folder) with the checkpoint of `source`; return its pinned revision.
 
     The revision is the hub commit sha for hub sources, and a sha256 of the content otherwise.
+    Pickled weights, taken only with `allow_pickle`, leave `dest` as safetensors.
     """
-    if isinstance(source, HubSource):
-        return fetch_hub_checkpoint(source, dest)
-    if isinstance(source, LocalDirSource):
-        return copy_local_checkpoint(Path(source.path), dest)
+    if isinstance(source, HubSource | LocalDirSource):
+        if isinstance(source, HubSource):
+            revision = fetch_hub_checkpoint(source, dest, allow_pickle)
+        else:
+            revision = copy_local_checkpoint(Path(source.path), dest, allow_pickle)
+        convert_pickled_weights(dest)
+        return revision
     if isinstance(source, GgufFileSource):
         gguf = Path(source.path)
         check_gguf(gguf)
@@ -82,10 +120,10 @@ def fetch_checkpoint(source: Source, dest: Path) -> str:
     raise TypeError(f"unsupported source {source!r}")
 
 
-def copy_local_checkpoint(folder: Path, dest: Path) -> str:
+def copy_local_checkpoint(folder: Path, dest: Path, allow_pickle: bool = False) -> str:
     """Copy the checkpoint files of a local folder; the revision is the content's tree sha256."""
     names = [p.name for p in folder.iterdir() if p.is_file()]
-    for name in select_checkpoint_files(names, f"local folder {folder}"):
+    for name in select_checkpoint_files(names, f"local folder {folder}", allow_pickle):
         shutil.copy2(folder / name, dest / name)
     return f"sha256:{tree_sha256(describe_files(dest))}"
 
@@ -133,13 +171,14 @@ def resolve_hub_commit(source: HubSource) -> str:
         return HfApi().model_info(source.repo_id, revision=source.revision).sha
 
 
-def source_revision(source: Source) -> str:
+def source_revision(source: Source, allow_pickle: bool = False) -> str:
     """The revision `download` records for `source`, found without fetching any weights."""
     if isinstance(source, HubSource):
         return resolve_hub_commit(source)
     if isinstance(source, LocalDirSource):
         folder = Path(source.path)
-        names = select_checkpoint_files([p.name for p in folder.iterdir() if p.is_file()], f"local folder {folder}")
+        names = [p.name for p in folder.iterdir() if p.is_file()]
+        names = select_checkpoint_files(names, f"local folder {folder}", allow_pickle)
         files = [{"path": n, "size": (folder / n).stat().st_size, "sha256": file_sha256(folder / n)} for n in names]
         return f"sha256:{tree_sha256(files)}"
     if isinstance(source, GgufFileSource):
@@ -147,7 +186,7 @@ def source_revision(source: Source) -> str:
     return f"sha256:{source.sha256}"
 
 
-def fetch_hub_checkpoint(source: HubSource, dest: Path) -> str:
+def fetch_hub_checkpoint(source: HubSource, dest: Path, allow_pickle: bool = False) -> str:
     """Download the checkpoint files of a hub repo at a revision resolved to its commit sha.
 
     Each LFS file's sha256 is compared with the hub's metadata: the hub cache checks sizes only.
@@ -160,12 +199,12 @@ def fetch_hub_checkpoint(source: HubSource, dest: Path) -> str:
         if _offline():
             snapshot = Path(snapshot_download(source.repo_id, revision=source.revision, local_files_only=True))
             names = [p.relative_to(snapshot).as_posix() for p in snapshot.rglob("*") if p.is_file()]
-            selected = select_checkpoint_files(names, where)
+            selected = select_checkpoint_files(names, where, allow_pickle)
             commit, expected_sha256 = snapshot.name, {}
         else:
             info = HfApi().model_info(source.repo_id, revision=source.revision, files_metadata=True)
             siblings = {s.rfilename: s for s in info.siblings or []}
-            selected = select_checkpoint_files(list(siblings), where)
+            selected = select_checkpoint_files(list(siblings), where, allow_pickle)
             commit = info.sha
             expected_sha256 = {n: siblings[n].lfs.sha256 for n in selected if siblings[n].lfs is not None}
             snapshot = Path(snapshot_download(source.repo_id, revision=commit, allow_patterns=selected))

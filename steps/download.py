@@ -4,6 +4,9 @@ Params:
     model: a preset from config/presets.yaml, a local checkpoint folder, a local .gguf file,
         or a hub repo id.
     revision: hub branch, tag or commit; empty keeps the preset's.
+    allow_pickle: "true" accepts a source whose only weights are pickled (`.bin`, `.pt`) and
+        converts them to safetensors here; unpickling can run code hidden in the file, so only
+        for sources you trust. Default "false" refuses such sources.
 
 Logs (run tags `slmkit.step=download`, `slmkit.source_key`, `slmkit.resolved_revision`,
 `slmkit.manifest_sha256`):
@@ -33,18 +36,19 @@ from slmkit.lineage import (
 )
 from slmkit.manifest import MANIFEST_NAME, build_manifest, file_sha256, write_manifest
 from slmkit.presets import resolve_model, source_params
-from slmkit.step_cli import run_cli
+from slmkit.step_cli import parse_bool, run_cli
 
 
 def main(args: argparse.Namespace) -> None:
     spec = resolve_model(args.model, args.revision)
+    allow_pickle = parse_bool("allow_pickle", args.allow_pickle)
     with mlflow.start_run() as run, scratch_dir("download") as scratch:
         mlflow.set_tags({STEP_TAG: "download", SOURCE_KEY_TAG: source_key(spec)})
         mlflow.log_params({"model_name": spec.name, **source_params(spec.source)})
         checkpoint = Path(scratch) / CHECKPOINT_ARTIFACT
         checkpoint.mkdir()
         started = time.perf_counter()
-        revision = fetch_checkpoint(spec.source, checkpoint)
+        revision = fetch_checkpoint(spec.source, checkpoint, allow_pickle)
         manifest = build_manifest(checkpoint, source_params(spec.source), revision)
         write_manifest(Path(scratch) / MANIFEST_NAME, manifest)
         mlflow.log_metrics(
@@ -63,6 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True)
     parser.add_argument("--revision", default="")
+    parser.add_argument("--allow-pickle", default="false")
     return parser
 
 

@@ -22,7 +22,7 @@ from slmkit.checkpoint import source_revision
 from slmkit.evaluation import eval_set_digest
 from slmkit.lineage import MODEL_URI_TAG, STEP_TAG, check_env_manager, run_entry_point
 from slmkit.presets import resolve_model
-from slmkit.step_cli import EVALUATION_OPTIONS, GENERATION_OPTIONS, add_options, forward, run_cli
+from slmkit.step_cli import EVALUATION_OPTIONS, GENERATION_OPTIONS, add_options, forward, parse_bool, run_cli
 from slmkit.summary import format_summary
 
 
@@ -69,14 +69,15 @@ def main(args: argparse.Namespace) -> None:
     env_manager = check_env_manager(args.env_manager)
     forced = forced_steps(args.force)
     spec = resolve_model(args.model, args.revision)
+    allow_pickle = parse_bool("allow_pickle", args.allow_pickle)
     generation = forward(args, GENERATION_OPTIONS)
     with mlflow.start_run() as parent:
         mlflow.set_tag(STEP_TAG, "main")
         step = StepRunner(parent, env_manager, forced)
         download = step(
             "download",
-            {"model": args.model, "revision": args.revision},
-            {"source_revision": source_revision(spec.source)},
+            {"model": args.model, "revision": args.revision, "allow_pickle": str(allow_pickle).lower()},
+            {"source_revision": source_revision(spec.source, allow_pickle)},
         )
         after_download = {"download_run_id": download, "model": args.model, **generation}
         step("log_pipeline", {**after_download, "torch_dtype": args.torch_dtype}, {"download_run_id": download})
@@ -115,6 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True)
     parser.add_argument("--revision", default="")
+    parser.add_argument("--allow-pickle", default="false")
     parser.add_argument("--torch-dtype", default="auto")
     parser.add_argument("--execution-provider", default="cpu")
     parser.add_argument("--onnx-source", default="auto")

@@ -5,8 +5,16 @@ from pathlib import Path
 
 import pytest
 
-from slmkit.checkpoint import check_gguf, copy_local_checkpoint, select_checkpoint_files
+from slmkit.checkpoint import (
+    check_gguf,
+    copy_local_checkpoint,
+    fetch_checkpoint,
+    is_pickled,
+    select_checkpoint_files,
+    source_revision,
+)
 from slmkit.errors import UserError
+from slmkit.presets import LocalDirSource
 
 
 def test_selection_keeps_weights_configs_tokenizer_and_template():
@@ -27,11 +35,32 @@ def test_selection_keeps_weights_configs_tokenizer_and_template():
     ]
 
 
-def test_pickled_only_checkpoint_is_refused_and_named():
-    with pytest.raises(
-        UserError, match=r"no \.safetensors weights \(only pickled weights: pytorch_model\.bin; those are refused\)"
-    ):
+def test_pickled_only_checkpoint_is_refused_naming_the_file_and_the_opt_in():
+    with pytest.raises(UserError, match=r"only pickled ones \(pytorch_model\.bin\), which are refused") as refused:
         select_checkpoint_files(["config.json", "pytorch_model.bin"], "hub repo a/b@main")
+    assert "-P allow_pickle=true" in str(refused.value)
+    assert "run code" in str(refused.value)  # the opt-in states its risk
+
+
+def test_allowed_pickles_are_converted_to_equal_safetensors(tiny_phi3: Path, tmp_path: Path):
+    import torch
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    source = Path(shutil.copytree(tiny_phi3, tmp_path / "pickled"))
+    expected = load_file(source / "model.safetensors")
+    torch.save(AutoModelForCausalLM.from_pretrained(source).state_dict(), source / "pytorch_model.bin")
+    (source / "model.safetensors").unlink()
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    with pytest.raises(UserError, match="allow_pickle"):
+        fetch_checkpoint(LocalDirSource(str(source)), dest)
+    revision = fetch_checkpoint(LocalDirSource(str(source)), dest, allow_pickle=True)
+    assert revision == source_revision(LocalDirSource(str(source)), allow_pickle=True)
+    assert not [path.name for path in dest.iterdir() if is_pickled(path.name)]
+    converted = load_file(dest / "model.safetensors")
+    assert converted.keys() == expected.keys()
+    assert all(torch.equal(converted[name], expected[name]) for name in expected)
 
 
 def test_checkpoint_without_config_is_refused():
