@@ -25,6 +25,7 @@ from slmkit import PROJECT_ROOT
 from slmkit.errors import UserError
 from slmkit.manifest import MANIFEST_NAME, read_manifest, verify_folder
 from slmkit.presets import ModelSpec, resolve_model
+from slmkit.tracking_server import require_tracking_server
 
 logger = logging.getLogger(__name__)
 
@@ -69,16 +70,25 @@ def check_env_manager(env_manager: str) -> str:
     return env_manager
 
 
-def run_entry_point(step: str, parameters: dict[str, str], env_manager: str, experiment_id: str | None = None) -> str:
+def run_entry_point(
+    step: str,
+    parameters: dict[str, str],
+    env_manager: str,
+    experiment_id: str | None = None,
+    tags: dict[str, str] | None = None,
+) -> str:
     """Run an entry point of this project with `mlflow run` semantics and return its run id.
 
     When a run is active, MLflow makes the new run its child. The env manager is passed on
-    explicitly: `mlflow.projects.run` does not inherit the caller's.
+    explicitly: `mlflow.projects.run` does not inherit the caller's. `tags` are set as soon as
+    the run exists, so they are there even if the tracking server is lost before the step ends.
 
     Raises:
         UserError: the step failed; the message names its run id.
+        TrackingServerUnreachable: the tracking server does not answer, so the step cannot start.
     """
     logger.info("running step %s with %s", step, parameters)
+    require_tracking_server()
     try:
         submitted: SubmittedRun = mlflow.projects.run(
             str(PROJECT_ROOT),
@@ -90,7 +100,10 @@ def run_entry_point(step: str, parameters: dict[str, str], env_manager: str, exp
         )
     except MlflowException as error:
         raise UserError(f"could not start step {step}: {error.message}") from error
+    for name, value in (tags or {}).items():
+        mlflow.MlflowClient().set_tag(submitted.run_id, name, value)
     if not submitted.wait():
+        require_tracking_server()  # a step that lost its server fails for that reason
         raise UserError(f"step {step} failed: see run {submitted.run_id} and its output above")
     return submitted.run_id
 

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from slmkit.errors import UserError
+from slmkit.tracking_server import bound_tracking_retries, tracking_server_problem, unreachable
 
 
 def run_cli(main: Callable[[argparse.Namespace], None], parser: argparse.ArgumentParser) -> None:
@@ -19,15 +20,39 @@ def run_cli(main: Callable[[argparse.Namespace], None], parser: argparse.Argumen
     The MLflow run, opened by `main` with `mlflow.start_run()`, ends FAILED because the error
     leaves its `with` block; `mlflow run` then sees the non-zero exit as well. SIGTERM (a
     scheduler stopping the job, `mlflow run` cancelling its child) ends the run the same way.
+    A step whose tracking server stops answering exits 2 naming the URI, after bounded retries
+    (slmkit.tracking_server); its run stays RUNNING on the server, which cannot be told.
     """
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    bound_tracking_retries()
     args = parser.parse_args()
     try:
         main(args)
-    except UserError as error:
-        print(f"error: {error}", file=sys.stderr)  # noqa: T201 - the CLI's one-line error
+    except Exception as error:  # anything but a UserError or a lost server is re-raised below
+        user_error = _user_error_in(error) or _lost_tracking_server()
+        if user_error is None:
+            raise
+        print(f"error: {user_error}", file=sys.stderr)  # noqa: T201 - the CLI's one-line error
         sys.exit(2)
+
+
+def _user_error_in(error: BaseException | None) -> UserError | None:
+    """The UserError behind `error`, also when ending the run raised another on the way out."""
+    while error is not None:
+        if isinstance(error, UserError):
+            return error
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def _lost_tracking_server() -> UserError | None:
+    """A step that failed because its tracking server went away says so, not with a traceback."""
+    import mlflow
+
+    tracking_uri = mlflow.get_tracking_uri()
+    problem = tracking_server_problem(tracking_uri)
+    return unreachable(tracking_uri, problem) if problem else None
 
 
 def _exit_on_sigterm(signum: int, frame: Any) -> None:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 
 import mlflow
-from mlflow import MlflowClient
 
 from slmkit.cache import CACHE_KEY_TAG, cache_key, forced_steps, parameter_types, step_lock
 from slmkit.checkpoint import source_revision
@@ -54,8 +53,9 @@ class StepRunner:
             else:
                 if "env_manager" in parameter_types(step):
                     params = {**params, "env_manager": self.env_manager}
-                run_id = run_entry_point(step, params, self.env_manager, experiment_id)
-                MlflowClient().set_tag(run_id, CACHE_KEY_TAG, key)
+                # Tagged at its start: a lookup takes FINISHED runs only, and a step that finished
+                # just before the tracking server was lost is still found after a restart.
+                run_id = run_entry_point(step, params, self.env_manager, experiment_id, {CACHE_KEY_TAG: key})
                 reason = "forced" if step in self.forced else f"no FINISHED run has cache key {key[:12]}"
                 why = f"ran run {run_id}: {reason}"
         self.runs[step] = run_id

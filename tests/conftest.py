@@ -50,11 +50,9 @@ class TrackingServer:
         }
 
 
-@pytest.fixture(scope="session")
-def tracking_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TrackingServer]:
-    """`mlflow server` on 127.0.0.1: SQLite backend, artifacts served through the server."""
-    root = tmp_path_factory.mktemp("tracking")
-    port = free_port()
+def start_tracking_server(root: Path, port: int) -> subprocess.Popen:
+    """`mlflow server` on 127.0.0.1:`port`: SQLite store and artifact root under `root`, so a
+    server started again on the same `root` has everything the stopped one had."""
     command = [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
     command += [
         "--backend-store-uri",
@@ -62,16 +60,24 @@ def tracking_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Tracki
         "--artifacts-destination",
         str(root / "artifacts"),
     ]
-    log = (root / "server.log").open("w")
-    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=root)
+    with (root / "server.log").open("a") as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=root)
+    wait_for_http(f"http://127.0.0.1:{port}/health", process, timeout_s=60)
+    return process
+
+
+@pytest.fixture(scope="session")
+def tracking_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TrackingServer]:
+    """`mlflow server` on 127.0.0.1: SQLite backend, artifacts served through the server."""
+    root = tmp_path_factory.mktemp("tracking")
+    port = free_port()
+    process = start_tracking_server(root, port)
     try:
-        wait_for_http(f"http://127.0.0.1:{port}/health", process, timeout_s=60)
         mlflow.set_tracking_uri(f"http://127.0.0.1:{port}")
         use_experiment("0")  # the server's Default experiment
         yield TrackingServer(uri=f"http://127.0.0.1:{port}", root=root)
     finally:
         stop_process(process)
-        log.close()
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -13,13 +13,15 @@ from pathlib import Path
 
 import mlflow
 import pytest
+from mlflow import MlflowClient
 from mlflow.entities import Run
 
+from bench.figures import free_port, stop_process
 from slmkit import PROJECT_ROOT
 from slmkit.errors import UserError
-from slmkit.lineage import get_download_run
+from slmkit.lineage import STEP_TAG, get_download_run
 from slmkit.manifest import verify_folder
-from tests.conftest import BIN, HF_TOKEN_CANARY, PipelineRun, TrackingServer, runs_of
+from tests.conftest import BIN, HF_TOKEN_CANARY, PipelineRun, TrackingServer, runs_of, start_tracking_server
 
 ONNX_FOLDER = Path("artifacts") / "onnx_model"
 
@@ -149,3 +151,57 @@ def test_download_stopped_mid_fetch_or_killed_mid_upload_then_the_rerun_complete
     manifest = json.loads((artifacts / "manifest.json").read_text())
     assert manifest["files"]
     assert verify_folder(artifacts / "checkpoint", manifest) == []
+
+
+# MLflow's own `mlflow run` process retries a lost server for minutes unless told otherwise; the
+# README's Reliability section recommends these settings for scheduled runs.
+BOUNDED_RETRY_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}
+
+
+@pytest.mark.integration
+def test_a_tracking_server_stopped_between_steps_fails_main_fast_and_main_resumes_after_a_restart(
+    tiny_phi3: Path, tmp_path: Path
+):
+    root, port = tmp_path / "server", free_port()
+    root.mkdir()
+    server = TrackingServer(uri=f"http://127.0.0.1:{port}", root=root)
+    client = MlflowClient(server.uri)
+    command = [str(BIN / "mlflow"), "run", str(PROJECT_ROOT), "--env-manager", "local", "--experiment-name", "lost"]
+    command += ["-P", f"model={tiny_phi3}", "-P", "max_rows=2", "-P", "max_tokens=8"]
+
+    def finished(step: str) -> list[Run]:
+        experiment = client.get_experiment_by_name("lost")
+        if experiment is None:
+            return []
+        query = f"tags.`{STEP_TAG}` = '{step}' and attributes.status = 'FINISHED'"
+        return client.search_runs([experiment.experiment_id], query)
+
+    process = start_tracking_server(root, port)
+    try:
+        main = subprocess.Popen(
+            command, env=server.env(**BOUNDED_RETRY_ENV), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
+        wait_until(lambda: bool(finished("download")), main)
+        stop_process(process)
+        stopped = time.monotonic()
+        output = main.communicate(timeout=300)[0]
+        assert main.returncode != 0
+        assert time.monotonic() - stopped < 90, output[-3000:]
+        assert f"error: the tracking server at {server.uri} does not answer" in output, output[-3000:]
+
+        process = start_tracking_server(root, port)  # same store, same artifact root
+        downloaded = finished("download")
+        assert len(downloaded) == 1
+        client.download_artifacts(downloaded[0].info.run_id, "manifest.json", str(tmp_path))
+        manifest = json.loads((tmp_path / "manifest.json").read_text())
+        assert manifest["files"]  # what was logged before the stop is still there
+
+        rerun = subprocess.run(
+            command, env=server.env(**BOUNDED_RETRY_ENV), capture_output=True, text=True, timeout=600
+        )
+        assert rerun.returncode == 0, rerun.stderr[-3000:]
+        parent = finished("main")[0]
+        assert parent.data.tags["cache.download"].startswith(f"reused run {downloaded[0].info.run_id}")
+        assert all(parent.data.tags[f"cache.{step}"].startswith("ran run") for step in ("log_pipeline", "evaluate"))
+    finally:
+        stop_process(process)
