@@ -7,10 +7,12 @@ upstream entry point with `mlflow.projects.run` and waits for it.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import tempfile
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -202,3 +204,20 @@ def model_run(model_uri: str) -> Run:
 def scratch_dir(prefix: str) -> tempfile.TemporaryDirectory:
     """A temporary folder removed when the step ends, whatever happens."""
     return tempfile.TemporaryDirectory(prefix=f"slmkit-{prefix}-")
+
+
+@contextlib.contextmanager
+def writing_artifacts(what: str) -> Iterator[None]:
+    """Turn a failed write into the run's artifact store (full, unwritable, unreachable) into one
+    line naming the store; the run then ends FAILED and no step takes its half-written output,
+    because the model URI tag (or, for `download`, the manifest) is written only after success.
+    """
+    try:
+        yield
+    except (MlflowException, OSError) as error:
+        require_tracking_server()  # a lost server is reported as such
+        detail = str(getattr(error, "message", error)).strip().splitlines()[0][:300]
+        raise UserError(
+            f"could not write {what} to the artifact store at {mlflow.get_artifact_uri()}: {detail}. "
+            "Check that it is writable and has space, then rerun"
+        ) from error

@@ -33,6 +33,7 @@ from slmkit.lineage import (
     STEP_TAG,
     scratch_dir,
     source_key,
+    writing_artifacts,
 )
 from slmkit.manifest import MANIFEST_NAME, build_manifest, file_sha256, write_manifest
 from slmkit.presets import resolve_model, source_params
@@ -54,9 +55,10 @@ def main(args: argparse.Namespace) -> None:
         mlflow.log_metrics(
             {"checkpoint_bytes": manifest["total_bytes"], "download_seconds": time.perf_counter() - started}
         )
-        mlflow.log_artifacts(str(checkpoint), CHECKPOINT_ARTIFACT)
-        # The manifest goes last: a run without it never finished logging its checkpoint.
-        mlflow.log_artifact(str(Path(scratch) / MANIFEST_NAME))
+        with writing_artifacts("the checkpoint"):
+            mlflow.log_artifacts(str(checkpoint), CHECKPOINT_ARTIFACT)
+            # The manifest goes last: a run without it never finished logging its checkpoint.
+            mlflow.log_artifact(str(Path(scratch) / MANIFEST_NAME))
         mlflow.log_param("resolved_revision", revision)
         mlflow.set_tags({REVISION_TAG: revision, MANIFEST_SHA_TAG: file_sha256(Path(scratch) / MANIFEST_NAME)})
         publish_task_value(DOWNLOAD_RUN_ID, run.info.run_id)

@@ -34,6 +34,7 @@ from slmkit.lineage import (
     scratch_dir,
     source_key,
     upstream_download,
+    writing_artifacts,
 )
 from slmkit.onnx_build import build_int4, fetch_ready_variant
 from slmkit.onnx_wrapper_model import seal_onnx_folder, wrapper_model_arguments
@@ -81,10 +82,11 @@ def main(args: argparse.Namespace) -> None:
         mlflow.log_metric("build_seconds", time.perf_counter() - started)
         started = time.perf_counter()
         model_name = Path(download.model if download else preset).name
-        info = mlflow.pyfunc.log_model(
-            name="model",
-            **wrapper_model_arguments(onnx_dir, model_name, generation, args.execution_provider, tracing),
-        )
+        with writing_artifacts("the ONNX wrapper model"):
+            info = mlflow.pyfunc.log_model(
+                name="model",
+                **wrapper_model_arguments(onnx_dir, model_name, generation, args.execution_provider, tracing),
+            )
         mlflow.log_metrics({"log_seconds": time.perf_counter() - started, "model_size_bytes": manifest["total_bytes"]})
         mlflow.set_tag(MODEL_URI_TAG, info.model_uri)
         publish_task_value(ONNX_MODEL_URI, info.model_uri)

@@ -28,7 +28,14 @@ import mlflow
 
 from slmkit.databricks import PIPELINE_MODEL_URI, publish_task_value
 from slmkit.environment import PIPELINE_PACKAGES, model_requirements
-from slmkit.lineage import MODEL_URI_TAG, STEP_TAG, download_checkpoint, scratch_dir, upstream_download
+from slmkit.lineage import (
+    MODEL_URI_TAG,
+    STEP_TAG,
+    download_checkpoint,
+    scratch_dir,
+    upstream_download,
+    writing_artifacts,
+)
 from slmkit.pipeline_model import build_pipeline, check_dtype, generation_config
 from slmkit.step_cli import GENERATION_OPTIONS, add_options, run_cli
 
@@ -45,13 +52,14 @@ def main(args: argparse.Namespace) -> None:
         checkpoint, manifest = download_checkpoint(download.run_id, scratch)
         pipeline = build_pipeline(checkpoint, args.torch_dtype)
         started = time.perf_counter()
-        info = mlflow.transformers.log_model(
-            pipeline,
-            name=MODEL_NAME,
-            task="llm/v1/chat",
-            model_config=generation,
-            pip_requirements=model_requirements(PIPELINE_PACKAGES),
-        )
+        with writing_artifacts("the pipeline model"):
+            info = mlflow.transformers.log_model(
+                pipeline,
+                name=MODEL_NAME,
+                task="llm/v1/chat",
+                model_config=generation,
+                pip_requirements=model_requirements(PIPELINE_PACKAGES),
+            )
         mlflow.log_metrics({"log_seconds": time.perf_counter() - started, "model_size_bytes": manifest["total_bytes"]})
         mlflow.log_param("torch_dtype_loaded", str(pipeline.model.dtype).removeprefix("torch."))
         mlflow.set_tag(MODEL_URI_TAG, info.model_uri)

@@ -19,9 +19,17 @@ from mlflow.entities import Run
 from bench.figures import free_port, stop_process
 from slmkit import PROJECT_ROOT
 from slmkit.errors import UserError
-from slmkit.lineage import STEP_TAG, get_download_run
+from slmkit.lineage import MODEL_URI_TAG, STEP_TAG, get_download_run
 from slmkit.manifest import verify_folder
-from tests.conftest import BIN, HF_TOKEN_CANARY, PipelineRun, TrackingServer, runs_of, start_tracking_server
+from tests.conftest import (
+    BIN,
+    HF_TOKEN_CANARY,
+    PipelineRun,
+    TrackingServer,
+    mlflow_run,
+    runs_of,
+    start_tracking_server,
+)
 
 ONNX_FOLDER = Path("artifacts") / "onnx_model"
 
@@ -205,3 +213,38 @@ def test_a_tracking_server_stopped_between_steps_fails_main_fast_and_main_resume
         assert all(parent.data.tags[f"cache.{step}"].startswith("ran run") for step in ("log_pipeline", "evaluate"))
     finally:
         stop_process(process)
+
+
+@pytest.mark.integration
+def test_an_unwritable_artifact_root_fails_the_step_clearly_and_leaves_no_model_that_loads(
+    tracking_server: TrackingServer, tiny_phi3: Path
+):
+    downloaded = mlflow_run(
+        tracking_server, "--experiment-name", "writable", "-e", "download", "-P", f"model={tiny_phi3}"
+    )
+    assert downloaded.returncode == 0, downloaded.stderr[-3000:]
+    download_run_id = runs_of("writable")[-1].info.run_id
+    # The server's artifact root for this experiment is a file: no process, root included, can write under it.
+    (tracking_server.root / "artifacts" / "unwritable-root").write_text("not a folder")
+    experiment_id = mlflow.create_experiment("unwritable", artifact_location="mlflow-artifacts:/unwritable-root")
+
+    for entry_point, params, what in [
+        ("download", [f"model={tiny_phi3}"], "the checkpoint"),
+        ("log_onnx_wrapper", [f"model={tiny_phi3}", f"download_run_id={download_run_id}"], "the ONNX wrapper model"),
+    ]:
+        args = [arg for param in params for arg in ("-P", param)]
+        result = mlflow_run(tracking_server, "--experiment-name", "unwritable", "-e", entry_point, *args)
+        assert result.returncode != 0
+        assert (
+            f"error: could not write {what} to the artifact store at mlflow-artifacts:/unwritable-root/"
+            in result.stderr
+        )
+        assert "Traceback" not in result.stderr
+        failed = runs_of("unwritable")[-1]
+        assert failed.info.status == "FAILED"
+        assert MODEL_URI_TAG not in failed.data.tags  # so no later step finds a model here
+
+    for logged in mlflow.search_logged_models(experiment_ids=[experiment_id], output_format="list"):
+        assert str(logged.status) != "READY"
+        with pytest.raises(Exception):  # noqa: B017, PT011 - any failure to load will do
+            mlflow.pyfunc.load_model(logged.model_uri)

@@ -1,0 +1,91 @@
+"""The two ways onnxruntime-genai can batch concurrent requests, measured in-process so the
+wrapper's choice rests on figures from this machine (bench figure 5's detail):
+
+- a static batch: one Generator with `batch_size=k`, prompts left-padded to the longest;
+- the `Engine`/`Request` API of onnxruntime-genai 0.18, which schedules requests itself
+  (continuous batching proper needs a PagedAttention build, which the builder makes only for
+  CUDA fp16/bf16; on CPU the Engine runs a static engine batch).
+
+Each returns completion tokens/s over all `k` prompts and whether every prompt's greedy tokens
+equal the same prompt generated alone, which serving needs: a batch must not change answers.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import numpy as np
+
+
+def _prompt_ids(tokenizer: Any, messages: list[dict[str, str]]) -> np.ndarray:
+    text = tokenizer.apply_chat_template(json.dumps(messages), add_generation_prompt=True)
+    return np.asarray(tokenizer.encode(text), dtype=np.int32)
+
+
+def _rate_and_exact(outputs: list[list[int]], alone: list[list[int]], seconds: float) -> tuple[float, bool]:
+    """Tokens/s counting each row only up to where it ends alone (rows of a static batch decode
+    on after their EOS), and whether every row equals its prompt generated alone."""
+    useful = sum(min(len(output), len(reference)) for output, reference in zip(outputs, alone, strict=True))
+    exact = all(
+        output[: len(reference)] == reference[: len(output)] and output
+        for output, reference in zip(outputs, alone, strict=True)
+    )
+    return useful / seconds, exact
+
+
+def static_batch(
+    model: Any, tokenizer: Any, prompts: list, alone: list[list[int]], max_tokens: int, pad_id: int
+) -> tuple[float, bool]:
+    """One Generator over all prompts, left-padded with `pad_id`; `alone` are their greedy
+    tokens generated one by one (bench.reference.bare_greedy)."""
+    import onnxruntime_genai as og
+
+    rows = [_prompt_ids(tokenizer, messages) for messages in prompts]
+    width = max(len(row) for row in rows)
+    batch = np.full((len(rows), width), pad_id, dtype=np.int32)
+    for index, row in enumerate(rows):
+        batch[index, width - len(row) :] = row
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=width + max_tokens, do_sample=False, batch_size=len(rows))
+    generator = og.Generator(model, params)
+    outputs: list[list[int]] = [[] for _ in rows]
+    started = time.perf_counter()
+    generator.append_tokens(batch)
+    while not generator.is_done():
+        generator.generate_next_token()
+        for index, token in enumerate(generator.get_next_tokens()):
+            outputs[index].append(int(token))
+    return _rate_and_exact(outputs, alone, time.perf_counter() - started)
+
+
+def engine_batch(
+    model: Any, tokenizer: Any, prompts: list, alone: list[list[int]], max_tokens: int
+) -> tuple[float, bool]:
+    """All prompts as Requests of one Engine, run until none is pending."""
+    import onnxruntime_genai as og
+
+    engine = og.Engine(model)
+    events = engine.create_event_buffer(64)
+    requests = []
+    started = time.perf_counter()
+    for messages in prompts:
+        request = engine.create_request()
+        options = og.TurnOptions(request)
+        options.set_do_sample(False)
+        options.set_max_generated_tokens(max_tokens)
+        request.begin_turn(_prompt_ids(tokenizer, messages), options)
+        requests.append(request)
+    tokens: list[list[int]] = [[] for _ in prompts]
+    while engine.has_pending_requests():
+        engine.run(events)
+        for position in range(len(events)):
+            event = events[position]
+            if event.flags & og.EngineEventFlags.TOKEN:
+                index = next(i for i, request in enumerate(requests) if request == event.request)
+                tokens[index].append(int(event.token))
+    seconds = time.perf_counter() - started
+    for request in requests:
+        request.close()
+    return _rate_and_exact(tokens, alone, seconds)
