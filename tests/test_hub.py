@@ -139,3 +139,23 @@ def test_an_unreachable_hub_fails_fast_naming_offline_presets(tracking_server: T
     failed = runs_of("no-hub")[-1]
     assert failed.info.status == "FAILED"
     assert (failed.info.end_time - failed.info.start_time) / 1000 < 10
+
+
+def test_a_hub_repo_without_safetensors_is_refused_in_one_line(
+    tracking_server: TrackingServer, tiny_phi3: Path, tmp_path: Path
+):
+    pickled_only = tmp_path / "pickled-only"
+    pickled_only.mkdir()
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        (pickled_only / name).write_bytes((tiny_phi3 / name).read_bytes())
+    (pickled_only / "pytorch_model.bin").write_bytes(b"a pickle that is never fetched")
+    with serve(FakeHub(REPO_ID, pickled_only)) as pickled_hub:
+        result = download(tracking_server, pickled_hub, tmp_path / "hf", "hub-pickled")
+        fetched = [request for request in pickled_hub.requests if "/resolve/" in request]
+    assert result.returncode != 0
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1
+    assert f"hub repo {REPO_ID}@main has no .safetensors weights" in errors[0]
+    assert "Traceback" not in result.stderr
+    assert fetched == []  # refused from the file listing, before any byte of the pickle
+    assert runs_of("hub-pickled")[-1].info.status == "FAILED"
