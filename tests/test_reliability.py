@@ -175,7 +175,7 @@ def test_a_tracking_server_stopped_between_steps_fails_main_fast_and_main_resume
     server = TrackingServer(uri=f"http://127.0.0.1:{port}", root=root)
     client = MlflowClient(server.uri)
     command = [str(BIN / "mlflow"), "run", str(PROJECT_ROOT), "--env-manager", "local", "--experiment-name", "lost"]
-    command += ["-P", f"model={tiny_phi3}", "-P", "max_rows=2", "-P", "max_tokens=8"]
+    command += ["-P", f"model={tiny_phi3}", "-P", "max_rows=1", "-P", "max_tokens=4"]
 
     def finished(step: str) -> list[Run]:
         experiment = client.get_experiment_by_name("lost")
@@ -233,7 +233,11 @@ def test_an_unwritable_artifact_root_fails_the_step_clearly_and_leaves_no_model_
         ("log_onnx_wrapper", [f"model={tiny_phi3}", f"download_run_id={download_run_id}"], "the ONNX wrapper model"),
     ]:
         args = [arg for param in params for arg in ("-P", param)]
-        result = mlflow_run(tracking_server, "--experiment-name", "unwritable", "-e", entry_point, *args)
+        # The failure is permanent: retrying it (3 times by default) would only slow the test.
+        result = mlflow_run(
+            tracking_server, "--experiment-name", "unwritable", "-e", entry_point, *args,
+            MLFLOW_HTTP_REQUEST_MAX_RETRIES="0",
+        )  # fmt: skip
         assert result.returncode != 0
         assert (
             f"error: could not write {what} to the artifact store at mlflow-artifacts:/unwritable-root/"
