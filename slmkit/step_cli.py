@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from slmkit.errors import UserError
-from slmkit.tracking_server import bound_tracking_retries, tracking_server_problem, unreachable
+from slmkit.tracking_server import bound_tracking_retries, lost_tracking_server
 
 
 def run_cli(main: Callable[[argparse.Namespace], None], parser: argparse.ArgumentParser) -> None:
@@ -30,7 +30,8 @@ def run_cli(main: Callable[[argparse.Namespace], None], parser: argparse.Argumen
     try:
         main(args)
     except Exception as error:  # anything but a UserError or a lost server is re-raised below
-        user_error = _user_error_in(error) or _lost_tracking_server()
+        # A step that failed because its tracking server went away says so, not with a traceback.
+        user_error = _user_error_in(error) or lost_tracking_server()
         if user_error is None:
             raise
         print(f"error: {user_error}", file=sys.stderr)  # noqa: T201 - the CLI's one-line error
@@ -44,15 +45,6 @@ def _user_error_in(error: BaseException | None) -> UserError | None:
             return error
         error = error.__cause__ or error.__context__
     return None
-
-
-def _lost_tracking_server() -> UserError | None:
-    """A step that failed because its tracking server went away says so, not with a traceback."""
-    import mlflow
-
-    tracking_uri = mlflow.get_tracking_uri()
-    problem = tracking_server_problem(tracking_uri)
-    return unreachable(tracking_uri, problem) if problem else None
 
 
 def _exit_on_sigterm(signum: int, frame: Any) -> None:

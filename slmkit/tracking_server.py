@@ -54,10 +54,16 @@ def unreachable(tracking_uri: str, problem: str) -> TrackingServerUnreachable:
     )
 
 
-def require_tracking_server() -> None:
-    """Fail now, naming the URI, if the tracking server does not answer."""
+def lost_tracking_server() -> TrackingServerUnreachable | None:
+    """The error for the current tracking server if it does not answer, else None."""
     import mlflow
 
     tracking_uri = mlflow.get_tracking_uri()
-    if problem := tracking_server_problem(tracking_uri):
-        raise unreachable(tracking_uri, problem)
+    problem = tracking_server_problem(tracking_uri)
+    return unreachable(tracking_uri, problem) if problem else None
+
+
+def require_tracking_server() -> None:
+    """Fail now, naming the URI, if the tracking server does not answer."""
+    if error := lost_tracking_server():
+        raise error

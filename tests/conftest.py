@@ -105,13 +105,27 @@ def trained_tiny_phi3(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return train_tiny_phi3(folder, [(row.messages, f"{row.answers[0]}.") for row in rows], steps=200)
 
 
+def project_params(*params: str) -> list[str]:
+    """`-P name=value` flags for `mlflow run`, one pair per "name=value"."""
+    return [arg for param in params for arg in ("-P", param)]
+
+
+def mlflow_run_command(*args: str, project: Path = PROJECT_ROOT) -> list[str]:
+    """The `mlflow run` command line a user types for this project (or a copy of it)."""
+    return [str(BIN / "mlflow"), "run", str(project), "--env-manager", "local", *args]
+
+
 def mlflow_run(
     server: TrackingServer, *args: str, timeout_s: float = 600, project: Path = PROJECT_ROOT, **env: str
 ) -> subprocess.CompletedProcess:
     """`mlflow run` of this project (or a copy of it), as a user types it, against `server`."""
-    command = [str(BIN / "mlflow"), "run", str(project), "--env-manager", "local", *args]
     return subprocess.run(
-        command, env=server.env(**env), capture_output=True, text=True, timeout=timeout_s, check=False
+        mlflow_run_command(*args, project=project),
+        env=server.env(**env),
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+        check=False,
     )
 
 
@@ -137,8 +151,7 @@ def runs_of(experiment_name: str) -> list[Run]:
 
 def run_main(server: TrackingServer, experiment: str, *params: str) -> PipelineRun:
     """`mlflow run .` with `-P` overrides; returns the newest main run of `experiment`."""
-    args = [arg for param in params for arg in ("-P", param)]
-    result = mlflow_run(server, "--experiment-name", experiment, *args)
+    result = mlflow_run(server, "--experiment-name", experiment, *project_params(*params))
     assert result.returncode == 0, result.stderr[-3000:]
     runs = runs_of(experiment)
     parent = [r for r in runs if r.data.tags.get(STEP_TAG) == "main"][-1]

@@ -17,7 +17,7 @@ import pytest
 
 from bench.figures import free_port
 from slmkit.lineage import REVISION_TAG
-from tests.conftest import TrackingServer, mlflow_run, runs_of
+from tests.conftest import TrackingServer, mlflow_run, project_params, runs_of
 from tests.fake_hub import FakeHub, serve
 
 REPO_ID = "slmkit-tests/tiny-phi3"
@@ -32,7 +32,7 @@ def hub(tiny_phi3: Path) -> Iterator[FakeHub]:
 
 def download(server: TrackingServer, hub: FakeHub, cache: Path, experiment: str, *params: str, **env: str):
     """`mlflow run . -e download` of the fake hub's repo with the Hugging Face cache at `cache`."""
-    args = [arg for param in (f"model={REPO_ID}", *params) for arg in ("-P", param)]
+    args = project_params(f"model={REPO_ID}", *params)
     return mlflow_run(
         server, "--experiment-name", experiment, "-e", "download", *args,
         HF_ENDPOINT=hub.url, HF_HOME=str(cache), **{"HF_HUB_OFFLINE": "0", **env},

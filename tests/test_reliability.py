@@ -17,16 +17,17 @@ from mlflow import MlflowClient
 from mlflow.entities import Run
 
 from bench.figures import free_port, stop_process
-from slmkit import PROJECT_ROOT
 from slmkit.errors import UserError
 from slmkit.lineage import MODEL_URI_TAG, STEP_TAG, get_download_run
 from slmkit.manifest import verify_folder
+from slmkit.tracking_server import BOUNDED_RETRIES
 from tests.conftest import (
-    BIN,
     HF_TOKEN_CANARY,
     PipelineRun,
     TrackingServer,
     mlflow_run,
+    mlflow_run_command,
+    project_params,
     runs_of,
     start_tracking_server,
 )
@@ -86,8 +87,7 @@ def test_hf_token_never_reaches_the_store_artifacts_or_output(
 
 def start_download(server: TrackingServer, experiment: str, model: str) -> subprocess.Popen:
     """`mlflow run . -e download` in its own process group, so the test can kill all of it."""
-    command = [str(BIN / "mlflow"), "run", str(PROJECT_ROOT), "--env-manager", "local"]
-    command += ["--experiment-name", experiment, "-e", "download", "-P", f"model={model}"]
+    command = mlflow_run_command("--experiment-name", experiment, "-e", "download", "-P", f"model={model}")
     return subprocess.Popen(
         command, env=server.env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
     )
@@ -147,11 +147,7 @@ def test_download_stopped_mid_fetch_or_killed_mid_upload_then_the_rerun_complete
         get_download_run(killed.info.run_id)
 
     # The rerun completes, and every logged file matches its manifest.
-    rerun = subprocess.run(
-        [str(BIN / "mlflow"), "run", str(PROJECT_ROOT), "--env-manager", "local", "--experiment-name", experiment,
-         "-e", "download", "-P", "model=smollm2-135m"],
-        env=tracking_server.env(), capture_output=True, text=True, timeout=600, check=False,
-    )  # fmt: skip
+    rerun = mlflow_run(tracking_server, "--experiment-name", experiment, "-e", "download", "-P", "model=smollm2-135m")
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     finished = runs_of(experiment)[-1]
     assert finished.info.status == "FINISHED"
@@ -162,8 +158,7 @@ def test_download_stopped_mid_fetch_or_killed_mid_upload_then_the_rerun_complete
 
 
 # MLflow's own `mlflow run` process retries a lost server for minutes unless told otherwise; the
-# README's Reliability section recommends these settings for scheduled runs.
-BOUNDED_RETRY_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}
+# README's Reliability section recommends the steps' own bounded settings for scheduled runs.
 
 
 @pytest.mark.integration
@@ -174,8 +169,7 @@ def test_a_tracking_server_stopped_between_steps_fails_main_fast_and_main_resume
     root.mkdir()
     server = TrackingServer(uri=f"http://127.0.0.1:{port}", root=root)
     client = MlflowClient(server.uri)
-    command = [str(BIN / "mlflow"), "run", str(PROJECT_ROOT), "--env-manager", "local", "--experiment-name", "lost"]
-    command += ["-P", f"model={tiny_phi3}", "-P", "max_rows=1", "-P", "max_tokens=4"]
+    args = ["--experiment-name", "lost", *project_params(f"model={tiny_phi3}", "max_rows=1", "max_tokens=4")]
 
     def finished(step: str) -> list[Run]:
         experiment = client.get_experiment_by_name("lost")
@@ -187,7 +181,11 @@ def test_a_tracking_server_stopped_between_steps_fails_main_fast_and_main_resume
     process = start_tracking_server(root, port)
     try:
         main = subprocess.Popen(
-            command, env=server.env(**BOUNDED_RETRY_ENV), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+            mlflow_run_command(*args),
+            env=server.env(**BOUNDED_RETRIES),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
         )
         wait_until(lambda: bool(finished("download")), main)
         stop_process(process)
@@ -204,9 +202,7 @@ def test_a_tracking_server_stopped_between_steps_fails_main_fast_and_main_resume
         manifest = json.loads((tmp_path / "manifest.json").read_text())
         assert manifest["files"]  # what was logged before the stop is still there
 
-        rerun = subprocess.run(
-            command, env=server.env(**BOUNDED_RETRY_ENV), capture_output=True, text=True, timeout=600
-        )
+        rerun = mlflow_run(server, *args, **BOUNDED_RETRIES)
         assert rerun.returncode == 0, rerun.stderr[-3000:]
         parent = finished("main")[0]
         assert parent.data.tags["cache.download"].startswith(f"reused run {downloaded[0].info.run_id}")
@@ -232,10 +228,9 @@ def test_an_unwritable_artifact_root_fails_the_step_clearly_and_leaves_no_model_
         ("download", [f"model={tiny_phi3}"], "the checkpoint"),
         ("log_onnx_wrapper", [f"model={tiny_phi3}", f"download_run_id={download_run_id}"], "the ONNX wrapper model"),
     ]:
-        args = [arg for param in params for arg in ("-P", param)]
         # The failure is permanent: retrying it (3 times by default) would only slow the test.
         result = mlflow_run(
-            tracking_server, "--experiment-name", "unwritable", "-e", entry_point, *args,
+            tracking_server, "--experiment-name", "unwritable", "-e", entry_point, *project_params(*params),
             MLFLOW_HTTP_REQUEST_MAX_RETRIES="0",
         )  # fmt: skip
         assert result.returncode != 0

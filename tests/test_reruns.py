@@ -10,10 +10,19 @@ import pytest
 from mlflow import MlflowClient
 from mlflow.entities import Run
 
-from slmkit import PROJECT_ROOT
 from slmkit.cache import CACHE_KEY_TAG
 from slmkit.lineage import STEP_TAG
-from tests.conftest import BIN, E2E_REGISTERED, TRAINED_ROWS, PipelineRun, TrackingServer, mlflow_run, run_main, runs_of
+from tests.conftest import (
+    E2E_REGISTERED,
+    TRAINED_ROWS,
+    PipelineRun,
+    TrackingServer,
+    mlflow_run,
+    mlflow_run_command,
+    project_params,
+    run_main,
+    runs_of,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -94,16 +103,7 @@ def test_two_mains_at_once_do_each_step_once_and_register_once(
         "pipeline_registered_model=",
         "onnx_registered_model=concurrent-onnx",
     ]
-    command = [
-        str(BIN / "mlflow"),
-        "run",
-        str(PROJECT_ROOT),
-        "--env-manager",
-        "local",
-        "--experiment-name",
-        "concurrent",
-    ]
-    command += [arg for param in params for arg in ("-P", param)]
+    command = mlflow_run_command("--experiment-name", "concurrent", *project_params(*params))
     env = tracking_server.env(SLMKIT_LOCK_DIR=str(tmp_path / "locks"))
     # Two `mlflow run --experiment-name` racing to create the same experiment is MLflow's own
     # race (one gets RESOURCE_ALREADY_EXISTS); scheduled runs log to an existing experiment.

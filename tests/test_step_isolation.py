@@ -11,7 +11,7 @@ import pytest
 
 from slmkit import PROJECT_ROOT
 from slmkit.lineage import MODEL_URI_TAG, STEP_TAG
-from tests.conftest import TrackingServer, mlflow_run, runs_of
+from tests.conftest import TrackingServer, mlflow_run, project_params, runs_of
 
 pytestmark = pytest.mark.integration
 
@@ -23,8 +23,7 @@ IGNORED = shutil.ignore_patterns(
 def run_from_own_copy(server: TrackingServer, tmp_path: Path, step: str, *params: str) -> dict[str, str]:
     """Run `step` from a fresh copy of the project, delete the copy, return the run's tags."""
     copy = Path(shutil.copytree(PROJECT_ROOT, tmp_path / step, ignore=IGNORED))
-    args = [arg for param in params for arg in ("-P", param)]
-    result = mlflow_run(server, "-e", step, "--experiment-name", "isolated", *args, project=copy)
+    result = mlflow_run(server, "-e", step, "--experiment-name", "isolated", *project_params(*params), project=copy)
     assert result.returncode == 0, result.stderr[-3000:]
     shutil.rmtree(copy)
     run = [r for r in runs_of("isolated") if r.data.tags.get(STEP_TAG) == step][-1]
