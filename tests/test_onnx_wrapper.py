@@ -89,6 +89,7 @@ def test_each_request_is_traced_with_prompt_and_decode_spans(wrapper):
     spans = {span.name: span for span in trace.data.spans}
     assert {"chat", "prompt", "decode"} <= set(spans)
     assert spans["prompt"].attributes["prompt_tokens"] == answer["usage"]["prompt_tokens"]
+    assert spans["prompt"].attributes["batch_size"] == 1
     assert spans["decode"].attributes["completion_tokens"] == answer["usage"]["completion_tokens"]
     assert spans["prompt"].parent_id == spans["chat"].span_id
 

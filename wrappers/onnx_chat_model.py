@@ -11,6 +11,11 @@ Logged `model_config` keys:
     tracing: "true" (default) records an MLflow trace per request; "false" turns it off.
     intra_op_threads: onnxruntime threads; 0 (default) is one per available CPU
         (SLMKIT_INTRA_OP_THREADS overrides it at serving time; see slmkit.onnx_session).
+    max_batch_size: greedy requests that wait together are decoded as rows of one batch, up to
+        this many (default 4; 1 turns batching off; SLMKIT_MAX_BATCH_SIZE overrides it at
+        serving time). See slmkit.onnx_batching.
+    batch_window_ms: how long a new batch waits to hold as many requests as were in flight
+        while the last one ran (default 20; a lone client never waits).
 
 At load, the ONNX folder is checked against the manifest it carries (every file's size and
 sha256) before the model is opened, so a corrupted or incomplete artifact fails with the file's
@@ -20,10 +25,10 @@ name instead of answering garbage. Set SLMKIT_VERIFY_ONNX=false to skip the chec
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import logging
 import os
-import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -51,6 +56,7 @@ from slmkit.chat_format import (
     without_oldest_turn,
 )
 from slmkit.manifest import MANIFEST_NAME, read_manifest, verify_folder
+from slmkit.onnx_batching import MAX_BATCH_SIZE_ENV, BatchedDecoder, Slot, max_batch_size
 from slmkit.onnx_session import intra_op_threads, open_model
 
 logger = logging.getLogger(__name__)
@@ -127,8 +133,20 @@ class OnnxChatModel(mlflow.pyfunc.PythonModel):
         self._default_max_tokens = int(config.get("max_new_tokens", 256))
         self._default_temperature = float(config.get("temperature", 0.0))
         self._tracing = str(config.get("tracing", "true")).lower() == "true"
-        # onnxruntime-genai objects are not thread-safe and hold the GIL: one request at a time.
-        self._lock = threading.Lock()
+        try:
+            batch_size = max_batch_size(config.get("max_batch_size"))
+        except ValueError as error:
+            raise MlflowException(f"{MAX_BATCH_SIZE_ENV} or model_config: {error}") from None
+        # onnxruntime-genai objects are not thread-safe and hold the GIL: every call into the
+        # model goes through the decoder, which serialises them and batches waiting requests.
+        self._decoder = BatchedDecoder(
+            self._model,
+            pad_id=int(genai_config["pad_token_id"]),
+            eos_ids=self._eos_ids,
+            context_length=self._context_length,
+            max_batch_size=batch_size,
+            batch_window_s=float(config.get("batch_window_ms", 20)) / 1000,
+        )
 
     # No type hints on predict: MLflow would derive a second, conflicting schema from them.
     def predict(self, context, model_input, params=None):
@@ -218,73 +236,74 @@ class OnnxChatModel(mlflow.pyfunc.PythonModel):
                 )
             messages = shorter
 
-    def _search_options(self, request: ChatRequest, prompt_length: int) -> dict[str, Any]:
-        """Only what the request or the logged defaults set; genai_config.json owns the rest."""
+    def _budget_and_sampling(self, request: ChatRequest) -> tuple[int, dict[str, Any] | None]:
+        """The request's token budget, and its sampling options (None for greedy decoding).
+
+        Only what the request or the logged defaults set; genai_config.json owns the rest.
+        """
         max_tokens = request.max_tokens or self._default_max_tokens
         if max_tokens > self._context_length:
             raise ChatRequestError(
                 f"max_tokens must be at most the model's context of {self._context_length} tokens, got {max_tokens}"
             )
         temperature = self._default_temperature if request.temperature is None else request.temperature
-        options: dict[str, Any] = {"max_length": min(prompt_length + max_tokens, self._context_length)}
         if temperature == 0:
-            options["do_sample"] = False
-        else:
-            options.update(do_sample=True, temperature=temperature)
-            if request.top_p is not None:
-                options["top_p"] = request.top_p
-            if request.seed is not None:
-                options["random_seed"] = request.seed
-        return options
+            return max_tokens, None
+        sampling: dict[str, Any] = {"do_sample": True, "temperature": temperature}
+        if request.top_p is not None:
+            sampling["top_p"] = request.top_p
+        if request.seed is not None:
+            sampling["random_seed"] = request.seed
+        return max_tokens, sampling
 
     def _generate(self, request: ChatRequest, generation: Generation) -> Iterator[str]:
-        """Yield decoded text pieces while filling in `generation`; holds the model's lock."""
-        deadline = server_deadline()
-        with self._lock, self._span("chat", SpanType.CHAT_MODEL) as root:
-            try:
-                with self._span("prompt") as prompt_span:
+        """Yield decoded text pieces while filling in `generation`.
+
+        The prompt span lasts until the first token: waiting for a batch and processing the prompt.
+        """
+        with self._span("chat", SpanType.CHAT_MODEL) as root, contextlib.ExitStack() as cleanup:
+            with self._span("prompt") as prompt_span:
+                try:
                     prompt_ids = self._encode(request)
-                    params = og.GeneratorParams(self._model)
-                    params.set_search_options(**self._search_options(request, len(prompt_ids)))
-                    generator = og.Generator(self._model, params)
-                    generator.append_tokens(prompt_ids)
-                    generation.prompt_tokens = len(prompt_ids)
-                    if prompt_span:
-                        prompt_span.set_attribute("prompt_tokens", len(prompt_ids))
-            except ChatRequestError as error:
-                raise _invalid(error) from None
+                    slot = Slot(prompt_ids, *self._budget_and_sampling(request), deadline=server_deadline())
+                except ChatRequestError as error:
+                    raise _invalid(error) from None
+                generation.prompt_tokens = len(prompt_ids)
+                # Closed on the way out, however the caller leaves, so the request's row is dropped.
+                tokens = cleanup.enter_context(contextlib.closing(self._decoder.generate(slot)))
+                first = list(itertools.islice(tokens, 1))
+                if prompt_span:
+                    prompt_span.set_attributes({"prompt_tokens": len(prompt_ids), "batch_size": slot.batch_size})
             with self._span("decode") as decode_span:
-                yield from self._decode(generator, request, generation, deadline)
+                yield from self._decode(itertools.chain(first, tokens), request, generation)
                 if decode_span:
                     decode_span.set_attributes(
                         {"completion_tokens": generation.completion_tokens, "finish_reason": generation.finish_reason}
                     )
+            if slot.timed_out:
+                logger.warning(
+                    "request passed the server timeout; generation stopped after %d tokens",
+                    generation.completion_tokens,
+                )
             if root:
                 root.set_attributes({**generation.usage(), "model": self._model_name})
 
-    def _decode(
-        self, generator: Any, request: ChatRequest, generation: Generation, deadline: float | None
-    ) -> Iterator[str]:
+    def _decode(self, tokens: Iterator[int], request: ChatRequest, generation: Generation) -> Iterator[str]:
         stream, scanner = self._tokenizer.create_stream(), StopScanner(request.stop)
-        tokens: list[int] = []
-        while not generator.is_done():
-            if deadline is not None and time.monotonic() > deadline:
-                logger.warning("request passed the server timeout; generation stopped after %d tokens", len(tokens))
-                break
-            generator.generate_next_token()
-            token = int(generator.get_next_tokens()[0])
+        kept: list[int] = []
+        for token in tokens:
             generation.completion_tokens += 1
             if token in self._eos_ids:
                 generation.finish_reason = FINISH_STOP
                 break
-            tokens.append(token)
+            kept.append(token)
             yield scanner.feed(stream.decode(token))
             if scanner.stopped:
                 generation.finish_reason = FINISH_STOP
                 break
         yield scanner.flush()
         # Without stop strings the whole decode is exact, also where pieces would join differently.
-        generation.text = scanner.text if request.stop else self._tokenizer.decode(tokens)
+        generation.text = scanner.text if request.stop else self._tokenizer.decode(kept)
 
 
 set_model(OnnxChatModel())

@@ -1,0 +1,157 @@
+"""Batched decoding of concurrent requests: the batch rules as plain functions, and on the real
+tiny Phi-3 int4 model that a batch never changes an answer. Slots are queued before any is read,
+so which requests share a batch is decided here, not by thread timing."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from slmkit.onnx_batching import MAX_BATCH_SIZE_ENV, BatchedDecoder, Slot, admit, max_batch_size, right_padded
+from slmkit.onnx_session import open_model
+from slmkit.onnx_wrapper_model import ONNX_ARTIFACT
+
+
+def slot(length: int, max_new_tokens: int = 8, sampling: dict | None = None) -> Slot:
+    return Slot(np.arange(1, length + 1, dtype=np.int32), max_new_tokens, sampling)
+
+
+def test_right_padded_keeps_each_prompt_first_and_pads_after_it():
+    batch = right_padded([np.array([5, 6, 7]), np.array([8])], pad_id=0)
+    assert batch.dtype == np.int32
+    assert batch.tolist() == [[5, 6, 7], [8, 0, 0]]
+
+
+def test_a_sampled_request_runs_alone_and_greedy_ones_pass_it():
+    sampled = slot(4, sampling={"do_sample": True, "temperature": 1.0})
+    greedy = [slot(4), slot(5)]
+    assert admit([sampled, *greedy], max_batch_size=4, context_length=64) == [sampled]
+    assert admit([greedy[0], sampled, greedy[1]], max_batch_size=4, context_length=64) == greedy
+
+
+def test_a_batch_holds_at_most_max_batch_size_live_requests_in_arrival_order():
+    waiting = [slot(3) for _ in range(6)]
+    waiting[1].abandoned = True
+    assert admit(waiting, max_batch_size=3, context_length=64) == [waiting[0], *waiting[2:4]]
+    assert admit([waiting[1]], max_batch_size=3, context_length=64) == []
+
+
+def test_a_request_joins_only_if_every_row_keeps_its_budget_within_the_context():
+    first, too_long, fits = slot(10, max_new_tokens=20), slot(30, max_new_tokens=20), slot(12, max_new_tokens=4)
+    # padded to 30 wide, 30 + 20 > 40; the short one fits beside the first: 12 + 20 <= 40
+    assert admit([first, too_long, fits], max_batch_size=4, context_length=40) == [first, fits]
+    # alone, a request always runs: its length is capped at the context as without batching
+    assert admit([too_long], max_batch_size=4, context_length=40) == [too_long]
+
+
+def test_max_batch_size_comes_from_the_environment_then_the_logged_config(monkeypatch):
+    monkeypatch.delenv(MAX_BATCH_SIZE_ENV, raising=False)
+    assert max_batch_size() == 4
+    assert max_batch_size(2) == 2
+    monkeypatch.setenv(MAX_BATCH_SIZE_ENV, "1")
+    assert max_batch_size(2) == 1
+    monkeypatch.setenv(MAX_BATCH_SIZE_ENV, "four")
+    with pytest.raises(ValueError, match=r"at least 1 .* got 'four'"):
+        max_batch_size()
+
+
+@pytest.fixture(scope="module")
+def onnx_folder(wrapper_dir: Path) -> Path:
+    return wrapper_dir / "artifacts" / ONNX_ARTIFACT
+
+
+@pytest.fixture(scope="module")
+def model(onnx_folder: Path):
+    return open_model(onnx_folder, threads=2)
+
+
+@pytest.fixture
+def decoder(model, onnx_folder: Path) -> BatchedDecoder:
+    config = json.loads((onnx_folder / "genai_config.json").read_text())["model"]
+    eos = frozenset(config["eos_token_id"])
+    return BatchedDecoder(model, config["pad_token_id"], eos, config["context_length"], max_batch_size=4)
+
+
+def prompts_of(model, questions: list[str]) -> list[np.ndarray]:
+    import onnxruntime_genai as og
+
+    tokenizer = og.Tokenizer(model)
+    templated = [
+        tokenizer.apply_chat_template(json.dumps([{"role": "user", "content": q}]), add_generation_prompt=True)
+        for q in questions
+    ]
+    return [np.asarray(tokenizer.encode(text), dtype=np.int32) for text in templated]
+
+
+QUESTIONS = [
+    "What is the capital of France?",
+    "Hi",
+    "Name three colours, please, and say which one you like best and why.",
+    "What is two plus two?",
+    "Tell me a very short story about a cat who sails across the sea.",
+    "Why?",
+]
+
+
+def test_requests_queued_together_share_batches_and_get_the_answers_they_get_alone(model, decoder):
+    prompts = prompts_of(model, QUESTIONS)
+    assert len({len(p) for p in prompts}) > 1  # rows of different lengths, so padding happens
+    budgets = [3, 24, 9, 16, 24, 5]
+    alone = []
+    for prompt, budget in zip(prompts, budgets, strict=True):
+        single = Slot(prompt, budget)
+        alone.append(list(decoder.generate(single)))
+        assert single.batch_size == 1
+    slots = [Slot(prompt, budget) for prompt, budget in zip(prompts, budgets, strict=True)]
+    streams = [decoder.generate(s) for s in slots]
+    together = [list(stream) for stream in reversed(streams)][::-1]  # read in another order than queued
+    assert [s.batch_size for s in slots] == [4, 4, 4, 4, 2, 2]
+    assert together == alone
+    assert all(len(tokens) <= budget for tokens, budget in zip(together, budgets, strict=True))
+
+
+def test_a_dropped_request_leaves_its_batch_mates_answers_unchanged(model, decoder):
+    prompts = prompts_of(model, QUESTIONS[:3])
+    alone = [list(decoder.generate(Slot(prompt, 20))) for prompt in prompts]
+    slots = [Slot(prompt, 20) for prompt in prompts]
+    streams = [decoder.generate(s) for s in slots]
+    next(streams[1]), next(streams[1])
+    streams[1].close()
+    assert slots[1].abandoned
+    assert [list(streams[0]), list(streams[2])] == [alone[0], alone[2]]
+    assert slots[0].batch_size == 3
+
+
+def test_a_sampled_request_beside_greedy_ones_runs_alone_and_keeps_its_seed(model, decoder):
+    prompt = prompts_of(model, ["Tell me something."])[0]
+    sampling = {"do_sample": True, "temperature": 1.5, "random_seed": 7}
+    alone = list(decoder.generate(Slot(prompt, 12, dict(sampling))))
+    greedy, sampled = Slot(prompt, 12), Slot(prompt, 12, dict(sampling))
+    streams = [decoder.generate(greedy), decoder.generate(sampled)]
+    assert list(streams[1]) == alone
+    list(streams[0])
+    assert (greedy.batch_size, sampled.batch_size) == (1, 1)
+
+
+def test_generation_stops_between_tokens_once_the_deadline_has_passed(model, decoder):
+    prompt = prompts_of(model, ["Write a long story."])[0]
+    late = Slot(prompt, 400, deadline=time.monotonic() + 60)
+    stream = decoder.generate(late)
+    next(stream), next(stream)
+    late.deadline = time.monotonic() - 1
+    assert list(stream) == []
+    assert late.timed_out
+    assert late.produced == 2
+    assert list(decoder.generate(Slot(prompt, 3)))  # its row was dropped: the next request runs
+
+
+def test_a_failed_batch_raises_in_its_callers_and_the_decoder_serves_on(model, decoder):
+    too_long = Slot(np.ones(600, dtype=np.int32), 4)  # past the tiny model's 512-token context
+    with pytest.raises(RuntimeError):
+        list(decoder.generate(too_long))
+    prompt = prompts_of(model, ["Hi"])[0]
+    assert list(decoder.generate(Slot(prompt, 3)))
