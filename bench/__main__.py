@@ -23,16 +23,19 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import requests
 
-from bench.batching import engine_batch, static_batch
+from bench.batching import engine_batch, prompt_and_step_ms, static_batch
 from bench.figures import BIN, PROMPTS, Figure, decode_rates, median_time, profile_to, relative, served, timed
-from bench.reference import bare_greedy, load
+from bench.reference import bare_greedy, load, pad_id
 from slmkit import PROJECT_ROOT
+from slmkit.onnx_batching import MAX_BATCH_SIZE_ENV
 from slmkit.onnx_build import build_int4
+from slmkit.onnx_session import THREADS_ENV
 from slmkit.onnx_wrapper_model import ONNX_ARTIFACT, wrapper_model_arguments
 
 RESULTS = PROJECT_ROOT / "bench" / "results"
@@ -132,22 +135,31 @@ def aggregate_rate(url: str, clients: int, requests_each: int, max_tokens: int) 
 
 
 def batching_alternatives(folder: Path, max_tokens: int, reps: int) -> dict[str, float | bool]:
-    """Batch-of-4 over batch-of-1 tokens/s for a static Generator batch and for the Engine, with
-    whether batching kept every answer equal to the prompt answered alone (bench/batching.py)."""
+    """Batch-of-4 and batch-of-1 tokens/s for static Generator batches and for the Engine, with
+    whether batching kept every answer equal to the prompt answered alone, and the prompt and
+    decode-step times of a batch of 1 and of 4 that bound what batching can gain
+    (bench/batching.py)."""
     model, tokenizer = load(folder)
     prompts = PROMPTS[:4]
     alone = [bare_greedy(model, tokenizer, messages, max_tokens)[0] for messages in prompts]
-    pad_id = json.loads((folder / "genai_config.json").read_text())["model"]["pad_token_id"]
-    methods = {
-        "static_batch": lambda k: static_batch(model, tokenizer, prompts[:k], alone[:k], max_tokens, pad_id),
-        "engine": lambda k: engine_batch(model, tokenizer, prompts[:k], alone[:k], max_tokens),
+    pad = pad_id(folder)
+    methods: dict[str, Callable[[int], tuple[float, bool]]] = {
+        f"static_{side}_padded": lambda k, side=side: static_batch(
+            model, tokenizer, prompts[:k], alone[:k], max_tokens, pad, side
+        )
+        for side in ("right", "left")
     }
+    methods["engine"] = lambda k: engine_batch(model, tokenizer, prompts[:k], alone[:k], max_tokens)
     figures: dict[str, float | bool] = {}
     for name, run in methods.items():
         run(4)  # warm-up
         rates = {k: statistics.median(run(k)[0] for _ in range(reps)) for k in (1, 4)}
         figures[f"{name}_1_tok_s"], figures[f"{name}_4_tok_s"] = rates[1], rates[4]
         figures[f"{name}_equal_to_alone"] = run(4)[1]
+    for k in (1, 4):
+        timings = [prompt_and_step_ms(model, tokenizer, prompts[:k], max_tokens, pad) for _ in range(reps)]
+        figures[f"batch_{k}_prompt_ms"] = statistics.median(prompt for prompt, _ in timings)
+        figures[f"batch_{k}_decode_step_ms"] = statistics.median(step for _, step in timings)
     return figures
 
 
@@ -271,8 +283,9 @@ def main() -> None:
     figures.append(start_figure)
 
     # 2 and 5. Serving overhead and concurrency, on one served ONNX model with the default
-    # settings (one worker using every CPU). The detail of figure 5 holds what else was tried:
-    # one worker per CPU with one thread each, and the in-process batching alternatives.
+    # settings (one worker using every CPU, concurrent greedy requests batched up to 4 rows).
+    # The detail of figure 5 holds what else was tried: the same server with batching off, one
+    # worker per CPU with one thread each, and the in-process batching alternatives.
     request = {"messages": PROMPTS[0], "max_tokens": max_tokens}
     in_process = median_time(lambda: wrapper.predict(request), reps)
     with served(onnx_model_dir, env, work / "server.log") as server:
@@ -280,8 +293,12 @@ def main() -> None:
         over_http = median_time(lambda: requests.post(url, json=request, timeout=300).raise_for_status(), reps)
         one = aggregate_rate(url, 1, 8, max_tokens)
         four = aggregate_rate(url, 4, 8, max_tokens)
+    unbatched_env = {**env, MAX_BATCH_SIZE_ENV: "1"}
+    with served(onnx_model_dir, unbatched_env, work / "server-unbatched.log") as server:
+        one_unbatched = aggregate_rate(server.url, 1, 8, max_tokens)
+        four_unbatched = aggregate_rate(server.url, 4, 8, max_tokens)
     cpus = len(os.sched_getaffinity(0))
-    per_cpu_env = {**env, "SLMKIT_INTRA_OP_THREADS": "1"}
+    per_cpu_env = {**env, THREADS_ENV: "1"}
     with served(onnx_model_dir, per_cpu_env, work / "server-workers.log", "-w", str(cpus)) as server:
         aggregate_rate(server.url, cpus, 1, max_tokens)  # every worker loads its model
         one_per_cpu = aggregate_rate(server.url, 1, 8, max_tokens)
@@ -303,23 +320,21 @@ def main() -> None:
         {
             "one_client_tok_s": one,
             "four_clients_tok_s": four,
+            "unbatched_one_client_tok_s": one_unbatched,
+            "unbatched_four_clients_tok_s": four_unbatched,
             f"{cpus}_workers_x_1_thread_one_client_tok_s": one_per_cpu,
             f"{cpus}_workers_x_1_thread_four_clients_tok_s": four_per_cpu,
             **batching_alternatives(onnx_dir, max_tokens, reps),
         },
     )
     if not concurrency.met:
-
-        def four_threads() -> None:
-            threads = [
-                threading.Thread(target=wrapper_generate(wrapper), args=(PROMPTS[i], max_tokens)) for i in range(4)
-            ]
-            for thread in threads:
-                thread.start()
-            for thread in threads:
-                thread.join()
-
-        concurrency.profile = profile_to(RESULTS / f"{stamp}-concurrency.txt", four_threads)
+        # One batch of four as the wrapper runs it, in this thread so the profile sees it: the
+        # split between prompt processing (append_tokens) and decode steps (generate_next_token).
+        model, tokenizer = load(onnx_dir)
+        concurrency.profile = profile_to(
+            RESULTS / f"{stamp}-concurrency.txt",
+            lambda: prompt_and_step_ms(model, tokenizer, PROMPTS[:4], max_tokens, pad_id(onnx_dir)),
+        )
     figures.append(concurrency)
 
     # 3. ONNX int4 over the transformers pipeline, both loaded from the registry.

@@ -1,7 +1,8 @@
-"""The two ways onnxruntime-genai can batch concurrent requests, measured in-process so the
-wrapper's choice rests on figures from this machine (bench figure 5's detail):
+"""Batching concurrent requests in onnxruntime-genai, measured in-process so the wrapper's
+choice rests on figures from this machine (bench figure 5's detail):
 
-- a static batch: one Generator with `batch_size=k`, prompts left-padded to the longest;
+- a static batch: one Generator with `batch_size=k` over prompts padded to the longest, on the
+  right (what the wrapper does, slmkit.onnx_batching) or on the left (which changes answers);
 - the `Engine`/`Request` API of onnxruntime-genai 0.18, which schedules requests itself
   (continuous batching proper needs a PagedAttention build, which the builder makes only for
   CUDA fp16/bf16; on CPU the Engine runs a static engine batch).
@@ -18,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from bench.reference import chat_prompt_ids
+from slmkit.onnx_batching import right_padded
 
 
 def _rate_and_exact(outputs: list[list[int]], alone: list[list[int]], seconds: float) -> tuple[float, bool]:
@@ -32,19 +34,18 @@ def _rate_and_exact(outputs: list[list[int]], alone: list[list[int]], seconds: f
 
 
 def static_batch(
-    model: Any, tokenizer: Any, prompts: list, alone: list[list[int]], max_tokens: int, pad_id: int
+    model: Any, tokenizer: Any, prompts: list, alone: list[list[int]], max_tokens: int, pad_id: int, side: str
 ) -> tuple[float, bool]:
-    """One Generator over all prompts, left-padded with `pad_id`; `alone` are their greedy
-    tokens generated one by one (bench.reference.bare_greedy)."""
+    """One Generator over all prompts, padded with `pad_id` on the `side` "right" or "left";
+    `alone` are their greedy tokens generated one by one (bench.reference.bare_greedy)."""
     import onnxruntime_genai as og
 
     rows = [chat_prompt_ids(tokenizer, messages) for messages in prompts]
-    width = max(len(row) for row in rows)
-    batch = np.full((len(rows), width), pad_id, dtype=np.int32)
-    for index, row in enumerate(rows):
-        batch[index, width - len(row) :] = row
+    batch = right_padded(rows, pad_id)
+    if side == "left":
+        batch = np.stack([np.roll(padded, len(padded) - len(row)) for padded, row in zip(batch, rows, strict=True)])
     params = og.GeneratorParams(model)
-    params.set_search_options(max_length=width + max_tokens, do_sample=False, batch_size=len(rows))
+    params.set_search_options(max_length=batch.shape[1] + max_tokens, do_sample=False, batch_size=len(rows))
     generator = og.Generator(model, params)
     outputs: list[list[int]] = [[] for _ in rows]
     started = time.perf_counter()
@@ -85,3 +86,24 @@ def engine_batch(
     for request in requests:
         request.close()
     return _rate_and_exact(tokens, alone, seconds)
+
+
+def prompt_and_step_ms(model: Any, tokenizer: Any, prompts: list, max_tokens: int, pad_id: int) -> tuple[float, float]:
+    """Milliseconds to process the right-padded prompts of one batch, and per decode step after:
+    where batching can gain (steps share the weights) and where it cannot (prompts cost alike)."""
+    import onnxruntime_genai as og
+
+    batch = right_padded([chat_prompt_ids(tokenizer, messages) for messages in prompts], pad_id)
+    params = og.GeneratorParams(model)
+    length = batch.shape[1] + max_tokens
+    params.set_search_options(max_length=length, min_length=length, do_sample=False, batch_size=len(prompts))
+    generator = og.Generator(model, params)
+    started = time.perf_counter()
+    generator.append_tokens(batch)
+    generator.generate_next_token()
+    prompt_done = time.perf_counter()
+    steps = 0
+    while not generator.is_done():
+        generator.generate_next_token()
+        steps += 1
+    return (prompt_done - started) * 1000, (time.perf_counter() - prompt_done) * 1000 / max(steps, 1)
