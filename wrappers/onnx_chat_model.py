@@ -261,11 +261,12 @@ class OnnxChatModel(mlflow.pyfunc.PythonModel):
 
         The prompt span lasts until the first token: waiting for a batch and processing the prompt.
         """
+        deadline = server_deadline()  # before the first span, which may first open the tracking store
         with self._span("chat", SpanType.CHAT_MODEL) as root, contextlib.ExitStack() as cleanup:
             with self._span("prompt") as prompt_span:
                 try:
                     prompt_ids = self._encode(request)
-                    slot = Slot(prompt_ids, *self._budget_and_sampling(request), deadline=server_deadline())
+                    slot = Slot(prompt_ids, *self._budget_and_sampling(request), deadline=deadline)
                 except ChatRequestError as error:
                     raise _invalid(error) from None
                 generation.prompt_tokens = len(prompt_ids)
