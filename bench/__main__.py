@@ -31,11 +31,11 @@ import requests
 
 from bench.batching import engine_batch, prompt_and_step_ms, static_batch
 from bench.figures import BIN, PROMPTS, Figure, decode_rates, median_time, profile_to, relative, served, timed
-from bench.reference import bare_greedy, load, pad_id
+from bench.reference import bare_greedy, load
 from slmkit import PROJECT_ROOT
 from slmkit.onnx_batching import MAX_BATCH_SIZE_ENV
 from slmkit.onnx_build import build_int4
-from slmkit.onnx_session import THREADS_ENV
+from slmkit.onnx_session import THREADS_ENV, model_tokens
 from slmkit.onnx_wrapper_model import ONNX_ARTIFACT, wrapper_model_arguments
 
 RESULTS = PROJECT_ROOT / "bench" / "results"
@@ -142,7 +142,7 @@ def batching_alternatives(folder: Path, max_tokens: int, reps: int) -> dict[str,
     model, tokenizer = load(folder)
     prompts = PROMPTS[:4]
     alone = [bare_greedy(model, tokenizer, messages, max_tokens)[0] for messages in prompts]
-    pad = pad_id(folder)
+    pad = model_tokens(folder).pad_id
     methods: dict[str, Callable[[int], tuple[float, bool]]] = {
         f"static_{side}_padded": lambda k, side=side: static_batch(
             model, tokenizer, prompts[:k], alone[:k], max_tokens, pad, side
@@ -333,7 +333,7 @@ def main() -> None:
         model, tokenizer = load(onnx_dir)
         concurrency.profile = profile_to(
             RESULTS / f"{stamp}-concurrency.txt",
-            lambda: prompt_and_step_ms(model, tokenizer, PROMPTS[:4], max_tokens, pad_id(onnx_dir)),
+            lambda: prompt_and_step_ms(model, tokenizer, PROMPTS[:4], max_tokens, model_tokens(onnx_dir).pad_id),
         )
     figures.append(concurrency)
 

@@ -33,20 +33,29 @@ def _rate_and_exact(outputs: list[list[int]], alone: list[list[int]], seconds: f
     return useful / seconds, exact
 
 
+def _greedy_generator(model: Any, batch: np.ndarray, max_tokens: int, *, every_step: bool = False) -> Any:
+    """A greedy Generator over a padded batch, with room for `max_tokens` more; with
+    `every_step` it decodes all of them, ignoring end-of-text."""
+    import onnxruntime_genai as og
+
+    length = batch.shape[1] + max_tokens
+    params = og.GeneratorParams(model)
+    params.set_search_options(
+        max_length=length, min_length=length if every_step else 0, do_sample=False, batch_size=len(batch)
+    )
+    return og.Generator(model, params)
+
+
 def static_batch(
     model: Any, tokenizer: Any, prompts: list, alone: list[list[int]], max_tokens: int, pad_id: int, side: str
 ) -> tuple[float, bool]:
     """One Generator over all prompts, padded with `pad_id` on the `side` "right" or "left";
     `alone` are their greedy tokens generated one by one (bench.reference.bare_greedy)."""
-    import onnxruntime_genai as og
-
     rows = [chat_prompt_ids(tokenizer, messages) for messages in prompts]
     batch = right_padded(rows, pad_id)
     if side == "left":
         batch = np.stack([np.roll(padded, len(padded) - len(row)) for padded, row in zip(batch, rows, strict=True)])
-    params = og.GeneratorParams(model)
-    params.set_search_options(max_length=batch.shape[1] + max_tokens, do_sample=False, batch_size=len(rows))
-    generator = og.Generator(model, params)
+    generator = _greedy_generator(model, batch, max_tokens)
     outputs: list[list[int]] = [[] for _ in rows]
     started = time.perf_counter()
     generator.append_tokens(batch)
@@ -91,13 +100,8 @@ def engine_batch(
 def prompt_and_step_ms(model: Any, tokenizer: Any, prompts: list, max_tokens: int, pad_id: int) -> tuple[float, float]:
     """Milliseconds to process the right-padded prompts of one batch, and per decode step after:
     where batching can gain (steps share the weights) and where it cannot (prompts cost alike)."""
-    import onnxruntime_genai as og
-
     batch = right_padded([chat_prompt_ids(tokenizer, messages) for messages in prompts], pad_id)
-    params = og.GeneratorParams(model)
-    length = batch.shape[1] + max_tokens
-    params.set_search_options(max_length=length, min_length=length, do_sample=False, batch_size=len(prompts))
-    generator = og.Generator(model, params)
+    generator = _greedy_generator(model, batch, max_tokens, every_step=True)
     started = time.perf_counter()
     generator.append_tokens(batch)
     generator.generate_next_token()

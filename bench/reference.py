@@ -40,8 +40,3 @@ def load(folder: Path, threads: int | None = None) -> tuple[Any, Any]:
 
     model = open_model(folder, threads or intra_op_threads())
     return model, og.Tokenizer(model)
-
-
-def pad_id(folder: Path) -> int:
-    """The pad token id from the folder's genai_config.json, which batches pad prompts with."""
-    return int(json.loads((folder / "genai_config.json").read_text())["model"]["pad_token_id"])

@@ -13,7 +13,7 @@ batch: sampling options belong to a whole Generator, so a sampled request runs a
 
 The batches are static: a Generator cannot take a row once it has started, so a request that
 arrives while a batch runs waits for the next batch. There is no scheduler thread: each waiting
-caller takes the step lock in turn and advances the current batch by one token for everyone,
+caller takes the decoder's lock in turn and advances the current batch by one token for everyone,
 or forms the next batch when none runs; a lone request therefore decodes at the bare loop's speed.
 """
 
@@ -28,6 +28,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+
+from slmkit.onnx_session import ModelTokens
 
 MAX_BATCH_SIZE_ENV = "SLMKIT_MAX_BATCH_SIZE"
 DEFAULT_MAX_BATCH_SIZE = 4
@@ -114,9 +116,7 @@ class BatchedDecoder:
     def __init__(
         self,
         model: Any,
-        pad_id: int,
-        eos_ids: frozenset[int],
-        context_length: int,
+        tokens: ModelTokens,
         max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
         batch_window_s: float = 0.02,
     ) -> None:
@@ -124,9 +124,7 @@ class BatchedDecoder:
         while the last batch ran, so that clients who got their answers together and ask again
         join together; a lone client never waits."""
         self._model = model
-        self._pad_id = pad_id
-        self._eos_ids = eos_ids
-        self._context_length = context_length
+        self._model_tokens = tokens
         self._max_batch_size = max_batch_size
         self._batch_window_s = batch_window_s
         # Held while onnxruntime-genai runs and while the queue changes; a batch waiting for
@@ -152,9 +150,9 @@ class BatchedDecoder:
             running = sum(not row.finished for row in self._rows)
             self._in_flight = max(self._in_flight, running + len(self._waiting))
             self._lock.notify_all()
-        return self._tokens(slot)
+        return self._stream(slot)
 
-    def _tokens(self, slot: Slot) -> Iterator[int]:
+    def _stream(self, slot: Slot) -> Iterator[int]:
         try:
             while True:
                 finished = slot.finished  # read before draining: tokens are queued before it is set
@@ -191,7 +189,7 @@ class BatchedDecoder:
                 continue
             slot.tokens.append(int(token))
             slot.produced += 1
-            if int(token) in self._eos_ids or slot.produced >= slot.max_new_tokens:
+            if int(token) in self._model_tokens.eos_ids or slot.produced >= slot.max_new_tokens:
                 slot.finished = True
         if self._generator.is_done() or all(slot.finished or slot.abandoned for slot in self._rows):
             self._end_batch(None)
@@ -202,14 +200,14 @@ class BatchedDecoder:
         self._wait_for_company()
         if self._generator is not None:  # formed by another caller while this one waited
             return
-        rows = admit(self._waiting, self._max_batch_size, self._context_length)
+        rows = admit(self._waiting, self._max_batch_size, self._model_tokens.context_length)
         self._waiting = [slot for slot in self._waiting if slot not in rows and not slot.abandoned]
         self._in_flight = len(rows) + len(self._waiting)
         if not rows:
             return
         width = max(len(slot.prompt) for slot in rows)
         options: dict[str, Any] = {
-            "max_length": min(width + max(slot.max_new_tokens for slot in rows), self._context_length),
+            "max_length": min(width + max(slot.max_new_tokens for slot in rows), self._model_tokens.context_length),
             "batch_size": len(rows),
             **(rows[0].sampling or {"do_sample": False}),
         }
@@ -220,7 +218,7 @@ class BatchedDecoder:
             params = og.GeneratorParams(self._model)
             params.set_search_options(**options)
             self._generator = og.Generator(self._model, params)
-            self._generator.append_tokens(right_padded([slot.prompt for slot in rows], self._pad_id))
+            self._generator.append_tokens(right_padded([slot.prompt for slot in rows], self._model_tokens.pad_id))
         except Exception as error:  # onnxruntime-genai's failure, handed to every caller of the batch
             self._end_batch(error)
 

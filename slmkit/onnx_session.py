@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,3 +33,23 @@ def open_model(folder: Path, threads: int) -> Any:
     config = og.Config(str(folder))
     config.overlay(json.dumps({"model": {"decoder": {"session_options": {"intra_op_num_threads": threads}}}}))
     return og.Model(config)
+
+
+@dataclass(frozen=True)
+class ModelTokens:
+    """What genai_config.json says of the model's tokens, which decoding and batching go by."""
+
+    pad_id: int
+    eos_ids: frozenset[int]
+    context_length: int
+
+
+def model_tokens(folder: Path) -> ModelTokens:
+    """The pad id, end-of-text ids (one or a list in the file) and context length of `folder`."""
+    config = json.loads((folder / "genai_config.json").read_text())["model"]
+    eos = config["eos_token_id"]
+    return ModelTokens(
+        pad_id=int(config["pad_token_id"]),
+        eos_ids=frozenset(eos if isinstance(eos, list) else [eos]),
+        context_length=int(config["context_length"]),
+    )

@@ -4,15 +4,15 @@ so which requests share a batch is decided here, not by thread timing."""
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from bench.reference import chat_prompt_ids, load
 from slmkit.onnx_batching import MAX_BATCH_SIZE_ENV, BatchedDecoder, Slot, admit, max_batch_size, right_padded
-from slmkit.onnx_session import open_model
+from slmkit.onnx_session import model_tokens
 from slmkit.onnx_wrapper_model import ONNX_ARTIFACT
 
 
@@ -65,26 +65,20 @@ def onnx_folder(wrapper_dir: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def model(onnx_folder: Path):
-    return open_model(onnx_folder, threads=2)
+def model_and_tokenizer(onnx_folder: Path):
+    return load(onnx_folder, threads=2)
 
 
 @pytest.fixture
-def decoder(model, onnx_folder: Path) -> BatchedDecoder:
-    config = json.loads((onnx_folder / "genai_config.json").read_text())["model"]
-    eos = frozenset(config["eos_token_id"])
-    return BatchedDecoder(model, config["pad_token_id"], eos, config["context_length"], max_batch_size=4)
+def decoder(model_and_tokenizer, onnx_folder: Path) -> BatchedDecoder:
+    return BatchedDecoder(model_and_tokenizer[0], model_tokens(onnx_folder), max_batch_size=4)
 
 
-def prompts_of(model, questions: list[str]) -> list[np.ndarray]:
-    import onnxruntime_genai as og
-
-    tokenizer = og.Tokenizer(model)
-    templated = [
-        tokenizer.apply_chat_template(json.dumps([{"role": "user", "content": q}]), add_generation_prompt=True)
-        for q in questions
-    ]
-    return [np.asarray(tokenizer.encode(text), dtype=np.int32) for text in templated]
+@pytest.fixture(scope="module")
+def ask(model_and_tokenizer):
+    """Prompt token ids of user questions under the model's chat template."""
+    tokenizer = model_and_tokenizer[1]
+    return lambda *questions: [chat_prompt_ids(tokenizer, [{"role": "user", "content": q}]) for q in questions]
 
 
 QUESTIONS = [
@@ -97,8 +91,8 @@ QUESTIONS = [
 ]
 
 
-def test_requests_queued_together_share_batches_and_get_the_answers_they_get_alone(model, decoder):
-    prompts = prompts_of(model, QUESTIONS)
+def test_requests_queued_together_share_batches_and_get_the_answers_they_get_alone(ask, decoder):
+    prompts = ask(*QUESTIONS)
     assert len({len(p) for p in prompts}) > 1  # rows of different lengths, so padding happens
     budgets = [3, 24, 9, 16, 24, 5]
     alone = []
@@ -114,8 +108,8 @@ def test_requests_queued_together_share_batches_and_get_the_answers_they_get_alo
     assert all(len(tokens) <= budget for tokens, budget in zip(together, budgets, strict=True))
 
 
-def test_a_dropped_request_leaves_its_batch_mates_answers_unchanged(model, decoder):
-    prompts = prompts_of(model, QUESTIONS[:3])
+def test_a_dropped_request_leaves_its_batch_mates_answers_unchanged(ask, decoder):
+    prompts = ask(*QUESTIONS[:3])
     alone = [list(decoder.generate(Slot(prompt, 20))) for prompt in prompts]
     slots = [Slot(prompt, 20) for prompt in prompts]
     streams = [decoder.generate(s) for s in slots]
@@ -126,8 +120,8 @@ def test_a_dropped_request_leaves_its_batch_mates_answers_unchanged(model, decod
     assert slots[0].batch_size == 3
 
 
-def test_a_sampled_request_beside_greedy_ones_runs_alone_and_keeps_its_seed(model, decoder):
-    prompt = prompts_of(model, ["Tell me something."])[0]
+def test_a_sampled_request_beside_greedy_ones_runs_alone_and_keeps_its_seed(ask, decoder):
+    prompt = ask("Tell me something.")[0]
     sampling = {"do_sample": True, "temperature": 1.5, "random_seed": 7}
     alone = list(decoder.generate(Slot(prompt, 12, dict(sampling))))
     greedy, sampled = Slot(prompt, 12), Slot(prompt, 12, dict(sampling))
@@ -137,8 +131,8 @@ def test_a_sampled_request_beside_greedy_ones_runs_alone_and_keeps_its_seed(mode
     assert (greedy.batch_size, sampled.batch_size) == (1, 1)
 
 
-def test_generation_stops_between_tokens_once_the_deadline_has_passed(model, decoder):
-    prompt = prompts_of(model, ["Write a long story."])[0]
+def test_generation_stops_between_tokens_once_the_deadline_has_passed(ask, decoder):
+    prompt = ask("Write a long story.")[0]
     late = Slot(prompt, 400, deadline=time.monotonic() + 60)
     stream = decoder.generate(late)
     next(stream), next(stream)
@@ -149,9 +143,9 @@ def test_generation_stops_between_tokens_once_the_deadline_has_passed(model, dec
     assert list(decoder.generate(Slot(prompt, 3)))  # its row was dropped: the next request runs
 
 
-def test_a_failed_batch_raises_in_its_callers_and_the_decoder_serves_on(model, decoder):
+def test_a_failed_batch_raises_in_its_callers_and_the_decoder_serves_on(ask, decoder):
     too_long = Slot(np.ones(600, dtype=np.int32), 4)  # past the tiny model's 512-token context
     with pytest.raises(RuntimeError):
         list(decoder.generate(too_long))
-    prompt = prompts_of(model, ["Hi"])[0]
+    prompt = ask("Hi")[0]
     assert list(decoder.generate(Slot(prompt, 3)))

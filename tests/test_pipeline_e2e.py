@@ -22,6 +22,7 @@ from slmkit.environment import read_pins
 from slmkit.evaluation import load_eval_set
 from slmkit.lineage import DOWNLOAD_RUN_TAG, MODEL_URI_TAG, SOURCE_KEY_TAG, STEP_TAG
 from slmkit.manifest import file_sha256, read_manifest, verify_folder
+from slmkit.onnx_session import model_tokens
 from tests.conftest import PipelineRun, TrackingServer, mlflow_run, runs_of
 
 pytestmark = pytest.mark.integration
@@ -128,11 +129,6 @@ def onnx_folder(pipeline_run: PipelineRun, tmp_path_factory: pytest.TempPathFact
     return Path(local) / "artifacts" / "onnx_model"
 
 
-def eos_ids(folder: Path) -> set[int]:
-    eos = json.loads((folder / "genai_config.json").read_text())["model"]["eos_token_id"]
-    return set(eos if isinstance(eos, list) else [eos])
-
-
 @pytest.mark.parametrize(
     "request_",
     [
@@ -147,7 +143,7 @@ def test_onnx_wrapper_equals_a_bare_greedy_loop_and_counts_usage_with_its_tokeni
     response = both_models["log_onnx_wrapper"].predict(request_)[0]
     model, tokenizer = load(onnx_folder)
     tokens, prompt_tokens = bare_greedy(model, tokenizer, request_["messages"], request_["max_tokens"])
-    stopped = tokens[-1] in eos_ids(onnx_folder)
+    stopped = tokens[-1] in model_tokens(onnx_folder).eos_ids
     assert response["usage"]["prompt_tokens"] == prompt_tokens
     assert response["usage"]["completion_tokens"] == len(tokens)
     assert response["choices"][0]["message"]["content"] == tokenizer.decode(tokens[:-1] if stopped else tokens)

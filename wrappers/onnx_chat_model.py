@@ -57,7 +57,7 @@ from slmkit.chat_format import (
 )
 from slmkit.manifest import MANIFEST_NAME, read_manifest, verify_folder
 from slmkit.onnx_batching import MAX_BATCH_SIZE_ENV, BatchedDecoder, Slot, max_batch_size
-from slmkit.onnx_session import intra_op_threads, open_model
+from slmkit.onnx_session import intra_op_threads, model_tokens, open_model
 
 logger = logging.getLogger(__name__)
 
@@ -125,10 +125,8 @@ class OnnxChatModel(mlflow.pyfunc.PythonModel):
             verify_onnx_folder(folder)
         self._model = open_model(folder, intra_op_threads(int(config.get("intra_op_threads", 0))))
         self._tokenizer = og.Tokenizer(self._model)
-        genai_config = json.loads((folder / "genai_config.json").read_text())["model"]
-        eos = genai_config["eos_token_id"]
-        self._eos_ids = frozenset(eos if isinstance(eos, list) else [eos])
-        self._context_length = int(genai_config["context_length"])
+        tokens = model_tokens(folder)
+        self._eos_ids, self._context_length = tokens.eos_ids, tokens.context_length
         self._model_name = str(config.get("model_name", folder.name))
         self._default_max_tokens = int(config.get("max_new_tokens", 256))
         self._default_temperature = float(config.get("temperature", 0.0))
@@ -141,9 +139,7 @@ class OnnxChatModel(mlflow.pyfunc.PythonModel):
         # model goes through the decoder, which serialises them and batches waiting requests.
         self._decoder = BatchedDecoder(
             self._model,
-            pad_id=int(genai_config["pad_token_id"]),
-            eos_ids=self._eos_ids,
-            context_length=self._context_length,
+            tokens,
             max_batch_size=batch_size,
             batch_window_s=float(config.get("batch_window_ms", 20)) / 1000,
         )
