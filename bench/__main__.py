@@ -31,10 +31,10 @@ import requests
 
 from bench.batching import engine_batch, prompt_and_step_ms, static_batch
 from bench.figures import BIN, PROMPTS, Figure, decode_rates, median_time, profile_to, relative, served, timed
-from bench.reference import bare_greedy, load
 from slmkit import PROJECT_ROOT
 from slmkit.onnx_batching import MAX_BATCH_SIZE_ENV
-from slmkit.onnx_build import build_int4
+from slmkit.onnx_build import build_onnx
+from slmkit.onnx_greedy import bare_greedy, load
 from slmkit.onnx_session import THREADS_ENV, model_tokens
 from slmkit.onnx_wrapper_model import ONNX_ARTIFACT, wrapper_model_arguments
 
@@ -367,7 +367,7 @@ def main() -> None:
     variants = {}
     for index, (name, options) in enumerate(builder_variants.items()):
         scratch = work / f"variant-{index}"
-        build_int4(checkpoint, scratch / "onnx", scratch, "cpu", options)
+        build_onnx("int4", checkpoint, scratch / "onnx", scratch, "cpu", extra_options=options)
         model, tokenizer = load(scratch / "onnx")
         outputs = greedy_outputs(scratch / "onnx", max_tokens)
         variants[name] = {

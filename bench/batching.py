@@ -18,8 +18,8 @@ from typing import Any
 
 import numpy as np
 
-from bench.reference import chat_prompt_ids
 from slmkit.onnx_batching import right_padded
+from slmkit.onnx_greedy import chat_prompt_ids
 
 
 def _rate_and_exact(outputs: list[list[int]], alone: list[list[int]], seconds: float) -> tuple[float, bool]:
@@ -50,7 +50,7 @@ def static_batch(
     model: Any, tokenizer: Any, prompts: list, alone: list[list[int]], max_tokens: int, pad_id: int, side: str
 ) -> tuple[float, bool]:
     """One Generator over all prompts, padded with `pad_id` on the `side` "right" or "left";
-    `alone` are their greedy tokens generated one by one (bench.reference.bare_greedy)."""
+    `alone` are their greedy tokens generated one by one (slmkit.onnx_greedy.bare_greedy)."""
     rows = [chat_prompt_ids(tokenizer, messages) for messages in prompts]
     batch = right_padded(rows, pad_id)
     if side == "left":

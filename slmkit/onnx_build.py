@@ -1,4 +1,5 @@
-"""Getting an int4 ONNX build: the hub's ready variant, or one made with the onnxruntime-genai builder."""
+"""Getting an ONNX build: the hub's ready variant, or one made with the onnxruntime-genai builder
+in one of the quantizations below, the GGUF carry-over (slmkit.gguf_carry) among them."""
 
 from __future__ import annotations
 
@@ -6,19 +7,70 @@ import os
 import shutil
 import subprocess
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from slmkit.errors import UserError
+from slmkit.gguf_carry import CarryReport, carry_gguf_weights
 from slmkit.presets import OnnxVariant
+
+
+@dataclass(frozen=True)
+class Quantization:
+    """One value of the `quantization` param: the builder's precision and options, and the
+    execution providers it runs on."""
+
+    precision: str
+    extra_options: dict[str, str] = field(default_factory=dict)
+    providers: tuple[str, ...] = ("cpu", "cuda")
+    carries_gguf: bool = False
+
+
+QUANTIZATIONS = {
+    # The builder's int4 graph with the GGUF's own weights put in (CPU: the min term is float32).
+    "gguf": Quantization("int4", providers=("cpu",), carries_gguf=True),
+    "int4": Quantization("int4"),
+    "int4-kquant": Quantization("int4", {"algo_config": "k_quant_mixed"}),
+    "int8": Quantization("int8"),
+    "fp32": Quantization("fp32"),
+    "fp16": Quantization("fp16", providers=("cuda",)),
+    "bf16": Quantization("bf16", providers=("cuda",)),
+}
+AUTO = "auto"
+
+
+def check_quantization(name: str, execution_provider: str, from_gguf: bool) -> str:
+    """Refuse a quantization that does not exist, that the provider cannot run, or `gguf` for a
+    source that has no GGUF file; each message names the values that work.
+
+    Raises:
+        UserError: one line naming the valid values.
+    """
+    usable = [q for q, spec in QUANTIZATIONS.items() if execution_provider in spec.providers]
+    usable = [q for q in usable if from_gguf or not QUANTIZATIONS[q].carries_gguf] + [AUTO]
+    if name == AUTO or (name in QUANTIZATIONS and name in usable):
+        return name
+    if name in QUANTIZATIONS and QUANTIZATIONS[name].carries_gguf and not from_gguf:
+        raise UserError(
+            f"quantization={name!r} needs a GGUF source (a .gguf file or a GGUF preset); use one of {', '.join(usable)}"
+        )
+    where = f" on execution_provider={execution_provider}" if name in QUANTIZATIONS else ""
+    raise UserError(f"quantization={name!r} is not available{where}: use one of {', '.join(usable)}")
+
 
 # Files onnxruntime-genai needs at run time; the builder's other outputs are not logged.
 RUNTIME_SUFFIXES = (".onnx", ".data", ".json", ".jinja", ".model", ".txt")
 
 
 def builder_command(
-    checkpoint: Path, output: Path, cache: Path, execution_provider: str, extra_options: dict[str, str] | None = None
+    checkpoint: Path,
+    output: Path,
+    cache: Path,
+    execution_provider: str,
+    extra_options: dict[str, str] | None = None,
+    precision: str = "int4",
 ) -> list[str]:
-    """The builder's command line for an int4 build (its --help crashes; see builder.py's argparse).
+    """The builder's command line (its --help crashes; see builder.py's argparse).
 
     `extra_options` go to `--extra_options key=value ...`, e.g. `accuracy_level` or `block_size`.
     """
@@ -29,21 +81,26 @@ def builder_command(
         "onnxruntime_genai.models.builder",
         "--input", str(checkpoint),
         "--output", str(output),
-        "--precision", "int4",
+        "--precision", precision,
         "--execution_provider", execution_provider,
         "--cache_dir", str(cache),
         *extra,
     ]  # fmt: skip
 
 
-def build_int4(
-    checkpoint: Path, output: Path, scratch: Path, execution_provider: str, extra_options: dict[str, str] | None = None
-) -> None:
-    """Build an int4 ONNX model of a safetensors checkpoint into `output`.
+def build_onnx(
+    quantization: str,
+    checkpoint: Path,
+    output: Path,
+    scratch: Path,
+    execution_provider: str,
+    gguf: Path | None = None,
+    extra_options: dict[str, str] | None = None,
+) -> CarryReport | None:
+    """Build an ONNX model of a safetensors checkpoint into `output` in `quantization`.
 
-    `extra_options` (e.g. `accuracy_level`, `block_size`) change the builder's defaults, which
-    `make bench` compares; none is set by default because none both held parity and was faster
-    beyond the noise of two runs.
+    For `gguf`, the builder's int4 graph then gets the GGUF file's own weights, checked against
+    `checkpoint` (its dequantization); the report says which nodes were carried.
 
     The builder runs in a subprocess: it holds the whole float model in memory, and the memory
     comes back to the OS when it exits. Its log tail is kept for the error message.
@@ -51,24 +108,30 @@ def build_int4(
     Raises:
         UserError: the builder failed; the message carries the end of its output.
     """
-    build_dir = scratch / "builder-output"
+    recipe = QUANTIZATIONS[quantization]
+    build_dir = scratch / f"builder-output-{quantization}"
+    command = builder_command(
+        checkpoint,
+        build_dir,
+        scratch / "builder-cache",
+        execution_provider,
+        {**recipe.extra_options, **(extra_options or {})},
+        recipe.precision,
+    )
     result = subprocess.run(
-        builder_command(
-            checkpoint,
-            build_dir,
-            scratch / "builder-cache",
-            execution_provider,
-            extra_options,
-        ),
-        capture_output=True,
-        text=True,
-        check=False,
-        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        command, capture_output=True, text=True, check=False, env={**os.environ, "HF_HUB_OFFLINE": "1"}
     )
     if result.returncode != 0:
         tail = "\n".join((result.stdout + result.stderr).strip().splitlines()[-15:])
         raise UserError(f"onnxruntime-genai's builder failed on {checkpoint} (exit {result.returncode}):\n{tail}")
+    report = None
+    if recipe.carries_gguf:
+        if gguf is None:
+            raise UserError("quantization='gguf' needs the source's GGUF file, which the download run does not have")
+        report = carry_gguf_weights(build_dir, gguf, checkpoint)
     copy_runtime_files(build_dir, output)
+    shutil.rmtree(build_dir)
+    return report
 
 
 def copy_runtime_files(source: Path, output: Path) -> None:

@@ -6,7 +6,7 @@ Everything here is pure: no network and no MLflow, so the rules can be unit test
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -70,11 +70,18 @@ class OnnxVariant:
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """What `-P model=...` resolved to."""
+    """What `-P model=...` resolved to; `quantization` is the ONNX build used when the
+    `quantization` param is empty (slmkit.onnx_build.QUANTIZATIONS)."""
 
     name: str
     source: Source
     onnx: OnnxVariant | None = None
+    quantization: str = "int4"
+
+
+def default_quantization(source: Source) -> str:
+    """GGUF sources carry their own quantized weights over; other sources build int4."""
+    return "gguf" if isinstance(source, GgufFileSource | WheelSource) else "int4"
 
 
 def load_presets(path: Path = PRESETS_YAML) -> dict[str, dict[str, Any]]:
@@ -122,13 +129,14 @@ def resolve_model(model: str, revision: str = "", presets: dict[str, dict[str, A
                 revision=str(onnx_raw.get("revision", "main")),
                 subfolders=dict(onnx_raw.get("subfolders", {})),
             )
-        spec = ModelSpec(name=model, source=source, onnx=onnx)
+        quantization = str(raw.get("quantization") or default_quantization(source))
+        spec = ModelSpec(name=model, source=source, onnx=onnx, quantization=quantization)
     else:
         spec = _spec_from_location(model, presets)
     if revision:
         if not isinstance(spec.source, HubSource):
             raise UserError(f"revision={revision!r} applies only to hub sources, not to {model!r}")
-        spec = ModelSpec(spec.name, HubSource(spec.source.repo_id, revision), spec.onnx)
+        spec = replace(spec, source=HubSource(spec.source.repo_id, revision))
     return spec
 
 
@@ -139,7 +147,7 @@ def _spec_from_location(model: str, presets: dict[str, dict[str, Any]]) -> Model
         if path.is_dir():
             return ModelSpec(name=path.resolve().name, source=LocalDirSource(str(path.resolve())))
         if path.is_file() and path.suffix == ".gguf":
-            return ModelSpec(name=path.stem, source=GgufFileSource(str(path.resolve())))
+            return ModelSpec(name=path.stem, source=GgufFileSource(str(path.resolve())), quantization="gguf")
         if path.is_file():
             raise UserError(f"model={model!r} is a file but not a .gguf file; pass a checkpoint folder or a .gguf file")
         raise UserError(f"model={model!r}: no such file or folder")

@@ -94,6 +94,12 @@ def forward(args: argparse.Namespace, options: tuple[Option, ...]) -> dict[str, 
 
 
 GENERATION_OPTIONS = (Option("temperature", float, 0.0), Option("max_new_tokens", int, 256))
+QUANTIZATION_OPTIONS = (
+    Option("quantization", str, ""),
+    Option("calibration_set", str, "data/eval_set.jsonl"),
+    Option("calibration_rows", int, 8),
+    Option("max_quality_drop", float, 0.05),
+)
 EVALUATION_OPTIONS = (
     Option("eval_set", str, "data/eval_set.jsonl"),
     Option("max_rows", int, 0),

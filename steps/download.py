@@ -10,8 +10,10 @@ Params:
 
 Logs (run tags `slmkit.step=download`, `slmkit.source_key`, `slmkit.resolved_revision`,
 `slmkit.manifest_sha256`):
-    artifacts `checkpoint/` (safetensors, config, tokenizer, chat template) and `manifest.json`
-    (source, resolved revision, each file's size and sha256); params `model_name`, `source.*`,
+    artifacts `checkpoint/` (safetensors, config, tokenizer, chat template), for GGUF sources
+    `gguf/<file>.gguf` (the source file itself, whose quantized weights the ONNX build carries
+    over), and `manifest.json` (source, resolved revision, each file's size and sha256, the GGUF
+    under `gguf`); params `model_name`, `source.*`,
     `resolved_revision`; metrics `checkpoint_bytes`, `download_seconds`.
 """
 
@@ -27,6 +29,7 @@ from slmkit.checkpoint import fetch_checkpoint
 from slmkit.databricks import DOWNLOAD_RUN_ID, publish_task_value
 from slmkit.lineage import (
     CHECKPOINT_ARTIFACT,
+    GGUF_ARTIFACT,
     MANIFEST_SHA_TAG,
     REVISION_TAG,
     SOURCE_KEY_TAG,
@@ -35,7 +38,7 @@ from slmkit.lineage import (
     source_key,
     writing_artifacts,
 )
-from slmkit.manifest import MANIFEST_NAME, build_manifest, file_sha256, write_manifest
+from slmkit.manifest import MANIFEST_NAME, build_manifest, describe_files, file_sha256, write_manifest
 from slmkit.presets import resolve_model, source_params
 from slmkit.step_cli import parse_bool, run_cli
 
@@ -46,17 +49,21 @@ def main(args: argparse.Namespace) -> None:
     with mlflow.start_run() as run, scratch_dir("download") as scratch:
         mlflow.set_tags({STEP_TAG: "download", SOURCE_KEY_TAG: source_key(spec)})
         mlflow.log_params({"model_name": spec.name, **source_params(spec.source)})
-        checkpoint = Path(scratch) / CHECKPOINT_ARTIFACT
+        checkpoint, gguf = Path(scratch) / CHECKPOINT_ARTIFACT, Path(scratch) / GGUF_ARTIFACT
         checkpoint.mkdir()
         started = time.perf_counter()
-        revision = fetch_checkpoint(spec.source, checkpoint, allow_pickle)
+        revision = fetch_checkpoint(spec.source, checkpoint, allow_pickle, gguf)
         manifest = build_manifest(checkpoint, source_params(spec.source), revision)
+        if gguf.is_dir():
+            manifest[GGUF_ARTIFACT] = describe_files(gguf)
         write_manifest(Path(scratch) / MANIFEST_NAME, manifest)
         mlflow.log_metrics(
             {"checkpoint_bytes": manifest["total_bytes"], "download_seconds": time.perf_counter() - started}
         )
         with writing_artifacts("the checkpoint"):
             mlflow.log_artifacts(str(checkpoint), CHECKPOINT_ARTIFACT)
+            if gguf.is_dir():
+                mlflow.log_artifacts(str(gguf), GGUF_ARTIFACT)
             # The manifest goes last: a run without it never finished logging its checkpoint.
             mlflow.log_artifact(str(Path(scratch) / MANIFEST_NAME))
         mlflow.log_param("resolved_revision", revision)

@@ -4,7 +4,12 @@ Params:
     model: a preset; its ready ONNX variant on the hub is used when it has one.
     download_run_id: the `download` run to build from; empty finds or runs one for `model`.
     execution_provider: cpu or cuda; picks the hub variant's subfolder or the builder's target.
-    onnx_source: auto (the hub variant when the preset has one, else build), hub, or build.
+    onnx_source: auto (the hub variant when the preset has one and quantization is int4, else
+        build), hub, or build.
+    quantization: gguf, int4, int4-kquant, int8, fp32, fp16/bf16 (cuda) or auto; empty takes the
+        preset's (config/presets.yaml): gguf for GGUF sources, int4 otherwise.
+    calibration_set, calibration_rows, max_quality_drop: for quantization=auto, the rows whose
+        greedy answers decide, and how far below the source's own correct rate a build may be.
     temperature, max_new_tokens: the wrapper's defaults, as for `log_pipeline`.
     tracing: `true` records an MLflow trace per request (prompt and decode spans), `false` not.
     env_manager: how to run `download` when it must run first.
@@ -12,13 +17,18 @@ Params:
 Logs (tags `slmkit.step=log_onnx_wrapper`, `slmkit.source_key`, `slmkit.model_uri`):
     the model `model`: wrappers/onnx_chat_model.py as code, the ONNX folder as artifact
     `onnx_model` with its `manifest.json`, the chat signature, an input example, and pip
-    requirements without torch; params `onnx_origin`, `onnx_revision`; metrics
-    `model_size_bytes`, `build_seconds`, `log_seconds`.
+    requirements without torch; params `onnx_origin`, `onnx_revision`, `quantization` (the one
+    built); for gguf the param `gguf_tensors` (carried and re-quantized counts) and the artifact
+    `gguf_tensors.tsv` (each MatMul node, carried with its GGUF types or re-quantized and why);
+    for auto the table `quantization_candidates.json` and `plots/quantization_quality_speed.png`;
+    metrics `model_size_bytes`, `build_seconds`, `log_seconds`.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
+import shutil
 import time
 from pathlib import Path
 
@@ -26,27 +36,47 @@ import mlflow
 
 from slmkit.databricks import ONNX_MODEL_URI, publish_task_value
 from slmkit.errors import UserError
+from slmkit.evaluation import eval_set_path, load_eval_set
+from slmkit.gguf_carry import CarryReport
 from slmkit.lineage import (
     MODEL_URI_TAG,
     SOURCE_KEY_TAG,
     STEP_TAG,
     download_checkpoint,
+    download_gguf,
     scratch_dir,
     source_key,
     upstream_download,
     writing_artifacts,
 )
-from slmkit.onnx_build import build_int4, fetch_ready_variant
+from slmkit.manifest import folder_bytes
+from slmkit.onnx_build import AUTO, build_onnx, check_quantization, fetch_ready_variant
 from slmkit.onnx_wrapper_model import seal_onnx_folder, wrapper_model_arguments
 from slmkit.pipeline_model import generation_config
-from slmkit.presets import ModelSpec, check_execution_provider, load_presets, resolve_model
-from slmkit.step_cli import GENERATION_OPTIONS, add_options, parse_bool, run_cli
+from slmkit.presets import ModelSpec, check_execution_provider, default_quantization, load_presets, resolve_model
+from slmkit.quantization_choice import (
+    Candidate,
+    candidate_order,
+    choose,
+    good_enough,
+    onnx_answers,
+    reference_answers,
+    score_answers,
+)
+from slmkit.report import quality_speed_figure
+from slmkit.step_cli import GENERATION_OPTIONS, QUANTIZATION_OPTIONS, add_options, parse_bool, run_cli
 
+logger = logging.getLogger(__name__)
 ONNX_SOURCES = ("auto", "hub", "build")
+HUB_QUANTIZATION = "int4"  # the presets' ready hub builds are int4 RTN, block 32
+CALIBRATION_MAX_TOKENS = 64
+GGUF_REPORT = "gguf_tensors.tsv"
+CANDIDATES_TABLE = "quantization_candidates.json"
+CANDIDATES_PLOT = "plots/quantization_quality_speed.png"
 
 
-def use_hub_variant(spec: ModelSpec | None, onnx_source: str, execution_provider: str) -> bool:
-    """Whether to fetch the preset's ready ONNX build instead of building one."""
+def use_hub_variant(spec: ModelSpec | None, onnx_source: str, execution_provider: str, quantization: str) -> bool:
+    """Whether to fetch the preset's ready ONNX build (int4) instead of building one."""
     if onnx_source not in ONNX_SOURCES:
         raise UserError(f"onnx_source={onnx_source!r}: choose one of {', '.join(ONNX_SOURCES)}")
     available = spec is not None and spec.onnx is not None and execution_provider in spec.onnx.subfolders
@@ -54,7 +84,50 @@ def use_hub_variant(spec: ModelSpec | None, onnx_source: str, execution_provider
         raise UserError(
             f"onnx_source=hub: the model has no ready ONNX variant for {execution_provider}; use onnx_source=build"
         )
-    return onnx_source == "hub" or (onnx_source == "auto" and available)
+    if onnx_source == "hub" and quantization != HUB_QUANTIZATION:
+        raise UserError(
+            f"onnx_source=hub: the hub's ready build is {HUB_QUANTIZATION}, not quantization={quantization}; "
+            "use onnx_source=build"
+        )
+    return onnx_source == "hub" or (onnx_source == "auto" and available and quantization == HUB_QUANTIZATION)
+
+
+def choose_quantization(
+    checkpoint: Path, gguf: Path | None, scratch: Path, execution_provider: str, args: argparse.Namespace
+) -> tuple[str, Path, CarryReport | None]:
+    """`quantization=auto`: build candidates smallest first and keep the first that keeps the
+    source's quality (slmkit.quantization_choice); log every candidate as a table and a plot."""
+    rows = load_eval_set(eval_set_path(args.calibration_set), args.calibration_rows)
+    reference = reference_answers(checkpoint, rows, CALIBRATION_MAX_TOKENS)
+    reference_correct, _ = score_answers(reference, reference, rows)
+    builds: dict[str, tuple[Path, CarryReport | None]] = {}
+
+    def measure(quantization: str) -> Candidate:
+        folder = scratch / f"candidate-{quantization}"
+        try:
+            report = build_onnx(quantization, checkpoint, folder, scratch, execution_provider, gguf)
+            answers, speed = onnx_answers(folder, rows, CALIBRATION_MAX_TOKENS)
+        except Exception as error:  # a candidate that fails to build or load is skipped, not fatal
+            reason = str(error).strip().splitlines()[-1][:300] if str(error).strip() else type(error).__name__
+            return Candidate(quantization, skipped=reason)
+        builds[quantization] = folder, report
+        correct, exact = score_answers(answers, reference, rows)
+        return Candidate(quantization, folder_bytes(folder), correct, exact, speed)
+
+    gguf_bits = 32 * gguf.stat().st_size / folder_bytes(checkpoint, ".safetensors") if gguf else None
+    kept, tried = choose(
+        candidate_order(execution_provider, gguf_bits), measure, reference_correct, args.max_quality_drop
+    )
+    mlflow.log_table({key: [c.as_row()[key] for c in tried] for key in tried[0].as_row()}, CANDIDATES_TABLE)
+    mlflow.log_figure(quality_speed_figure(tried, reference_correct), CANDIDATES_PLOT)
+    mlflow.log_metric("calibration/reference_correct_rate", reference_correct)
+    if kept is None:
+        raise UserError(f"quantization=auto: no candidate could be built ({'; '.join(c.skipped for c in tried)})")
+    if not good_enough(kept, reference_correct, args.max_quality_drop):
+        logger.warning("quantization=auto: no candidate within %s of the source; kept the best", args.max_quality_drop)
+        mlflow.set_tag("quantization.auto", f"no candidate within max_quality_drop; kept the best, {kept.quantization}")
+    folder, report = builds[kept.quantization]
+    return kept.quantization, folder, report
 
 
 def main(args: argparse.Namespace) -> None:
@@ -62,23 +135,38 @@ def main(args: argparse.Namespace) -> None:
     tracing = parse_bool("tracing", args.tracing)
     generation = generation_config(args.temperature, args.max_new_tokens)
     preset = args.model if args.model in load_presets() else ""
-    spec = resolve_model(preset) if preset else None
-    from_hub = use_hub_variant(spec, args.onnx_source, args.execution_provider)
+    spec = resolve_model(args.model) if args.model else None
+    quantization = args.quantization or (spec.quantization if spec else "int4")
+    from_gguf = spec is None or default_quantization(spec.source) == "gguf"
+    check_quantization(quantization, args.execution_provider, from_gguf)
+    from_hub = use_hub_variant(spec if preset else None, args.onnx_source, args.execution_provider, quantization)
     download = None if from_hub else upstream_download(args.download_run_id, args.model, args.env_manager)
     with mlflow.start_run(), scratch_dir("onnx") as scratch:
         onnx_dir = Path(scratch) / "onnx_model"
         started = time.perf_counter()
+        report = None
         if from_hub:
             mlflow.set_tags({STEP_TAG: "log_onnx_wrapper", SOURCE_KEY_TAG: source_key(spec)})
             revision = fetch_ready_variant(spec.onnx, args.execution_provider, onnx_dir)
             origin = f"hub:{spec.onnx.repo_id}/{spec.onnx.subfolders[args.execution_provider]}"
         else:
             mlflow.set_tags({STEP_TAG: "log_onnx_wrapper", **download.lineage_tags()})
-            checkpoint, _ = download_checkpoint(download.run_id, Path(scratch))
-            build_int4(checkpoint, onnx_dir, Path(scratch), args.execution_provider)
-            revision, origin = download.revision, f"built-int4-from:{download.run_id}"
+            checkpoint, manifest = download_checkpoint(download.run_id, Path(scratch))
+            gguf = download_gguf(download.run_id, manifest, Path(scratch))
+            check_quantization(quantization, args.execution_provider, gguf is not None)
+            if quantization == AUTO:
+                quantization, built, report = choose_quantization(
+                    checkpoint, gguf, Path(scratch), args.execution_provider, args
+                )
+                shutil.move(built, onnx_dir)
+            else:
+                report = build_onnx(quantization, checkpoint, onnx_dir, Path(scratch), args.execution_provider, gguf)
+            revision, origin = download.revision, f"built-{quantization}-from:{download.run_id}"
+        if report is not None:
+            mlflow.log_param("gguf_tensors", report.counts())
+            mlflow.log_text("\n".join(report.lines()) + "\n", GGUF_REPORT)
         manifest = seal_onnx_folder(onnx_dir, origin, revision)
-        mlflow.log_params({"onnx_origin": origin, "onnx_revision": revision})
+        mlflow.log_params({"onnx_origin": origin, "onnx_revision": revision, "quantization": quantization})
         mlflow.log_metric("build_seconds", time.perf_counter() - started)
         started = time.perf_counter()
         model_name = Path(download.model if download else preset).name
@@ -100,7 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--execution-provider", default="cpu")
     parser.add_argument("--onnx-source", default="auto")
     parser.add_argument("--tracing", default="true")
-    add_options(parser, GENERATION_OPTIONS)
+    add_options(parser, GENERATION_OPTIONS + QUANTIZATION_OPTIONS)
     parser.add_argument("--env-manager", default="local")
     return parser
 

@@ -21,7 +21,15 @@ from slmkit.checkpoint import source_revision
 from slmkit.evaluation import eval_set_digest
 from slmkit.lineage import MODEL_URI_TAG, STEP_TAG, check_env_manager, run_entry_point
 from slmkit.presets import resolve_model
-from slmkit.step_cli import EVALUATION_OPTIONS, GENERATION_OPTIONS, add_options, forward, parse_bool, run_cli
+from slmkit.step_cli import (
+    EVALUATION_OPTIONS,
+    GENERATION_OPTIONS,
+    QUANTIZATION_OPTIONS,
+    add_options,
+    forward,
+    parse_bool,
+    run_cli,
+)
 from slmkit.summary import format_summary
 
 
@@ -86,6 +94,7 @@ def main(args: argparse.Namespace) -> None:
             "execution_provider": args.execution_provider,
             "onnx_source": args.onnx_source,
             "tracing": args.tracing,
+            **forward(args, QUANTIZATION_OPTIONS),
         }
         step("log_onnx_wrapper", onnx_params, {"download_run_id": download})
         uris = {
@@ -122,7 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--onnx-source", default="auto")
     parser.add_argument("--tracing", default="true")
     parser.add_argument("--force", default="false")
-    add_options(parser, GENERATION_OPTIONS + EVALUATION_OPTIONS)
+    add_options(parser, GENERATION_OPTIONS + EVALUATION_OPTIONS + QUANTIZATION_OPTIONS)
     parser.add_argument("--env-manager", default="local")
     return parser
 

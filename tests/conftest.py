@@ -17,7 +17,7 @@ from bench.figures import free_port, stop_process, wait_for_http
 from slmkit import PROJECT_ROOT
 from slmkit.evaluation import load_eval_set
 from slmkit.lineage import MODEL_URI_TAG, STEP_TAG
-from slmkit.onnx_build import build_int4
+from slmkit.onnx_build import build_onnx
 from slmkit.onnx_wrapper_model import ONNX_ARTIFACT, seal_onnx_folder, wrapper_model_arguments
 from tests.tiny_models import build_tiny_phi3, train_tiny_phi3
 
@@ -182,7 +182,7 @@ def save_wrapper(checkpoint: Path, dest: Path, tracing: bool = True) -> Path:
     """Build an int4 ONNX model of `checkpoint` and save it as the ONNX chat wrapper at `dest`."""
     scratch = dest.parent / f"{dest.name}-build"
     scratch.mkdir(parents=True)
-    build_int4(checkpoint, scratch / ONNX_ARTIFACT, scratch, "cpu")
+    build_onnx("int4", checkpoint, scratch / ONNX_ARTIFACT, scratch, "cpu")
     seal_onnx_folder(scratch / ONNX_ARTIFACT, f"test-build:{checkpoint.name}", "test")
     mlflow.pyfunc.save_model(
         str(dest), **wrapper_model_arguments(scratch / ONNX_ARTIFACT, "tiny-phi3", GREEDY_DEFAULTS, tracing=tracing)

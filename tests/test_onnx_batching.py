@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bench.reference import chat_prompt_ids, load
 from slmkit.onnx_batching import MAX_BATCH_SIZE_ENV, BatchedDecoder, Slot, admit, max_batch_size, right_padded
+from slmkit.onnx_greedy import chat_prompt_ids, load
 from slmkit.onnx_session import model_tokens
 from slmkit.onnx_wrapper_model import ONNX_ARTIFACT
 

@@ -26,12 +26,13 @@ TRAINING_TEXT = [
 ]
 
 
-def build_tiny_phi3(dest: Path, seed: int = 0, context_length: int = 512) -> Path:
+def build_tiny_phi3(dest: Path, seed: int = 0, context_length: int = 512, tied: bool = False) -> Path:
     """Write a random 2-layer Phi-3 checkpoint (hidden size 64) with its tokenizer to `dest`.
 
     `original_max_position_embeddings` equals `max_position_embeddings`: the onnxruntime-genai
     builder requires it for the 4k variant. The end-of-turn tokens' output rows are damped so
-    greedy answers run to their token limit instead of stopping at the first token.
+    greedy answers run to their token limit instead of stopping at the first token. `tied` shares
+    the embedding with the output layer, as SmolLM2 does.
     """
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -66,7 +67,7 @@ def build_tiny_phi3(dest: Path, seed: int = 0, context_length: int = 512) -> Pat
         bos_token_id=fast.bos_token_id,
         eos_token_id=end_ids,
         pad_token_id=fast.pad_token_id,
-        tie_word_embeddings=False,
+        tie_word_embeddings=tied,
     )
     model = Phi3ForCausalLM(config)
     with torch.no_grad():
@@ -109,4 +110,53 @@ def train_tiny_phi3(dest: Path, conversations: list[tuple[list[dict[str, str]], 
         optimizer.zero_grad()
     model.eval()
     model.save_pretrained(dest)
+    return dest
+
+
+def write_tiny_phi3_gguf(checkpoint: Path, dest: Path, quantization: str) -> Path:
+    """Write the Phi-3 checkpoint at `checkpoint` as a GGUF file, as llama.cpp's converter lays it
+    out (tensor names from gguf's own name map, `phi3` metadata, the byte-level BPE tokenizer and
+    chat template), with its 2-D weights quantized by the gguf package (`Q4_0`, `Q4_1`, `Q8_0`).
+    """
+    import json
+
+    import gguf
+    from safetensors.numpy import load_file
+
+    config = json.loads((checkpoint / "config.json").read_text())
+    tokenizer = json.loads((checkpoint / "tokenizer.json").read_text())
+    qtype = gguf.GGMLQuantizationType[quantization]
+    layers = config["num_hidden_layers"]
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.PHI3, layers)
+    writer = gguf.GGUFWriter(str(dest), "phi3")
+    writer.add_context_length(config["max_position_embeddings"])
+    writer.add_embedding_length(config["hidden_size"])
+    writer.add_feed_forward_length(config["intermediate_size"])
+    writer.add_block_count(layers)
+    writer.add_head_count(config["num_attention_heads"])
+    writer.add_head_count_kv(config["num_key_value_heads"])
+    writer.add_layer_norm_rms_eps(config["rms_norm_eps"])
+    writer.add_rope_dimension_count(config["hidden_size"] // config["num_attention_heads"])
+    writer.add_rope_freq_base(config["rope_parameters"]["rope_theta"])
+    vocab = sorted(tokenizer["model"]["vocab"].items(), key=lambda item: item[1])
+    special = {token["id"] for token in tokenizer["added_tokens"]}
+    writer.add_tokenizer_model("gpt2")
+    writer.add_token_list([token for token, _ in vocab])
+    writer.add_token_types([gguf.TokenType.CONTROL if i in special else gguf.TokenType.NORMAL for _, i in vocab])
+    writer.add_token_merges([" ".join(m) if isinstance(m, list) else m for m in tokenizer["model"]["merges"]])
+    writer.add_bos_token_id(config["bos_token_id"])
+    writer.add_eos_token_id(config["pad_token_id"])
+    writer.add_pad_token_id(config["pad_token_id"])
+    writer.add_chat_template(PHI3_CHAT_TEMPLATE)
+    for hf_name, weight in sorted(load_file(checkpoint / "model.safetensors").items()):
+        name = f"{names.get_name(hf_name.removesuffix('.weight'))}.weight"
+        weight = weight.astype("float32")
+        if weight.ndim == 2:
+            writer.add_tensor(name, gguf.quants.quantize(weight, qtype), raw_dtype=qtype)
+        else:
+            writer.add_tensor(name, weight)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
     return dest

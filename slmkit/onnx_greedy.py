@@ -1,5 +1,6 @@
-"""A bare onnxruntime-genai greedy loop: the floor the wrapper is measured against and the
-reference it must equal token for token (tests/test_pipeline_e2e.py)."""
+"""A bare onnxruntime-genai greedy loop: the floor the wrapper is measured against, the
+reference it must equal token for token (tests/test_pipeline_e2e.py), and how `quantization=auto`
+answers its calibration rows with each candidate build."""
 
 from __future__ import annotations
 

@@ -1,0 +1,215 @@
+"""A GGUF file's own quantized weights in the ONNX model, exactly: block layouts against gguf's
+dequantization, the node mapping, and tiny Phi-3 GGUFs written here (Q4_0, Q4_1, Q8_0, and a tied
+embedding) built, carried and answering like transformers on the same weights."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import gguf
+import numpy as np
+import onnx
+import pytest
+from gguf import GGMLQuantizationType as Q
+from gguf.constants import GGML_QUANT_SIZES
+
+from slmkit.checkpoint import convert_gguf
+from slmkit.gguf_blocks import CARRIED_TYPES, BlockWeights, block_weights, concat_rows
+from slmkit.gguf_carry import (
+    CarryReport,
+    GgufWeights,
+    Part,
+    accuracy_level,
+    carry_gguf_weights,
+    node_parts,
+    node_weights,
+)
+from slmkit.onnx_build import build_onnx
+from slmkit.onnx_greedy import bare_greedy, load
+from tests.tiny_models import build_tiny_phi3, write_tiny_phi3_gguf
+
+# Byte offsets of each type's fp16 scale and min fields in a block, given sane values in the tests
+# (random bytes there can be NaN or huge); every other byte stays random.
+FP16_FIELDS = {Q.Q4_0: [0], Q.Q4_1: [0, 2], Q.Q5_0: [0], Q.Q5_1: [0, 2], Q.Q8_0: [0], Q.Q4_K: [0, 2], Q.Q5_K: [0, 2], Q.Q6_K: [208]}  # fmt: skip
+MESSAGES = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+def random_blocks(qtype: Q, rows: int, columns: int, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    values_per_block, block_bytes = GGML_QUANT_SIZES[qtype]
+    raw = rng.integers(0, 256, size=(rows, columns // values_per_block, block_bytes), dtype=np.uint8)
+    for offset in FP16_FIELDS[qtype]:
+        halves = (rng.standard_normal(raw.shape[:2]) * 0.01).astype(np.float16)
+        raw[..., offset : offset + 2] = halves.view(np.uint8).reshape(*raw.shape[:2], 2)
+    return raw.reshape(rows, -1)
+
+
+@pytest.mark.parametrize("qtype", sorted(CARRIED_TYPES), ids=lambda q: q.name)
+def test_every_carried_type_dequantizes_bit_for_bit_like_gguf(qtype: Q):
+    data = random_blocks(qtype, rows=6, columns=512)
+    weights = block_weights(data, qtype, 6, 512)
+    assert np.array_equal(weights.dequantize(), gguf.quants.dequantize(data, qtype))
+    assert weights.bits == (4 if qtype in (Q.Q4_0, Q.Q4_1, Q.Q4_K) else 8)
+
+
+def test_a_type_without_an_exact_form_is_refused_by_name():
+    with pytest.raises(KeyError, match="Q2_K has no exact MatMulNBits form"):
+        block_weights(np.zeros((1, GGML_QUANT_SIZES[Q.Q2_K][1]), np.uint8), Q.Q2_K, 1, 256)
+
+
+def test_rows_of_mixed_types_stack_in_the_smallest_block_and_widest_codes():
+    """A packed q/k/v node whose v is Q6_K (blocks of 16) and q, k Q4_K (32), as in Q4_K_M files."""
+    parts = [
+        block_weights(random_blocks(q, 4, 256, seed), q, 4, 256) for seed, q in enumerate((Q.Q4_K, Q.Q4_K, Q.Q6_K))
+    ]
+    stacked = concat_rows(parts)
+    assert (stacked.block_size, stacked.bits, stacked.shape) == (16, 8, (12, 256))
+    assert np.array_equal(stacked.dequantize(), np.concatenate([part.dequantize() for part in parts]))
+
+
+def test_builder_nodes_map_to_checkpoint_weights():
+    llama = {f"model.layers.0.self_attn.{p}_proj.weight" for p in "qkvo"} | {"model.embed_tokens.weight"}
+    llama |= {f"model.layers.0.mlp.{p}_proj.weight" for p in ("gate", "up", "down")}
+    assert node_parts("/model/layers.0/attn/qkv_proj/MatMul_Q4", llama) == [
+        Part("model.layers.0.self_attn.q_proj.weight"),
+        Part("model.layers.0.self_attn.k_proj.weight"),
+        Part("model.layers.0.self_attn.v_proj.weight"),
+    ]
+    assert node_parts("/lm_head/MatMul_Q4", llama) == [Part("model.embed_tokens.weight")]  # tied
+    phi3 = {"model.layers.1.self_attn.qkv_proj.weight", "model.layers.1.mlp.gate_up_proj.weight", "lm_head.weight"}
+    assert node_parts("/model/layers.1/attn/qkv_proj/MatMul_Q4", phi3) == [
+        Part("model.layers.1.self_attn.qkv_proj.weight")
+    ]
+    assert node_parts("/model/layers.1/mlp/up_proj/MatMul_Q4", phi3) == [
+        Part("model.layers.1.mlp.gate_up_proj.weight", 1)
+    ]
+    assert Part("w", 1).select(10) == slice(5, 10)
+    assert node_parts("/lm_head/MatMul_Q4", phi3) == [Part("lm_head.weight")]
+    assert node_parts("/model/layers.0/attn/rotary/MatMul", llama) is None
+
+
+def test_activation_precision_is_float_for_the_named_4_bit_modules_only():
+    assert accuracy_level("/model/layers.3/mlp/down_proj/MatMul_Q4", 4, ("down_proj",)) == 1
+    assert accuracy_level("/model/layers.3/mlp/up_proj/MatMul_Q4", 4, ("down_proj",)) == 4
+    assert accuracy_level("/lm_head/MatMul_Q4", 8, ("*",)) == 4  # no fast 8-bit kernel at level 1
+    assert accuracy_level("/lm_head/MatMul_Q4", 4, ("*",)) == 1
+
+
+@pytest.fixture(scope="module")
+def tiny_ggufs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, Path]]:
+    """GGUF files of a 4k-context tiny Phi-3 (as Phi-3-mini-4k: the builder needs
+    original_max_position_embeddings == max_position_embeddings, which transformers sets to 4096
+    for GGUF files) and the float checkpoints that `download` makes of them."""
+    root = tmp_path_factory.mktemp("gguf")
+    untied = build_tiny_phi3(root / "phi3", context_length=4096)
+    tied = build_tiny_phi3(root / "phi3-tied", context_length=4096, tied=True)
+    files = {}
+    for name, source, quantization in (
+        ("Q4_0", untied, "Q4_0"),
+        ("Q4_1", untied, "Q4_1"),
+        ("Q8_0", untied, "Q8_0"),
+        ("Q4_1-tied", tied, "Q4_1"),
+        ("F16", untied, "F16"),
+    ):
+        path = write_tiny_phi3_gguf(source, root / f"{name}.gguf", quantization)
+        checkpoint = root / f"{name}-checkpoint"
+        checkpoint.mkdir()
+        convert_gguf(path, checkpoint)
+        files[name] = path, checkpoint
+    return files
+
+
+@pytest.fixture(scope="module")
+def built(tiny_ggufs: dict, tmp_path_factory: pytest.TempPathFactory):
+    """Build and carry each tiny GGUF once (float activations everywhere), on first use."""
+    cache = {}
+
+    def build(name: str) -> tuple[Path, CarryReport]:
+        if name not in cache:
+            path, checkpoint = tiny_ggufs[name]
+            scratch = tmp_path_factory.mktemp(f"carried-{name}")
+            build_onnx("int4", checkpoint, scratch / "onnx", scratch, "cpu")
+            cache[name] = scratch / "onnx", carry_gguf_weights(scratch / "onnx", path, checkpoint, ("*",))
+        return cache[name]
+
+    return build
+
+
+def gguf_reference(path: Path, checkpoint: Path, parts: list[Part]) -> np.ndarray:
+    """What the node's weight must be: gguf's own dequantization of the file's tensors, in the
+    checkpoint's row order (transformers' processor), halves taken where the builder splits."""
+    weights = GgufWeights(path, json.loads((checkpoint / "config.json").read_text()))
+    pieces = []
+    for part in parts:
+        name = weights.gguf_name(part.hf_name)
+        tensor = weights.tensors[name]
+        values = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
+        values = values[weights.row_order(name, values.shape[0])]
+        pieces.append(values[part.select(values.shape[0])])
+    return np.concatenate(pieces)
+
+
+@pytest.mark.parametrize("name", ["Q4_0", "Q4_1", "Q8_0", "Q4_1-tied"])
+def test_every_matmul_of_a_tiny_phi3_gguf_carries_the_files_own_weights(name: str, tiny_ggufs, built):
+    folder, report = built(name)
+    path, checkpoint = tiny_ggufs[name]
+    model = onnx.load(str(folder / "model.onnx"))
+    matmuls = [node for node in model.graph.node if node.op_type == "MatMulNBits"]
+    assert report.requantized == {}
+    assert sorted(report.carried) == sorted(node.name for node in matmuls)
+    assert report.counts() == f"carried={len(matmuls)},requantized=0"
+    names = {line.split("\t")[1] for line in report.lines()}
+    assert names == set(report.carried)
+    for node in matmuls:
+        assert node.name in report.carried
+        parts = node_parts(node.name, set(checkpoint_names(checkpoint)))
+        assert np.array_equal(node_weights(model, node), gguf_reference(path, checkpoint, parts)), node.name
+    expected_bits = 8 if name == "Q8_0" else 4
+    assert {a.i for n in matmuls for a in n.attribute if a.name == "bits"} == {expected_bits}
+
+
+def checkpoint_names(checkpoint: Path) -> list[str]:
+    from safetensors import safe_open
+
+    with safe_open(str(checkpoint / "model.safetensors"), framework="numpy") as handle:
+        return list(handle.keys())
+
+
+@pytest.mark.parametrize("name", ["Q4_0", "Q4_1", "Q4_1-tied"])
+def test_carried_weights_with_float_activations_answer_like_transformers_token_for_token(name: str, tiny_ggufs, built):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder, _ = built(name)
+    checkpoint = tiny_ggufs[name][1]
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    reference = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32)
+    inputs = tokenizer.apply_chat_template(MESSAGES, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    expected = reference.generate(**inputs, max_new_tokens=24, min_new_tokens=24, do_sample=False)
+    model, onnx_tokenizer = load(folder)
+    tokens, _ = bare_greedy(model, onnx_tokenizer, MESSAGES, 24)
+    assert tokens == expected[0, inputs["input_ids"].shape[1] :].tolist()
+
+
+def test_a_gguf_whose_weights_are_float_keeps_the_builders_quantization_and_says_why(built):
+    """An F16 file has no quantized blocks to carry: each node is re-quantized, the reason logged."""
+    folder, report = built("F16")
+    assert report.carried == {}
+    assert len(report.requantized) == 11
+    assert all(why == "GGUF type F16 has no exact MatMulNBits form" for why in report.requantized.values())
+    assert all(line.startswith("requantized\t") for line in report.lines())
+    model, tokenizer = load(folder)
+    assert len(bare_greedy(model, tokenizer, MESSAGES, 4)[0]) == 4  # the builder's int4 weights still run
+
+
+def test_block_weights_of_a_node_are_checked_against_the_checkpoint(tiny_ggufs):
+    """The mapping is verified, not trusted: another checkpoint's values are refused."""
+    from slmkit.gguf_carry import carry_node_weights, open_checkpoint
+
+    path, _ = tiny_ggufs["Q4_1"]
+    _, other_checkpoint = tiny_ggufs["Q4_0"]
+    weights = GgufWeights(path, json.loads((other_checkpoint / "config.json").read_text()))
+    with open_checkpoint(other_checkpoint) as checkpoint, pytest.raises(ValueError, match="do not dequantize"):
+        carry_node_weights([Part("model.layers.0.self_attn.o_proj.weight")], weights, checkpoint.get)
+    assert isinstance(weights.block_weights("model.layers.0.self_attn.o_proj.weight"), BlockWeights)
