@@ -128,7 +128,7 @@ class DownloadRun:
     source_key: str
     revision: str
     manifest_sha256: str
-    model: str
+    model_name: str
 
     def lineage_tags(self) -> dict[str, str]:
         """Tags that tie a later step's run to this download and to its model's source."""
@@ -153,8 +153,9 @@ def get_download_run(run_id: str) -> DownloadRun:
     if run.data.tags.get(STEP_TAG) != "download" or run.info.status != "FINISHED":
         raise UserError(f"download_run_id={run_id!r} is not a FINISHED download run (status {run.info.status})")
     tags = run.data.tags
+    # `model_name` is logged by the download step itself, whoever started it; `model` only by `mlflow run`.
     return DownloadRun(
-        run_id, tags[SOURCE_KEY_TAG], tags[REVISION_TAG], tags[MANIFEST_SHA_TAG], run.data.params.get("model", "")
+        run_id, tags[SOURCE_KEY_TAG], tags[REVISION_TAG], tags[MANIFEST_SHA_TAG], run.data.params.get("model_name", "")
     )
 
 

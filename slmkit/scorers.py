@@ -8,9 +8,12 @@ from __future__ import annotations
 
 from typing import Any
 
+import mlflow
 from mlflow.genai.scorers import scorer
 
 from slmkit import evaluation
+from slmkit.lineage import STEP_TAG
+from slmkit.tracking_server import bound_trace_writers
 
 
 @scorer
@@ -32,3 +35,28 @@ def well_formed(outputs: dict[str, Any]) -> bool:
 
 
 SCORERS = [answer_correct, token_f1, well_formed]
+
+
+def score_with_genai(
+    name: str, rows: list[evaluation.EvalRow], results: list[evaluation.RowResult]
+) -> dict[str, float]:
+    """Score answers already produced with SCORERS in a nested run `<name>-scores`: one trace per
+    row with one assessment per scorer, and `<scorer>/mean` metrics returned.
+
+    Trace writers are bounded to the store's connection pool, and the async trace queue is
+    flushed before the run ends, so every row's trace and assessments are in the store.
+    """
+    bound_trace_writers()
+    data = [
+        {
+            "inputs": {"messages": row.messages},
+            "outputs": {"content": result.answer, "finish_reason": result.finish_reason},
+            "expectations": {"answers": row.answers},
+        }
+        for row, result in zip(rows, results, strict=True)
+    ]
+    with mlflow.start_run(run_name=f"{name}-scores", nested=True):
+        mlflow.set_tag(STEP_TAG, "evaluate.scores")
+        metrics = mlflow.genai.evaluate(data=data, scorers=SCORERS).metrics
+        mlflow.flush_trace_async_logging()
+    return {key: float(value) for key, value in metrics.items()}

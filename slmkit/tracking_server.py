@@ -15,6 +15,11 @@ import urllib.request
 from slmkit.errors import UserError
 
 BOUNDED_RETRIES = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}
+# mlflow.genai.evaluate scores in up to 10 threads while the async trace exporter writes with 10
+# more, and the embedded SQLite store's connection pool holds 5 + 10: `make run` lost 6 of 48
+# per-row traces (QueuePool limit reached), one more lost its assessments, and scoring stalled
+# twice for 30 s. Two of each keep every write inside the pool; SQLite writes one at a time anyway.
+BOUNDED_TRACE_WRITERS = {"MLFLOW_GENAI_EVAL_MAX_WORKERS": "2", "MLFLOW_ASYNC_TRACE_LOGGING_MAX_WORKERS": "2"}
 HEALTH_TIMEOUT_S = 5.0
 
 
@@ -25,6 +30,12 @@ class TrackingServerUnreachable(UserError):
 def bound_tracking_retries() -> None:
     """Apply BOUNDED_RETRIES where the user set nothing; child steps inherit them."""
     for name, value in BOUNDED_RETRIES.items():
+        os.environ.setdefault(name, value)
+
+
+def bound_trace_writers() -> None:
+    """Apply BOUNDED_TRACE_WRITERS where the user set nothing."""
+    for name, value in BOUNDED_TRACE_WRITERS.items():
         os.environ.setdefault(name, value)
 
 

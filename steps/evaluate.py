@@ -42,7 +42,7 @@ from slmkit.lineage import (
     model_run,
     scratch_dir,
 )
-from slmkit.measure import Measurement, measure_in_subprocess
+from slmkit.measure import measure_in_subprocess
 from slmkit.presets import resolve_model
 from slmkit.promotion import (
     CHAMPION,
@@ -56,7 +56,7 @@ from slmkit.promotion import (
     register_candidate,
 )
 from slmkit.report import comparison_markdown, latency_figure, overview_figure
-from slmkit.scorers import SCORERS
+from slmkit.scorers import score_with_genai
 from slmkit.step_cli import EVALUATION_OPTIONS, add_options, parse_bool, positive_int, run_cli
 
 STEPS = {"pipeline": "log_pipeline", "onnx": "log_onnx_wrapper"}
@@ -86,21 +86,6 @@ def eval_set_file(value: str, scratch: Path) -> Path:
 def eval_dataset(rows: list[EvalRow], source: str) -> mlflow.data.pandas_dataset.PandasDataset:
     frame = pd.DataFrame([{"id": r.row_id, "messages": r.messages, "answers": r.answers} for r in rows])
     return mlflow.data.from_pandas(frame, source=source, name=Path(source).stem)
-
-
-def score_with_genai(name: str, rows: list[EvalRow], measurement: Measurement) -> dict[str, float]:
-    """Score the answers with the code scorers in a nested run: per-row traces, mean metrics."""
-    data = [
-        {
-            "inputs": {"messages": row.messages},
-            "outputs": {"content": result.answer, "finish_reason": result.finish_reason},
-            "expectations": {"answers": row.answers},
-        }
-        for row, result in zip(rows, measurement.results, strict=True)
-    ]
-    with mlflow.start_run(run_name=f"{name}-scores", nested=True):
-        mlflow.set_tag(STEP_TAG, "evaluate.scores")
-        return {key: float(value) for key, value in mlflow.genai.evaluate(data=data, scorers=SCORERS).metrics.items()}
 
 
 def version_tags(uri: str, metrics: dict[str, float], fingerprint: str) -> dict[str, str]:
@@ -160,7 +145,7 @@ def main(args: argparse.Namespace) -> None:
             for name, uri in uris.items():
                 measurements[name] = measure_in_subprocess(uri, rows, args.max_tokens, scratch)
                 model_metrics = {**summarize(measurements[name].results), **measurements[name].size_metrics()}
-                model_metrics.update(score_with_genai(name, rows, measurements[name]))
+                model_metrics.update(score_with_genai(name, rows, measurements[name].results))
                 metrics.update({f"{name}/{key}": value for key, value in model_metrics.items()})
             parity_metrics = parity(measurements["pipeline"].results, measurements["onnx"].results)
             metrics.update({f"parity/{key}": value for key, value in parity_metrics.items()})

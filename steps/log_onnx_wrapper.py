@@ -17,7 +17,7 @@ Params:
 Logs (tags `slmkit.step=log_onnx_wrapper`, `slmkit.source_key`, `slmkit.model_uri`):
     the model `model`: wrappers/onnx_chat_model.py as code, the ONNX folder as artifact
     `onnx_model` with its `manifest.json`, the chat signature, an input example, and pip
-    requirements without torch; params `onnx_origin`, `onnx_revision`, `quantization` (the one
+    requirements without torch; params `onnx_origin`, `onnx_revision`, `onnx_quantization` (the one
     built); for gguf the param `gguf_tensors` (carried and re-quantized counts) and the artifact
     `gguf_tensors.tsv` (each MatMul node, carried with its GGUF types or re-quantized and why);
     for auto the table `quantization_candidates.json` and `plots/quantization_quality_speed.png`;
@@ -166,10 +166,10 @@ def main(args: argparse.Namespace) -> None:
             mlflow.log_param("gguf_tensors", report.counts())
             mlflow.log_text("\n".join(report.lines()) + "\n", GGUF_REPORT)
         manifest = seal_onnx_folder(onnx_dir, origin, revision)
-        mlflow.log_params({"onnx_origin": origin, "onnx_revision": revision, "quantization": quantization})
+        mlflow.log_params({"onnx_origin": origin, "onnx_revision": revision, "onnx_quantization": quantization})
         mlflow.log_metric("build_seconds", time.perf_counter() - started)
         started = time.perf_counter()
-        model_name = Path(download.model if download else preset).name
+        model_name = download.model_name if download else preset
         with writing_artifacts("the ONNX wrapper model"):
             info = mlflow.pyfunc.log_model(
                 name="model",

@@ -237,6 +237,18 @@ def test_log_pipeline_alone_runs_download_first_in_a_fresh_experiment(tracking_s
         ),
         (("-e", "log_pipeline", "-P", "download_run_id=0123", "-P", "max_new_tokens=0"), "error: max_new_tokens=0"),
         (
+            ("-e", "log_onnx_wrapper", "-P", "model=smollm2-135m", "-P", "quantization=int3"),
+            "error: quantization='int3' is not available: use one of gguf, int4, int4-kquant, int8, fp32, auto",
+        ),
+        (
+            ("-e", "log_onnx_wrapper", "-P", "model=smollm2-135m", "-P", "quantization=fp16"),
+            "error: quantization='fp16' is not available on execution_provider=cpu",
+        ),
+        (
+            ("-e", "log_onnx_wrapper", "-P", "model=./data", "-P", "quantization=gguf"),
+            "error: quantization='gguf' needs a GGUF source",
+        ),
+        (
             (
                 "-e",
                 "evaluate",
