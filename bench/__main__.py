@@ -22,7 +22,6 @@ import subprocess
 import sys
 import tempfile
 import threading
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -30,8 +29,22 @@ import numpy as np
 import requests
 
 from bench.batching import engine_batch, prompt_and_step_ms, static_batch
-from bench.figures import BIN, PROMPTS, Figure, decode_rates, median_time, profile_to, relative, served, timed
+from bench.figures import (
+    BIN,
+    PROMPTS,
+    Figure,
+    aggregate_rate,
+    decode_rates,
+    median_time,
+    profile_to,
+    relative,
+    served,
+    served_generate,
+    timed,
+)
+from bench.quality import peer_figures, quantization_figures
 from slmkit import PROJECT_ROOT
+from slmkit.evaluation import load_eval_set
 from slmkit.onnx_batching import MAX_BATCH_SIZE_ENV
 from slmkit.onnx_build import build_onnx
 from slmkit.onnx_greedy import bare_greedy, load
@@ -55,15 +68,6 @@ def wrapper_generate(model):
 
 def bare_generate(model, tokenizer):
     return lambda messages, k: len(bare_greedy(model, tokenizer, messages, k)[0])
-
-
-def served_generate(url: str):
-    def generate(messages, k):
-        answer = requests.post(url, json={"messages": messages, "max_tokens": k}, timeout=300)
-        answer.raise_for_status()
-        return answer.json()[0]["usage"]["completion_tokens"]
-
-    return generate
 
 
 def cold_start(script: str, folder: Path, env: dict[str, str], reps: int) -> float:
@@ -116,24 +120,6 @@ def memory_bandwidth(reps: int) -> float:
     return sum(chunk.nbytes for chunk in chunks) / median_time(read_all, reps)
 
 
-def aggregate_rate(url: str, clients: int, requests_each: int, max_tokens: int) -> float:
-    """Completion tokens/s of all clients together against one server."""
-    counts = [0] * clients
-    generate = served_generate(url)
-
-    def client(index: int) -> None:
-        for r in range(requests_each):
-            counts[index] += generate(PROMPTS[(index + r) % len(PROMPTS)], max_tokens)
-
-    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
-    started = time.perf_counter()
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    return sum(counts) / (time.perf_counter() - started)
-
-
 def batching_alternatives(folder: Path, max_tokens: int, reps: int) -> dict[str, float | bool]:
     """Batch-of-4 and batch-of-1 tokens/s for static Generator batches and for the Engine, with
     whether batching kept every answer equal to the prompt answered alone, and the prompt and
@@ -163,6 +149,19 @@ def batching_alternatives(folder: Path, max_tokens: int, reps: int) -> dict[str,
     return figures
 
 
+def gguf_of(download_run_id: str, work: Path) -> Path | None:
+    """The GGUF file the download run kept of its source, or None for other sources."""
+    import mlflow
+
+    from slmkit.lineage import GGUF_ARTIFACT, download_gguf
+    from slmkit.manifest import MANIFEST_NAME, read_manifest
+
+    manifest = mlflow.artifacts.download_artifacts(
+        run_id=download_run_id, artifact_path=MANIFEST_NAME, dst_path=str(work)
+    )
+    return download_gguf(download_run_id, read_manifest(Path(manifest)), work / GGUF_ARTIFACT)
+
+
 def greedy_outputs(folder: Path, max_tokens: int) -> list[list[int]]:
     model, tokenizer = load(folder)
     return [bare_greedy(model, tokenizer, messages, max_tokens)[0] for messages in PROMPTS]
@@ -174,8 +173,12 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--max-tokens", type=int, default=64)
     args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="slmkit-bench-") as scratch:  # removed on every exit
+        run(args, Path(scratch))
+
+
+def run(args: argparse.Namespace, work: Path) -> None:
     stamp = f"{datetime.date.today().isoformat()}-{platform.node() or 'host'}"
-    work = Path(tempfile.mkdtemp(prefix="slmkit-bench-"))
     env = {
         **os.environ,
         "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
@@ -291,18 +294,18 @@ def main() -> None:
     with served(onnx_model_dir, env, work / "server.log") as server:
         url = server.url
         over_http = median_time(lambda: requests.post(url, json=request, timeout=300).raise_for_status(), reps)
-        one = aggregate_rate(url, 1, 8, max_tokens)
-        four = aggregate_rate(url, 4, 8, max_tokens)
+        one = aggregate_rate(served_generate(url), 1, 8, max_tokens)
+        four = aggregate_rate(served_generate(url), 4, 8, max_tokens)
     unbatched_env = {**env, MAX_BATCH_SIZE_ENV: "1"}
     with served(onnx_model_dir, unbatched_env, work / "server-unbatched.log") as server:
-        one_unbatched = aggregate_rate(server.url, 1, 8, max_tokens)
-        four_unbatched = aggregate_rate(server.url, 4, 8, max_tokens)
+        one_unbatched = aggregate_rate(served_generate(server.url), 1, 8, max_tokens)
+        four_unbatched = aggregate_rate(served_generate(server.url), 4, 8, max_tokens)
     cpus = len(os.sched_getaffinity(0))
     per_cpu_env = {**env, THREADS_ENV: "1"}
     with served(onnx_model_dir, per_cpu_env, work / "server-workers.log", "-w", str(cpus)) as server:
-        aggregate_rate(server.url, cpus, 1, max_tokens)  # every worker loads its model
-        one_per_cpu = aggregate_rate(server.url, 1, 8, max_tokens)
-        four_per_cpu = aggregate_rate(server.url, 4, 8, max_tokens)
+        aggregate_rate(served_generate(server.url), cpus, 1, max_tokens)  # every worker loads its model
+        one_per_cpu = aggregate_rate(served_generate(server.url), 1, 8, max_tokens)
+        four_per_cpu = aggregate_rate(served_generate(server.url), 4, 8, max_tokens)
     figures.append(
         Figure(
             "serving latency / in-process",
@@ -385,6 +388,14 @@ def main() -> None:
         )
     )  # fmt: skip
 
+    # 9 and 10. Quality against speed of every build of this checkpoint, and the llama.cpp peer
+    # on the same GGUF file (bench/quality.py).
+    rows = load_eval_set(PROJECT_ROOT / "data" / "eval_set.jsonl")
+    gguf = gguf_of(download_run_id, work)
+    figures += quantization_figures(checkpoint, gguf, rows, work / "quantizations", max_tokens, reps)
+    with served(onnx_model_dir, env, work / "server-peer.log") as server:
+        figures += peer_figures(server.url, gguf, rows, work, max_tokens)
+
     # 8. Logging cost: log_model over a plain copy of the same files.
     with mlflow.start_run(run_name="bench-logging"):
         _, log_onnx = timed(
@@ -421,10 +432,13 @@ def main() -> None:
         report = RESULTS / f"{stamp}-cached-rerun.txt"
         command = [sys.executable, "-m", "pyinstrument", "-r", "text", "-o", str(report), "-m", "steps.main"]
         command += ["--model", args.model, "--max-rows", "4", "--max-tokens", "16"]
-        subprocess.run(
-            command, env={**env, "MLFLOW_EXPERIMENT_NAME": "bench"}, cwd=PROJECT_ROOT, check=True, capture_output=True
+        profiled = subprocess.run(
+            command, env={**env, "MLFLOW_EXPERIMENT_NAME": "bench"}, cwd=PROJECT_ROOT, capture_output=True, text=True
         )
-        figures[0].profile = relative(report)
+        if profiled.returncode == 0:
+            figures[0].profile = relative(report)
+        else:  # the figures measured so far are kept; the reason goes with them
+            figures[0].detail["profile_error"] = (profiled.stderr.strip().splitlines() or ["no output"])[-1]
 
     RESULTS.mkdir(parents=True, exist_ok=True)
     result = {
@@ -443,7 +457,6 @@ def main() -> None:
     for figure in figures:
         print(figure.row())
     print(f"\nwritten {out}")
-    shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -86,6 +87,36 @@ def decode_rates(
                 if tokens > 1 and total > first:
                     rates[name].append((tokens - 1) / (total - first))
     return {name: statistics.median(values) for name, values in rates.items()}
+
+
+def chat_completion(url: str, messages: list[dict[str, str]], max_tokens: int) -> dict[str, Any]:
+    """One greedy chat request to `/invocations` (a one-element list back, mlflow#14429) or to
+    an OpenAI route (the object itself)."""
+    answer = requests.post(url, json={"messages": messages, "max_tokens": max_tokens, "temperature": 0}, timeout=300)
+    answer.raise_for_status()
+    body = answer.json()
+    return body[0] if isinstance(body, list) else body
+
+
+def served_generate(url: str) -> Generate:
+    return lambda messages, max_tokens: chat_completion(url, messages, max_tokens)["usage"]["completion_tokens"]
+
+
+def aggregate_rate(generate: Generate, clients: int, requests_each: int, max_tokens: int) -> float:
+    """Completion tokens/s of all clients together, each sending `requests_each` requests."""
+    counts = [0] * clients
+
+    def client(index: int) -> None:
+        for r in range(requests_each):
+            counts[index] += generate(PROMPTS[(index + r) % len(PROMPTS)], max_tokens)
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
+    started = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return sum(counts) / (time.perf_counter() - started)
 
 
 def profile_to(path: Path, fn: Callable[[], Any]) -> str:

@@ -34,7 +34,10 @@ MODEL_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"
 _LAYER_NODE = re.compile(r"^/model/layers\.(\d+)/(attn|mlp)/(\w+)/MatMul")
 _MODULE_PREFIX = {"attn": "self_attn", "mlp": "mlp"}
+# Builder nodes that stack several checkpoint weights (llama's q, k, v), and nodes that take one
+# half of a fused checkpoint weight (Phi-3's gate_up_proj).
 _FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj")}
+_SPLIT = {"gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}
 # Activation precision per node (MatMulNBits' accuracy_level): 4 quantizes activations to int8 per
 # block of 32, as llama.cpp does (q8_0/q8_1), 1 keeps them float32. On SmolLM2's Q4_1 file, greedy,
 # 24 eval rows, against transformers in float32: int8 everywhere kept 12 answers exactly, float32
@@ -45,7 +48,6 @@ _FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj")}
 # for them (1.2 ms against 38 µs for 576×1536).
 FLOAT_ACTIVATION_MODULES = ("down_proj",)
 ALL_MODULES = "*"
-_SPLIT = {"gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}
 
 
 @dataclass(frozen=True)

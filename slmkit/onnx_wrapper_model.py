@@ -6,6 +6,9 @@ the same ones to `mlflow.pyfunc.save_model`, so every copy of the wrapper is pac
 
 from __future__ import annotations
 
+import contextlib
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +21,15 @@ WRAPPER = PROJECT_ROOT / "wrappers" / "onnx_chat_model.py"
 LIBRARY = PROJECT_ROOT / "slmkit"
 ONNX_ARTIFACT = "onnx_model"
 INPUT_EXAMPLE = {"messages": [{"role": "user", "content": "What is the capital of France?"}], "max_tokens": 16}
+
+
+@contextlib.contextmanager
+def without_type_hint_advice() -> Iterator[None]:
+    """Silence MLflow's advice to add type hints to `predict` while the wrapper is logged: its
+    explicit chat signature, not type hints, governs the input (README: bad input)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Add type hints to the `predict` method", category=UserWarning)
+        yield
 
 
 def seal_onnx_folder(onnx_dir: Path, origin: str, revision: str) -> dict[str, Any]:

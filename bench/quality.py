@@ -1,0 +1,146 @@
+"""Quality against speed of every ONNX build of one checkpoint, and the llama.cpp peer.
+
+`quantization_figures`: each CPU quantization (and the GGUF carry-over with int8, mixed and float
+activations), built from the same download, answers the eval set greedily; exact match is
+against transformers in float32 on the same checkpoint, the reference the pipeline serves.
+
+`peer_figures`: our served ONNX model against llama.cpp's `llama-server` on the same GGUF file,
+in the same sitting: 1-client and 4-client completion tokens/s and the eval answer-correct rate.
+`LLAMA_SERVER` names the binary (README: how to build it); without it the figures are skipped.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import statistics
+import subprocess
+from pathlib import Path
+from typing import Any
+
+from bench.figures import (
+    PROMPTS,
+    Figure,
+    aggregate_rate,
+    chat_completion,
+    decode_rates,
+    free_port,
+    served_generate,
+    stop_process,
+    wait_for_http,
+)
+from slmkit.evaluation import EvalRow, answer_correct
+from slmkit.gguf_carry import ALL_MODULES, FLOAT_ACTIVATION_MODULES, carry_gguf_weights
+from slmkit.manifest import folder_bytes
+from slmkit.onnx_build import QUANTIZATIONS, build_onnx
+from slmkit.onnx_greedy import bare_greedy, load
+from slmkit.quantization_choice import onnx_answers, reference_answers, score_answers
+
+LLAMA_SERVER_ENV = "LLAMA_SERVER"
+# The GGUF carry-over with each activation precision (slmkit.gguf_carry.FLOAT_ACTIVATION_MODULES).
+GGUF_ACTIVATIONS = {"gguf (int8 activations)": (), "gguf (default)": FLOAT_ACTIVATION_MODULES, "gguf (float activations)": (ALL_MODULES,)}  # fmt: skip
+
+
+def build_variants(checkpoint: Path, gguf: Path | None, work: Path) -> dict[str, Path]:
+    """Every CPU quantization of `checkpoint`, and the GGUF carry-over in each activation precision."""
+    folders = {}
+    for name in (q for q, spec in QUANTIZATIONS.items() if "cpu" in spec.providers and not spec.carries_gguf):
+        folders[name] = work / name
+        build_onnx(name, checkpoint, folders[name], work, "cpu")
+    if gguf is not None:
+        for name, modules in GGUF_ACTIVATIONS.items():
+            folders[name] = work / re.sub(r"[^a-z0-9]+", "-", name).strip("-")
+            shutil.copytree(folders["int4"], folders[name])
+            carry_gguf_weights(folders[name], gguf, checkpoint, modules)
+    return folders
+
+
+def quantization_figures(
+    checkpoint: Path, gguf: Path | None, rows: list[EvalRow], work: Path, max_tokens: int, reps: int
+) -> list[Figure]:
+    """The quality-against-speed table as one report figure, and the carry-over's targets:
+    answers within 0.05 of the source, exact match >= 0.6, decode >= 0.9x today's int4 build."""
+    reference = reference_answers(checkpoint, rows, max_tokens)
+    reference_correct, _ = score_answers(reference, reference, rows)
+    folders = build_variants(checkpoint, gguf, work)
+    table: dict[str, dict[str, Any]] = {}
+    models = {name: load(folder) for name, folder in folders.items()}
+    speeds = decode_rates(
+        {name: lambda m, k, pair=pair: len(bare_greedy(*pair, m, k)[0]) for name, pair in models.items()},
+        max_tokens,
+        reps,
+        PROMPTS[:2],
+    )
+    for name, folder in folders.items():
+        answers, _ = onnx_answers(folder, rows, max_tokens)
+        correct, exact = score_answers(answers, reference, rows)
+        table[name] = {
+            "size_mib": folder_bytes(folder) / 2**20,
+            "exact_match": exact,
+            "correct": correct,
+            "decode_tok_s": speeds[name],
+        }
+    del models
+    figures = [
+        Figure(
+            "quality against speed (eval set, greedy, bare loop)",
+            len(table),
+            "report",
+            None,
+            {"reference_correct": reference_correct, "rows": len(rows), "builds": table},
+        )
+    ]
+    if gguf is not None:
+        carried, int4 = table["gguf (default)"], table["int4"]
+        figures += [
+            Figure("gguf correct rate - source's", carried["correct"] - reference_correct, ">= -0.05", carried["correct"] >= reference_correct - 0.05, carried),
+            Figure("gguf exact match with the source", carried["exact_match"], ">= 0.6 (goal 0.9)", carried["exact_match"] >= 0.6, carried),
+            Figure("gguf / int4 decode tok/s", carried["decode_tok_s"] / int4["decode_tok_s"], ">= 0.9", carried["decode_tok_s"] >= 0.9 * int4["decode_tok_s"], {"gguf": carried, "int4": int4}),
+        ]  # fmt: skip
+    return figures
+
+
+def served_correct_rate(url: str, rows: list[EvalRow], max_tokens: int) -> float:
+    """Answer-correct rate of a served chat model on the eval rows, greedy."""
+    correct = []
+    for row in rows:
+        answer = chat_completion(url, row.messages, max_tokens)
+        correct.append(answer_correct(answer["choices"][0]["message"]["content"], row.answers))
+    return statistics.fmean(correct)
+
+
+def llama_server(binary: str, gguf: Path, log: Path):
+    """`llama-server` on the GGUF, 4 parallel slots and one thread per CPU, as a user runs it."""
+    port = free_port()
+    threads = str(len(os.sched_getaffinity(0)))
+    command = [binary, "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port), "--parallel", "4", "-t", threads]
+    command += ["-c", "8192"]
+    with log.open("w") as sink:
+        process = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT)
+    wait_for_http(f"http://127.0.0.1:{port}/health", process, timeout_s=120)
+    return process, f"http://127.0.0.1:{port}/v1/chat/completions"
+
+
+def peer_figures(served_url: str, gguf: Path | None, rows: list[EvalRow], work: Path, max_tokens: int) -> list[Figure]:
+    """Our served model over llama-server on the same GGUF, at 1 and at 4 clients, same sitting."""
+    binary = os.environ.get(LLAMA_SERVER_ENV, "")
+    if not binary or gguf is None:
+        why = f"{LLAMA_SERVER_ENV} is not set" if not binary else "the source is not a GGUF file"
+        print(f"peer figure skipped: {why} (README: building llama-server)")
+        return []
+    process, llama_url = llama_server(binary, gguf, work / "llama-server.log")
+    try:
+        ours = {k: aggregate_rate(served_generate(served_url), k, 8, max_tokens) for k in (1, 4)}
+        theirs = {k: aggregate_rate(served_generate(llama_url), k, 8, max_tokens) for k in (1, 4)}
+        quality = {
+            "onnx_correct": served_correct_rate(served_url, rows, max_tokens),
+            "llama_server_correct": served_correct_rate(llama_url, rows, max_tokens),
+        }
+    finally:
+        stop_process(process)
+    detail = {"onnx_tok_s": ours, "llama_server_tok_s": theirs, **quality}
+    return [
+        Figure(f"served ONNX / llama-server tok/s, {k} client{'s' * (k > 1)}", ours[k] / theirs[k], ">= 1.0", ours[k] >= theirs[k], detail)
+        for k in (1, 4)
+    ]  # fmt: skip
