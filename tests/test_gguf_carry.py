@@ -111,6 +111,8 @@ def tiny_ggufs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path
         ("Q8_0", untied, "Q8_0"),
         ("Q4_1-tied", tied, "Q4_1"),
         ("F16", untied, "F16"),
+        ("Q5_0", untied, "Q5_0"),
+        ("Q5_1", untied, "Q5_1"),
     ):
         path = write_tiny_phi3_gguf(source, root / f"{name}.gguf", quantization)
         checkpoint = root / f"{name}-checkpoint"
@@ -154,7 +156,7 @@ def gguf_reference(weights: GgufWeights, parts: list[Part]) -> np.ndarray:
     return np.concatenate(pieces)
 
 
-@pytest.mark.parametrize("name", ["Q4_0", "Q4_1", "Q8_0", "Q4_1-tied"])
+@pytest.mark.parametrize("name", ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_1-tied"])
 def test_every_matmul_of_a_tiny_phi3_gguf_carries_the_files_own_weights(name: str, tiny_ggufs, built):
     folder, report = built(name)
     path, checkpoint = tiny_ggufs[name]
@@ -170,7 +172,7 @@ def test_every_matmul_of_a_tiny_phi3_gguf_carries_the_files_own_weights(name: st
         assert np.array_equal(node_weights(model, node), gguf_reference(weights, node_parts(node.name, names))), (
             node.name
         )
-    expected_bits = 8 if name == "Q8_0" else 4
+    expected_bits = 4 if name.startswith("Q4") else 8
     assert {a.i for n in matmuls for a in n.attribute if a.name == "bits"} == {expected_bits}
 
 
@@ -218,3 +220,28 @@ def test_block_weights_of_a_node_are_checked_against_the_checkpoint(tiny_ggufs):
     with open_checkpoint(other_checkpoint) as checkpoint, pytest.raises(ValueError, match="do not dequantize"):
         carry_node_weights([Part("model.layers.0.self_attn.o_proj.weight")], weights, checkpoint.get)
     assert isinstance(weights.block_weights("model.layers.0.self_attn.o_proj.weight"), BlockWeights)
+
+
+@pytest.mark.parametrize("name", ["Q5_0", "Q5_1", "Q8_0"])
+def test_8_bit_carried_weights_compute_what_transformers_computes(name: str, tiny_ggufs, built):
+    """5- and 8-bit codes run in 8-bit MatMulNBits with their zero points (Q5_0: 16) and min term
+    (Q5_1), always with int8 activations: the prompt's next-token logits stay within 2% of
+    transformers' on the same weights (a wrong zero point or layout moves them by far more)."""
+    import onnxruntime_genai as og
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder, _ = built(name)
+    checkpoint = tiny_ggufs[name][1]
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    reference = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32)
+    ids = tokenizer.apply_chat_template(MESSAGES, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    with torch.inference_mode():
+        expected = reference(**ids).logits[0, -1].numpy()
+    model, _ = load(folder)
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=ids["input_ids"].shape[1] + 1)
+    generator = og.Generator(model, params)
+    generator.append_tokens(ids["input_ids"][0].numpy().astype(np.int32))
+    logits = generator.get_logits()[0].reshape(-1)
+    assert np.abs(logits - expected).max() <= 0.02 * np.abs(expected).max()

@@ -116,7 +116,7 @@ def train_tiny_phi3(dest: Path, conversations: list[tuple[list[dict[str, str]], 
 def write_tiny_phi3_gguf(checkpoint: Path, dest: Path, quantization: str) -> Path:
     """Write the Phi-3 checkpoint at `checkpoint` as a GGUF file, as llama.cpp's converter lays it
     out (tensor names from gguf's own name map, `phi3` metadata, the byte-level BPE tokenizer and
-    chat template), with its 2-D weights quantized by the gguf package (`Q4_0`, `Q4_1`, `Q8_0`).
+    chat template), with its 2-D weights quantized by the gguf package (`Q4_0`, `Q4_1`, `Q5_0`, `Q5_1`, `Q8_0`).
     """
     import json
 
