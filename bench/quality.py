@@ -1,7 +1,7 @@
 """Quality against speed of every ONNX build of one checkpoint, and the llama.cpp peer.
 
-`quantization_figures`: each CPU quantization (and the GGUF carry-over with int8, mixed and float
-activations), built from the same download, answers the eval set greedily; exact match is
+`quantization_figures`: each CPU quantization (and the GGUF carry-over in each activation
+precision of slmkit.gguf_carry.ACTIVATIONS), built from the same download, answers the eval set greedily; exact match is
 against transformers in float32 on the same checkpoint, the reference the pipeline serves.
 
 `peer_figures`: our served ONNX model against llama.cpp's `llama-server` on the same GGUF file,
@@ -31,15 +31,15 @@ from bench.figures import (
     wait_for_http,
 )
 from slmkit.evaluation import EvalRow, answer_correct
-from slmkit.gguf_carry import ALL_MODULES, FLOAT_ACTIVATION_MODULES, carry_gguf_weights
+from slmkit.gguf_carry import ACTIVATIONS, DEFAULT_ACTIVATIONS, carry_gguf_weights
 from slmkit.manifest import folder_bytes
 from slmkit.onnx_build import QUANTIZATIONS, build_onnx
 from slmkit.onnx_greedy import bare_greedy, load
 from slmkit.quantization_choice import onnx_answers, reference_answers, score_answers
 
 LLAMA_SERVER_ENV = "LLAMA_SERVER"
-# The GGUF carry-over with each activation precision (slmkit.gguf_carry.FLOAT_ACTIVATION_MODULES).
-GGUF_ACTIVATIONS = {"gguf (int8 activations)": (), "gguf (default)": FLOAT_ACTIVATION_MODULES, "gguf (float activations)": (ALL_MODULES,)}  # fmt: skip
+
+GGUF_DEFAULT = f"gguf, {DEFAULT_ACTIVATIONS} activations"
 
 
 def build_variants(checkpoint: Path, gguf: Path | None, work: Path) -> dict[str, Path]:
@@ -49,10 +49,11 @@ def build_variants(checkpoint: Path, gguf: Path | None, work: Path) -> dict[str,
         folders[name] = work / name
         build_onnx(name, checkpoint, folders[name], work, "cpu")
     if gguf is not None:
-        for name, modules in GGUF_ACTIVATIONS.items():
+        for activations in ACTIVATIONS:  # slmkit.gguf_carry: the activation precisions
+            name = f"gguf, {activations} activations"
             folders[name] = work / re.sub(r"[^a-z0-9]+", "-", name).strip("-")
             shutil.copytree(folders["int4"], folders[name])
-            carry_gguf_weights(folders[name], gguf, checkpoint, modules)
+            carry_gguf_weights(folders[name], gguf, checkpoint, activations)
     return folders
 
 
@@ -92,7 +93,7 @@ def quantization_figures(
         )
     ]
     if gguf is not None:
-        carried, int4 = table["gguf (default)"], table["int4"]
+        carried, int4 = table[GGUF_DEFAULT], table["int4"]
         figures += [
             Figure("gguf correct rate - source's", carried["correct"] - reference_correct, ">= -0.05", carried["correct"] >= reference_correct - 0.05, carried),
             Figure("gguf exact match with the source", carried["exact_match"], ">= 0.6 (goal 0.9)", carried["exact_match"] >= 0.6, carried),

@@ -38,16 +38,19 @@ _MODULE_PREFIX = {"attn": "self_attn", "mlp": "mlp"}
 # half of a fused checkpoint weight (Phi-3's gate_up_proj).
 _FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj")}
 _SPLIT = {"gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}
-# Activation precision per node (MatMulNBits' accuracy_level): 4 quantizes activations to int8 per
-# block of 32, as llama.cpp does (q8_0/q8_1), 1 keeps them float32. On SmolLM2's Q4_1 file, greedy,
-# 24 eval rows, against transformers in float32: int8 everywhere kept 12 answers exactly, float32
-# in the MLP's down projection alone 18, float32 in every 4-bit node 22. The down projection reads
-# the product of the gate and up projections, the activation with the widest range, so it keeps
-# float32 by default; int8 elsewhere keeps decoding fast (bench: quality against speed).
-# 8-bit weights always take int8 activations: at level 1 onnxruntime 1.32 has no fast kernel
-# for them (1.2 ms against 38 µs for 576×1536).
-FLOAT_ACTIVATION_MODULES = ("down_proj",)
-ALL_MODULES = "*"
+# Activation precision (MatMulNBits' accuracy_level, and the block its int8 activations are
+# quantized by, which is the weight's block). On SmolLM2's Q4_1 file, greedy, 24 eval rows,
+# against transformers in float32 (exact match / correct; the source answers 20):
+#   int8-32  int8 per block of 32, as llama.cpp does (q8_0/q8_1): 12 / 16, fastest
+#   int8-16  4-bit weights re-blocked to 16 (each scale and min repeated, exactly): 16 / 21
+#   float32  accuracy level 1 for 4-bit weights: 22 / 20, slowest
+# int8-16 is the default: integer arithmetic gives each row of a batch the same result as alone,
+# so the wrapper's batched answers stay equal to its lone ones (float32 activations in the down
+# projection alone answered 18 / 20, but onnxruntime's float kernels sum differently for a batch
+# than for one row, and batched answers changed). 8-bit weights always take int8-32: below level
+# 4 onnxruntime 1.32 has no fast kernel for them (1.2 ms against 38 µs for 576×1536).
+ACTIVATIONS = {"int8-32": (4, None), "int8-16": (4, 16), "float32": (1, None)}
+DEFAULT_ACTIVATIONS = "int8-16"
 
 
 @dataclass(frozen=True)
@@ -176,26 +179,26 @@ def carry_node_weights(
     return carried, "+".join(types)
 
 
-def accuracy_level(node_name: str, bits: int, float_activation_modules: tuple[str, ...]) -> int:
-    """MatMulNBits' accuracy_level for a node: 1 (float32 activations) for 4-bit nodes of the named
-    modules (`*`: all), else 4 (int8 activations)."""
-    module = node_name.split("/")[-2] if "/" in node_name else node_name
-    float_activations = ALL_MODULES in float_activation_modules or module in float_activation_modules
-    return 1 if bits == 4 and float_activations else 4
+def node_precision(weights: BlockWeights, activations: str) -> tuple[int, BlockWeights]:
+    """MatMulNBits' accuracy_level for carried weights, and the weights in the block size their
+    activations are quantized by (see ACTIVATIONS)."""
+    level, block_size = ACTIVATIONS[activations] if weights.bits == 4 else ACTIVATIONS["int8-32"]
+    if block_size and block_size < weights.block_size:
+        weights = weights.with_block_size(block_size)
+    return level, weights
 
 
 def carry_gguf_weights(
     onnx_dir: Path,
     gguf_path: Path,
     checkpoint_dir: Path,
-    float_activation_modules: tuple[str, ...] = FLOAT_ACTIVATION_MODULES,
+    activations: str = DEFAULT_ACTIVATIONS,
 ) -> CarryReport:
     """Replace the weights of the builder's MatMulNBits nodes in `onnx_dir` by `gguf_path`'s own.
 
     `checkpoint_dir` is the float checkpoint the builder read (download's dequantization of the
-    same file): each carried node is checked to equal it exactly. Nodes of
-    `float_activation_modules` keep float32 activations, the others take int8 (see
-    FLOAT_ACTIVATION_MODULES).
+    same file): each carried node is checked to equal it exactly. `activations` is one of
+    ACTIVATIONS.
     """
     import onnx
 
@@ -215,7 +218,7 @@ def carry_gguf_weights(
             except (KeyError, ValueError) as error:
                 report.requantized[node.name] = str(error).strip("'\"")
                 continue
-            graph.set_matmul_weights(node, carried, float_activation_modules)
+            graph.set_matmul_weights(node, *node_precision(carried, activations))
             report.carried[node.name] = types
     (onnx_dir / DATA_FILE).unlink(missing_ok=True)
     onnx.save_model(model, str(onnx_dir / MODEL_FILE), save_as_external_data=True, location=DATA_FILE)
@@ -302,7 +305,7 @@ class ModelGraph:
     def _consumers(self, name: str) -> Iterator:
         return (node for node in self.model.graph.node if name in node.input)
 
-    def set_matmul_weights(self, node, weights: BlockWeights, float_activation_modules: tuple[str, ...]) -> None:
+    def set_matmul_weights(self, node, level: int, weights: BlockWeights) -> None:
         from onnx import helper
 
         weight_name, scales_name = node.input[1], node.input[2]
@@ -317,7 +320,6 @@ class ModelGraph:
         if not default_zero:
             self._set_initializer(zero_name, pack_zero_points(weights.zero_points, bits))
             node.input.append(zero_name)
-        level = accuracy_level(node.name, bits, float_activation_modules)
         for attribute, value in (("bits", bits), ("block_size", weights.block_size), ("accuracy_level", level)):
             node.attribute.remove(next(a for a in node.attribute if a.name == attribute))
             node.attribute.append(helper.make_attribute(attribute, value))

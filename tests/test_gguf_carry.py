@@ -20,9 +20,9 @@ from slmkit.gguf_carry import (
     CarryReport,
     GgufWeights,
     Part,
-    accuracy_level,
     carry_gguf_weights,
     node_parts,
+    node_precision,
     node_weights,
 )
 from slmkit.onnx_build import build_onnx
@@ -89,11 +89,15 @@ def test_builder_nodes_map_to_checkpoint_weights():
     assert node_parts("/model/layers.0/attn/rotary/MatMul", llama) is None
 
 
-def test_activation_precision_is_float_for_the_named_4_bit_modules_only():
-    assert accuracy_level("/model/layers.3/mlp/down_proj/MatMul_Q4", 4, ("down_proj",)) == 1
-    assert accuracy_level("/model/layers.3/mlp/up_proj/MatMul_Q4", 4, ("down_proj",)) == 4
-    assert accuracy_level("/lm_head/MatMul_Q4", 8, ("*",)) == 4  # no fast 8-bit kernel at level 1
-    assert accuracy_level("/lm_head/MatMul_Q4", 4, ("*",)) == 1
+def test_activation_precision_reblocks_4_bit_weights_exactly_and_leaves_8_bit_ones():
+    q4 = block_weights(random_blocks(Q.Q4_1, 3, 64), Q.Q4_1, 3, 64)
+    level, reblocked = node_precision(q4, "int8-16")
+    assert (level, reblocked.block_size) == (4, 16)
+    assert np.array_equal(reblocked.dequantize(), q4.dequantize())
+    assert node_precision(q4, "int8-32") == (4, q4)
+    assert node_precision(q4, "float32") == (1, q4)
+    q8 = block_weights(random_blocks(Q.Q8_0, 3, 64), Q.Q8_0, 3, 64)
+    assert node_precision(q8, "float32") == (4, q8)  # no fast 8-bit kernel at level 1
 
 
 @pytest.fixture(scope="module")
@@ -124,7 +128,7 @@ def tiny_ggufs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path
 
 @pytest.fixture(scope="module")
 def built(tiny_ggufs: dict, tmp_path_factory: pytest.TempPathFactory):
-    """Build and carry each tiny GGUF once (float activations everywhere), on first use."""
+    """Build and carry each tiny GGUF once (float32 activations), on first use."""
     cache = {}
 
     def build(name: str) -> tuple[Path, CarryReport]:
@@ -132,7 +136,7 @@ def built(tiny_ggufs: dict, tmp_path_factory: pytest.TempPathFactory):
             path, checkpoint = tiny_ggufs[name]
             scratch = tmp_path_factory.mktemp(f"carried-{name}")
             build_onnx("int4", checkpoint, scratch / "onnx", scratch, "cpu")
-            cache[name] = scratch / "onnx", carry_gguf_weights(scratch / "onnx", path, checkpoint, ("*",))
+            cache[name] = scratch / "onnx", carry_gguf_weights(scratch / "onnx", path, checkpoint, "float32")
         return cache[name]
 
     return build
