@@ -351,7 +351,7 @@ def run(args: argparse.Namespace, work: Path) -> None:
     pipeline_rate, registry_onnx_rate = registry_rates["pipeline"], registry_rates["onnx"]
     figures.append(
         Figure(
-            "ONNX int4 / pipeline decode tok/s",
+            "ONNX / pipeline decode tok/s",
             registry_onnx_rate / pipeline_rate,
             "report",
             None,

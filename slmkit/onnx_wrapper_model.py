@@ -28,7 +28,8 @@ def without_type_hint_advice() -> Iterator[None]:
     """Silence MLflow's advice to add type hints to `predict` while the wrapper is logged: its
     explicit chat signature, not type hints, governs the input (README: bad input)."""
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Add type hints to the `predict` method", category=UserWarning)
+        # MLflow colours the message, so it starts with an escape sequence.
+        warnings.filterwarnings("ignore", message=".*Add type hints to the `predict` method", category=UserWarning)
         yield
 
 
