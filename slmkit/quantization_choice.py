@@ -16,8 +16,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from slmkit.errors import UserError
 from slmkit.evaluation import EvalRow, answer_correct
-from slmkit.onnx_build import QUANTIZATIONS
+from slmkit.gguf_carry import CarryReport
+from slmkit.manifest import folder_bytes
+from slmkit.onnx_build import QUANTIZATIONS, build_onnx
 
 # Bits a weight takes in each build, scales included (block 32, float32 scales), to order them.
 BITS_PER_WEIGHT = {"int4": 5.0, "int4-kquant": 6.0, "int8": 9.0, "fp16": 16.0, "bf16": 16.0, "fp32": 32.0}
@@ -44,6 +47,17 @@ def candidate_order(execution_provider: str, gguf_bits_per_weight: float | None)
     if gguf_bits_per_weight is not None and execution_provider in QUANTIZATIONS["gguf"].providers:
         sizes["gguf"] = gguf_bits_per_weight
     return sorted(sizes, key=lambda q: sizes[q])
+
+
+@dataclass(frozen=True)
+class AutoChoice:
+    """What `quantization=auto` kept, in which folder, and every candidate it tried."""
+
+    kept: Candidate
+    tried: list[Candidate]
+    reference_correct_rate: float
+    folder: Path
+    report: CarryReport | None
 
 
 def good_enough(candidate: Candidate, reference_correct_rate: float, max_quality_drop: float) -> bool:
@@ -109,3 +123,41 @@ def onnx_answers(folder: Path, rows: list[EvalRow], max_tokens: int) -> tuple[li
         tokens += len(generated)
         answers.append(tokenizer.decode(generated))
     return answers, tokens / seconds if seconds else 0.0
+
+
+def auto_quantization(
+    checkpoint: Path,
+    gguf: Path | None,
+    scratch: Path,
+    execution_provider: str,
+    rows: list[EvalRow],
+    max_quality_drop: float,
+    max_tokens: int,
+) -> AutoChoice:
+    """Build candidates smallest first (into `scratch`) and keep the first whose greedy answers on
+    `rows` keep the source's quality; see the module docstring.
+
+    Raises:
+        UserError: no candidate could be built; the message gives each one's reason.
+    """
+    reference = reference_answers(checkpoint, rows, max_tokens)
+    reference_correct, _ = score_answers(reference, reference, rows)
+    builds: dict[str, tuple[Path, CarryReport | None]] = {}
+
+    def measure(quantization: str) -> Candidate:
+        folder = scratch / f"candidate-{quantization}"
+        try:
+            report = build_onnx(quantization, checkpoint, folder, scratch, execution_provider, gguf)
+            answers, speed = onnx_answers(folder, rows, max_tokens)
+        except Exception as error:  # a candidate that fails to build or load is skipped, not fatal
+            reason = str(error).strip().splitlines()[-1][:300] if str(error).strip() else type(error).__name__
+            return Candidate(quantization, skipped=reason)
+        builds[quantization] = folder, report
+        correct, exact = score_answers(answers, reference, rows)
+        return Candidate(quantization, folder_bytes(folder), correct, exact, speed)
+
+    gguf_bits = 32 * gguf.stat().st_size / folder_bytes(checkpoint, ".safetensors") if gguf else None
+    kept, tried = choose(candidate_order(execution_provider, gguf_bits), measure, reference_correct, max_quality_drop)
+    if kept is None:
+        raise UserError(f"quantization=auto: no candidate could be built ({'; '.join(c.skipped for c in tried)})")
+    return AutoChoice(kept, tried, reference_correct, *builds[kept.quantization])

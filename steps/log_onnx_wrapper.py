@@ -37,7 +37,6 @@ import mlflow
 from slmkit.databricks import ONNX_MODEL_URI, publish_task_value
 from slmkit.errors import UserError
 from slmkit.evaluation import eval_set_path, load_eval_set
-from slmkit.gguf_carry import CarryReport
 from slmkit.lineage import (
     MODEL_URI_TAG,
     SOURCE_KEY_TAG,
@@ -49,20 +48,11 @@ from slmkit.lineage import (
     upstream_download,
     writing_artifacts,
 )
-from slmkit.manifest import folder_bytes
 from slmkit.onnx_build import AUTO, build_onnx, check_quantization, fetch_ready_variant
 from slmkit.onnx_wrapper_model import seal_onnx_folder, without_type_hint_advice, wrapper_model_arguments
 from slmkit.pipeline_model import generation_config
 from slmkit.presets import ModelSpec, check_execution_provider, default_quantization, load_presets, resolve_model
-from slmkit.quantization_choice import (
-    Candidate,
-    candidate_order,
-    choose,
-    good_enough,
-    onnx_answers,
-    reference_answers,
-    score_answers,
-)
+from slmkit.quantization_choice import AutoChoice, auto_quantization, good_enough
 from slmkit.report import quality_speed_figure
 from slmkit.step_cli import GENERATION_OPTIONS, QUANTIZATION_OPTIONS, add_options, parse_bool, run_cli
 
@@ -92,42 +82,17 @@ def use_hub_variant(spec: ModelSpec | None, onnx_source: str, execution_provider
     return onnx_source == "hub" or (onnx_source == "auto" and available and quantization == HUB_QUANTIZATION)
 
 
-def choose_quantization(
-    checkpoint: Path, gguf: Path | None, scratch: Path, execution_provider: str, args: argparse.Namespace
-) -> tuple[str, Path, CarryReport | None]:
-    """`quantization=auto`: build candidates smallest first and keep the first that keeps the
-    source's quality (slmkit.quantization_choice); log every candidate as a table and a plot."""
-    rows = load_eval_set(eval_set_path(args.calibration_set), args.calibration_rows)
-    reference = reference_answers(checkpoint, rows, CALIBRATION_MAX_TOKENS)
-    reference_correct, _ = score_answers(reference, reference, rows)
-    builds: dict[str, tuple[Path, CarryReport | None]] = {}
-
-    def measure(quantization: str) -> Candidate:
-        folder = scratch / f"candidate-{quantization}"
-        try:
-            report = build_onnx(quantization, checkpoint, folder, scratch, execution_provider, gguf)
-            answers, speed = onnx_answers(folder, rows, CALIBRATION_MAX_TOKENS)
-        except Exception as error:  # a candidate that fails to build or load is skipped, not fatal
-            reason = str(error).strip().splitlines()[-1][:300] if str(error).strip() else type(error).__name__
-            return Candidate(quantization, skipped=reason)
-        builds[quantization] = folder, report
-        correct, exact = score_answers(answers, reference, rows)
-        return Candidate(quantization, folder_bytes(folder), correct, exact, speed)
-
-    gguf_bits = 32 * gguf.stat().st_size / folder_bytes(checkpoint, ".safetensors") if gguf else None
-    kept, tried = choose(
-        candidate_order(execution_provider, gguf_bits), measure, reference_correct, args.max_quality_drop
-    )
-    mlflow.log_table({key: [c.as_row()[key] for c in tried] for key in tried[0].as_row()}, CANDIDATES_TABLE)
-    mlflow.log_figure(quality_speed_figure(tried, reference_correct), CANDIDATES_PLOT)
-    mlflow.log_metric("calibration/reference_correct_rate", reference_correct)
-    if kept is None:
-        raise UserError(f"quantization=auto: no candidate could be built ({'; '.join(c.skipped for c in tried)})")
-    if not good_enough(kept, reference_correct, args.max_quality_drop):
-        logger.warning("quantization=auto: no candidate within %s of the source; kept the best", args.max_quality_drop)
-        mlflow.set_tag("quantization.auto", f"no candidate within max_quality_drop; kept the best, {kept.quantization}")
-    folder, report = builds[kept.quantization]
-    return kept.quantization, folder, report
+def log_auto_choice(choice: AutoChoice, max_quality_drop: float) -> None:
+    """Log every candidate `quantization=auto` tried, as a table and a quality-speed plot."""
+    rows = [candidate.as_row() for candidate in choice.tried]
+    mlflow.log_table({key: [row[key] for row in rows] for key in rows[0]}, CANDIDATES_TABLE)
+    mlflow.log_figure(quality_speed_figure(choice.tried, choice.reference_correct_rate), CANDIDATES_PLOT)
+    mlflow.log_metric("calibration/reference_correct_rate", choice.reference_correct_rate)
+    if not good_enough(choice.kept, choice.reference_correct_rate, max_quality_drop):
+        logger.warning("quantization=auto: no candidate within %s of the source; kept the best", max_quality_drop)
+        mlflow.set_tag(
+            "quantization.auto", f"no candidate within max_quality_drop; kept the best, {choice.kept.quantization}"
+        )
 
 
 def main(args: argparse.Namespace) -> None:
@@ -155,10 +120,19 @@ def main(args: argparse.Namespace) -> None:
             gguf = download_gguf(download.run_id, manifest, Path(scratch))
             check_quantization(quantization, args.execution_provider, gguf is not None)
             if quantization == AUTO:
-                quantization, built, report = choose_quantization(
-                    checkpoint, gguf, Path(scratch), args.execution_provider, args
+                rows = load_eval_set(eval_set_path(args.calibration_set), args.calibration_rows)
+                choice = auto_quantization(
+                    checkpoint,
+                    gguf,
+                    Path(scratch),
+                    args.execution_provider,
+                    rows,
+                    args.max_quality_drop,
+                    CALIBRATION_MAX_TOKENS,
                 )
-                shutil.move(built, onnx_dir)
+                log_auto_choice(choice, args.max_quality_drop)
+                quantization, report = choice.kept.quantization, choice.report
+                shutil.move(choice.folder, onnx_dir)
             else:
                 report = build_onnx(quantization, checkpoint, onnx_dir, Path(scratch), args.execution_provider, gguf)
             revision, origin = download.revision, f"built-{quantization}-from:{download.run_id}"
