@@ -175,20 +175,9 @@ def download_checkpoint(download_run_id: str, dest: Path) -> tuple[Path, dict[st
     Raises:
         UserError: the run has no checkpoint, or a file differs from the manifest.
     """
-    try:
-        manifest_path = mlflow.artifacts.download_artifacts(
-            run_id=download_run_id, artifact_path=MANIFEST_NAME, dst_path=str(dest)
-        )
-        checkpoint = mlflow.artifacts.download_artifacts(
-            run_id=download_run_id, artifact_path=CHECKPOINT_ARTIFACT, dst_path=str(dest)
-        )
-    except MlflowException as error:
-        raise UserError(f"download run {download_run_id}: cannot fetch its checkpoint ({error.message})") from error
-    manifest = read_manifest(Path(manifest_path))
-    problems = verify_folder(Path(checkpoint), manifest)
-    if problems:
-        raise UserError(f"checkpoint of run {download_run_id} does not match its manifest: {'; '.join(problems[:5])}")
-    return Path(checkpoint), manifest
+    manifest_path = _fetch(download_run_id, MANIFEST_NAME, dest, "checkpoint")
+    manifest = read_manifest(manifest_path)
+    return _fetch_verified(download_run_id, CHECKPOINT_ARTIFACT, manifest["files"], dest, "checkpoint"), manifest
 
 
 def download_gguf(download_run_id: str, manifest: dict[str, Any], dest: Path) -> Path | None:
@@ -200,16 +189,24 @@ def download_gguf(download_run_id: str, manifest: dict[str, Any], dest: Path) ->
     """
     if GGUF_ARTIFACT not in manifest:
         return None
+    files = manifest[GGUF_ARTIFACT]
+    return _fetch_verified(download_run_id, GGUF_ARTIFACT, files, dest, "GGUF file") / files[0]["path"]
+
+
+def _fetch(run_id: str, artifact: str, dest: Path, what: str) -> Path:
     try:
-        folder = mlflow.artifacts.download_artifacts(
-            run_id=download_run_id, artifact_path=GGUF_ARTIFACT, dst_path=str(dest)
-        )
+        return Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=artifact, dst_path=str(dest)))
     except MlflowException as error:
-        raise UserError(f"download run {download_run_id}: cannot fetch its GGUF file ({error.message})") from error
-    problems = verify_folder(Path(folder), {"files": manifest[GGUF_ARTIFACT]})
+        raise UserError(f"download run {run_id}: cannot fetch its {what} ({error.message})") from error
+
+
+def _fetch_verified(run_id: str, artifact: str, files: list[dict[str, Any]], dest: Path, what: str) -> Path:
+    """An artifact folder of a download run, every file checked against its manifest entries."""
+    folder = _fetch(run_id, artifact, dest, what)
+    problems = verify_folder(folder, {"files": files})
     if problems:
-        raise UserError(f"GGUF file of run {download_run_id} does not match its manifest: {'; '.join(problems[:5])}")
-    return Path(folder) / manifest[GGUF_ARTIFACT][0]["path"]
+        raise UserError(f"{what} of run {run_id} does not match its manifest: {'; '.join(problems[:5])}")
+    return folder
 
 
 def model_run(model_uri: str) -> Run:
