@@ -12,7 +12,7 @@ import math
 import re
 import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,10 +23,23 @@ FINISH_LENGTH = "length"
 TRUNCATION_MODES = ("none", "oldest")
 # C0 controls other than tab, newline and carriage return, and DEL: never meaningful in a chat.
 _CONTROL_CHARACTERS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+# No token is longer than this many characters, so longer text cannot fit the context: refuse it
+# before tokenizing megabytes.
+MAX_CHARS_PER_TOKEN = 32
+REQUEST_FIELDS = ("messages", "prompt", "max_tokens", "temperature", "top_p", "stop", "n", "stream", "seed", "truncation")
+_FIELD_PATH = re.compile(r"^([a-z_]+)((?:\[\d+\])?(?:\.[a-z_]+)?)")
+
+Messages = tuple[tuple[str, str], ...]
 
 
 class ChatRequestError(ValueError):
     """A request that breaks the contract; the message starts with the field's name."""
+
+    @property
+    def param(self) -> str | None:
+        """The offending field as the message names it (`messages[0].role`), for OpenAI's `param`."""
+        match = _FIELD_PATH.match(str(self))
+        return match.group(0) if match and match.group(1) in REQUEST_FIELDS else None
 
 
 @dataclass(frozen=True)
@@ -163,12 +176,54 @@ def raw_requests(model_input: Any) -> list[dict[str, Any]]:
     raise ChatRequestError("the input must be a chat request object with a messages field")
 
 
-def without_oldest_turn(messages: tuple[tuple[str, str], ...]) -> tuple[tuple[str, str], ...] | None:
+def without_oldest_turn(messages: Messages) -> Messages | None:
     """The conversation minus its oldest non-system turn; None when only the last turn is left."""
     droppable = [i for i, (role, _) in enumerate(messages[:-1]) if role != "system"]
     if not droppable:
         return None
     return messages[: droppable[0]] + messages[droppable[0] + 1 :]
+
+
+def fit_to_context(
+    request: ChatRequest,
+    render: Callable[[Messages], str],
+    encode: Callable[[str], Sequence[int]],
+    context_length: int,
+) -> tuple[Messages | None, Sequence[int]]:
+    """The messages that fit the context and their prompt's token ids, for either model.
+
+    `render` applies the model's chat template, `encode` its tokenizer. A conversation past the
+    context is refused before any generation, or, with `truncation="oldest"`, loses its oldest
+    non-system turns until it fits. Text too long for any tokenization to fit is refused unread.
+
+    Raises:
+        ChatRequestError: the prompt does not fit, naming its size and the context.
+    """
+    messages = request.messages
+    while True:
+        field, text = ("prompt", request.prompt) if request.prompt is not None else ("messages", render(messages))
+        readable = len(text) <= context_length * MAX_CHARS_PER_TOKEN
+        if readable:
+            ids = encode(text)
+            if len(ids) < context_length:
+                return messages, ids
+        shorter = without_oldest_turn(messages) if request.truncation == "oldest" and messages else None
+        if shorter is None:
+            size = f"{len(ids)} tokens" if readable else f"{len(text)} characters"
+            hint = "" if request.truncation == "oldest" else ", or send truncation='oldest' to drop old turns"
+            raise ChatRequestError(
+                f"{field}: the prompt has {size}, past the model's context of {context_length} tokens; shorten it{hint}"
+            )
+        messages = shorter
+
+
+def check_max_tokens(max_tokens: int, context_length: int) -> int:
+    """Refuse a completion budget no request could use: more tokens than the whole context."""
+    if max_tokens > context_length:
+        raise ChatRequestError(
+            f"max_tokens must be at most the model's context of {context_length} tokens, got {max_tokens}"
+        )
+    return max_tokens
 
 
 class StopScanner:

@@ -23,7 +23,7 @@ import os
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -134,6 +134,8 @@ class BatchedDecoder:
         self._generator: Any = None
         self._rows: list[Slot] = []
         self._in_flight = 1  # most requests waiting or running at once since the last batch began
+        # Told the row count of each batch as it starts (the serving front's batch-size metric).
+        self.on_batch: Callable[[int], None] | None = None
 
     def generate(self, slot: Slot) -> Iterator[int]:
         """Queue the slot now; the iterator yields its tokens as they come, up to its budget or
@@ -214,6 +216,8 @@ class BatchedDecoder:
         for slot in rows:
             slot.batch_size = len(rows)
         self._rows = rows
+        if self.on_batch is not None:
+            self.on_batch(len(rows))
         try:
             params = og.GeneratorParams(self._model)
             params.set_search_options(**options)

@@ -24,9 +24,26 @@ def generation_config(temperature: float, max_new_tokens: int) -> dict[str, Any]
     MLflow's chat task refuses `temperature=0` from transformers, so greedy is `do_sample=False`.
     """
     check_generation_settings(temperature, max_new_tokens)
-    if temperature == 0:
-        return {"do_sample": False, "max_new_tokens": max_new_tokens}
-    return {"do_sample": True, "temperature": temperature, "max_new_tokens": max_new_tokens}
+    sampling = {"do_sample": False} if temperature == 0 else {"do_sample": True, "temperature": temperature}
+    return {**sampling, "max_new_tokens": max_new_tokens}
+
+
+def pipeline_model_arguments(pipeline: Any, generation: dict[str, Any]) -> dict[str, Any]:
+    """What `mlflow.transformers.log_model` / `save_model` get besides the name or path.
+
+    `stopping_criteria` is declared empty so that a loader may set it (MLflow only lets
+    `load_model(model_config=…)` override logged keys): `slmkit.chat_models` puts the criterion
+    there that ends generation at a request's stop strings without the hub.
+    """
+    from slmkit.chat_models import STOPPING_CRITERIA_KEY
+    from slmkit.environment import PIPELINE_PACKAGES, model_requirements
+
+    return {
+        "transformers_model": pipeline,
+        "task": "llm/v1/chat",
+        "model_config": {**generation, STOPPING_CRITERIA_KEY: None},
+        "pip_requirements": model_requirements(PIPELINE_PACKAGES),
+    }
 
 
 def check_dtype(torch_dtype: str) -> str:
@@ -35,16 +52,21 @@ def check_dtype(torch_dtype: str) -> str:
     return torch_dtype
 
 
-def build_pipeline(checkpoint: Path, torch_dtype: str) -> Any:
+def build_pipeline(checkpoint: Path, torch_dtype: str, model_name: str) -> Any:
     """A text-generation pipeline over a local checkpoint; `auto` keeps the checkpoint's dtype.
 
-    Remote code is never trusted: only architectures that transformers ships are loaded.
+    Remote code is never trusted: only architectures that transformers ships are loaded. MLflow
+    records the model's `name_or_path` as the model's name (the `model` of every answer), which
+    would be the scratch folder it was loaded from: it is set to `model_name`, so the logged
+    model never names a folder of the machine that logged it.
     """
     import transformers
 
-    return transformers.pipeline(
+    pipeline = transformers.pipeline(
         "text-generation",
         model=str(checkpoint),
         dtype=check_dtype(torch_dtype),
         trust_remote_code=False,
     )
+    pipeline.model.name_or_path = model_name
+    return pipeline

@@ -27,7 +27,6 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 import mlflow
 
 from slmkit.databricks import PIPELINE_MODEL_URI, publish_task_value
-from slmkit.environment import PIPELINE_PACKAGES, model_requirements
 from slmkit.lineage import (
     MODEL_URI_TAG,
     STEP_TAG,
@@ -36,7 +35,7 @@ from slmkit.lineage import (
     upstream_download,
     writing_artifacts,
 )
-from slmkit.pipeline_model import build_pipeline, check_dtype, generation_config
+from slmkit.pipeline_model import build_pipeline, check_dtype, generation_config, pipeline_model_arguments
 from slmkit.step_cli import GENERATION_OPTIONS, add_options, run_cli
 
 MODEL_NAME = "model"
@@ -50,16 +49,10 @@ def main(args: argparse.Namespace) -> None:
         mlflow.set_tags({STEP_TAG: "log_pipeline", **download.lineage_tags()})
         mlflow.log_param("resolved_revision", download.revision)
         checkpoint, manifest = download_checkpoint(download.run_id, scratch)
-        pipeline = build_pipeline(checkpoint, args.torch_dtype)
+        pipeline = build_pipeline(checkpoint, args.torch_dtype, download.model_name or checkpoint.name)
         started = time.perf_counter()
         with writing_artifacts("the pipeline model"):
-            info = mlflow.transformers.log_model(
-                pipeline,
-                name=MODEL_NAME,
-                task="llm/v1/chat",
-                model_config=generation,
-                pip_requirements=model_requirements(PIPELINE_PACKAGES),
-            )
+            info = mlflow.transformers.log_model(name=MODEL_NAME, **pipeline_model_arguments(pipeline, generation))
         mlflow.log_metrics({"log_seconds": time.perf_counter() - started, "model_size_bytes": manifest["total_bytes"]})
         mlflow.log_param("torch_dtype_loaded", str(pipeline.model.dtype).removeprefix("torch."))
         mlflow.set_tag(MODEL_URI_TAG, info.model_uri)

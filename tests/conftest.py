@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -194,6 +195,20 @@ def save_wrapper(checkpoint: Path, dest: Path, tracing: bool = True) -> Path:
 def wrapper_dir(trained_tiny_phi3: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The ONNX chat wrapper of the trained tiny Phi-3, saved as an MLflow model folder."""
     return save_wrapper(trained_tiny_phi3, tmp_path_factory.mktemp("wrapper") / "model")
+
+
+@pytest.fixture(scope="session")
+def pipeline_dir(trained_tiny_phi3: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The pipeline model of the trained tiny Phi-3, saved as log_pipeline logs it, from a copy
+    of the checkpoint that is gone once saved: the model must not need the folder it came from."""
+    from slmkit.pipeline_model import build_pipeline, generation_config, pipeline_model_arguments
+
+    root = tmp_path_factory.mktemp("pipeline")
+    scratch = Path(shutil.copytree(trained_tiny_phi3, root / "scratch-checkpoint"))
+    pipeline = build_pipeline(scratch, "auto", "tiny-phi3")
+    mlflow.transformers.save_model(path=str(root / "model"), **pipeline_model_arguments(pipeline, generation_config(0, 16)))
+    shutil.rmtree(scratch)
+    return root / "model"
 
 
 @pytest.fixture(scope="session")

@@ -31,7 +31,7 @@ import logging
 import os
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -48,23 +48,20 @@ from slmkit.chat_format import (
     FINISH_STOP,
     ChatRequest,
     ChatRequestError,
+    Messages,
     StopScanner,
     chat_chunk,
     chat_completion,
+    check_max_tokens,
+    fit_to_context,
     parse_request,
     raw_requests,
-    without_oldest_turn,
 )
 from slmkit.manifest import MANIFEST_NAME, read_manifest, verify_folder
 from slmkit.onnx_batching import MAX_BATCH_SIZE_ENV, BatchedDecoder, Slot, max_batch_size
 from slmkit.onnx_session import intra_op_threads, model_tokens, open_model
 
 logger = logging.getLogger(__name__)
-
-# No token is longer than this many characters, so longer text cannot fit the context: refuse it
-# before tokenizing megabytes.
-MAX_CHARS_PER_TOKEN = 32
-
 
 VERIFY_ENV = "SLMKIT_VERIFY_ONNX"
 
@@ -144,6 +141,15 @@ class OnnxChatModel(mlflow.pyfunc.PythonModel):
             batch_window_s=float(config.get("batch_window_ms", 20)) / 1000,
         )
 
+    @property
+    def model_name(self) -> str:
+        """The name every answer carries in its `model` field."""
+        return self._model_name
+
+    def observe_batches(self, callback: Callable[[int], None]) -> None:
+        """Have `callback` told the row count of every decoding batch as it starts."""
+        self._decoder.on_batch = callback
+
     # No type hints on predict: MLflow would derive a second, conflicting schema from them.
     def predict(self, context, model_input, params=None):
         """Answer each chat request in `model_input`.
@@ -207,41 +213,19 @@ class OnnxChatModel(mlflow.pyfunc.PythonModel):
 
     def _encode(self, request: ChatRequest) -> Any:
         """Token ids of the templated prompt, dropping old turns if the request allows it."""
-        messages = request.messages
-        while True:
-            if request.prompt is not None:
-                field, text = "prompt", request.prompt
-            else:
-                field = "messages"
-                as_dicts = [{"role": role, "content": content} for role, content in messages]
-                text = self._tokenizer.apply_chat_template(json.dumps(as_dicts), add_generation_prompt=True)
-            if len(text) <= self._context_length * MAX_CHARS_PER_TOKEN:
-                ids = self._tokenizer.encode(text)
-                if len(ids) < self._context_length:
-                    return ids
-            shorter = without_oldest_turn(messages) if request.truncation == "oldest" and messages else None
-            if shorter is None:
-                size = (
-                    f"{len(ids)} tokens"
-                    if len(text) <= self._context_length * MAX_CHARS_PER_TOKEN
-                    else f"{len(text)} characters"
-                )
-                hint = "" if request.truncation == "oldest" else ", or send truncation='oldest' to drop old turns"
-                raise ChatRequestError(
-                    f"{field}: the prompt has {size}, past the model's context of {self._context_length} tokens; shorten it{hint}"
-                )
-            messages = shorter
+
+        def render(messages: Messages) -> str:
+            as_dicts = [{"role": role, "content": content} for role, content in messages]
+            return self._tokenizer.apply_chat_template(json.dumps(as_dicts), add_generation_prompt=True)
+
+        return fit_to_context(request, render, self._tokenizer.encode, self._context_length)[1]
 
     def _budget_and_sampling(self, request: ChatRequest) -> tuple[int, dict[str, Any] | None]:
         """The request's token budget, and its sampling options (None for greedy decoding).
 
         Only what the request or the logged defaults set; genai_config.json owns the rest.
         """
-        max_tokens = request.max_tokens or self._default_max_tokens
-        if max_tokens > self._context_length:
-            raise ChatRequestError(
-                f"max_tokens must be at most the model's context of {self._context_length} tokens, got {max_tokens}"
-            )
+        max_tokens = check_max_tokens(request.max_tokens or self._default_max_tokens, self._context_length)
         temperature = self._default_temperature if request.temperature is None else request.temperature
         if temperature == 0:
             return max_tokens, None
