@@ -30,7 +30,6 @@ import requests
 
 from bench.batching import engine_batch, prompt_and_step_ms, static_batch
 from bench.figures import (
-    BIN,
     PROMPTS,
     Figure,
     aggregate_rate,
@@ -38,13 +37,14 @@ from bench.figures import (
     median_time,
     profile_to,
     relative,
-    served,
     served_generate,
     timed,
 )
+from bench.front import front_figures
 from bench.quality import peer_figures, quantization_figures
 from slmkit import PROJECT_ROOT
 from slmkit.evaluation import load_eval_set
+from slmkit.local_servers import BIN, SLMKIT_SERVE, served
 from slmkit.onnx_batching import MAX_BATCH_SIZE_ENV
 from slmkit.onnx_build import build_onnx
 from slmkit.onnx_greedy import bare_greedy, load
@@ -291,21 +291,23 @@ def run(args: argparse.Namespace, work: Path) -> None:
     # worker per CPU with one thread each, and the in-process batching alternatives.
     request = {"messages": PROMPTS[0], "max_tokens": max_tokens}
     in_process = median_time(lambda: wrapper.predict(request), reps)
-    with served(onnx_model_dir, env, work / "server.log") as server:
-        url = server.url
+    with served(onnx_model_dir, env, work / "server.log", front=SLMKIT_SERVE) as server:
+        url = server.chat_url
         over_http = median_time(lambda: requests.post(url, json=request, timeout=300).raise_for_status(), reps)
         one = aggregate_rate(served_generate(url), 1, 8, max_tokens)
         four = aggregate_rate(served_generate(url), 4, 8, max_tokens)
     unbatched_env = {**env, MAX_BATCH_SIZE_ENV: "1"}
-    with served(onnx_model_dir, unbatched_env, work / "server-unbatched.log") as server:
-        one_unbatched = aggregate_rate(served_generate(server.url), 1, 8, max_tokens)
-        four_unbatched = aggregate_rate(served_generate(server.url), 4, 8, max_tokens)
+    with served(onnx_model_dir, unbatched_env, work / "server-unbatched.log", front=SLMKIT_SERVE) as server:
+        one_unbatched = aggregate_rate(served_generate(server.chat_url), 1, 8, max_tokens)
+        four_unbatched = aggregate_rate(served_generate(server.chat_url), 4, 8, max_tokens)
     cpus = len(os.sched_getaffinity(0))
     per_cpu_env = {**env, THREADS_ENV: "1"}
-    with served(onnx_model_dir, per_cpu_env, work / "server-workers.log", "-w", str(cpus)) as server:
-        aggregate_rate(served_generate(server.url), cpus, 1, max_tokens)  # every worker loads its model
-        one_per_cpu = aggregate_rate(served_generate(server.url), 1, 8, max_tokens)
-        four_per_cpu = aggregate_rate(served_generate(server.url), 4, 8, max_tokens)
+    with served(
+        onnx_model_dir, per_cpu_env, work / "server-workers.log", "-w", str(cpus), front=SLMKIT_SERVE
+    ) as server:
+        aggregate_rate(served_generate(server.chat_url), cpus, 1, max_tokens)  # every worker loads its model
+        one_per_cpu = aggregate_rate(served_generate(server.chat_url), 1, 8, max_tokens)
+        four_per_cpu = aggregate_rate(served_generate(server.chat_url), 4, 8, max_tokens)
     figures.append(
         Figure(
             "serving latency / in-process",
@@ -393,8 +395,12 @@ def run(args: argparse.Namespace, work: Path) -> None:
     rows = load_eval_set(PROJECT_ROOT / "data" / "eval_set.jsonl")
     gguf = gguf_of(download_run_id, work)
     figures += quantization_figures(checkpoint, gguf, rows, work / "quantizations", max_tokens, reps)
-    with served(onnx_model_dir, env, work / "server-peer.log") as server:
-        figures += peer_figures(server.url, gguf, rows, work, max_tokens)
+    with served(onnx_model_dir, env, work / "server-peer.log", front=SLMKIT_SERVE) as server:
+        figures += peer_figures(server.chat_url, gguf, rows, work, max_tokens)
+
+    # 11 and 12. The serving front: streamed first token over HTTP, and tok/s against
+    # `mlflow models serve` (bench/front.py).
+    figures += front_figures(onnx_model_dir, wrapper, env, work, max_tokens, reps)
 
     # 8. Logging cost: log_model over a plain copy of the same files.
     with mlflow.start_run(run_name="bench-logging"):

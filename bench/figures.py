@@ -2,21 +2,15 @@
 
 from __future__ import annotations
 
-import socket
 import statistics
-import subprocess
-import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import requests
-
-BIN = Path(sys.executable).parent
 
 # Open-ended prompts, so both models write the full token budget and decode dominates.
 PROMPTS = [
@@ -138,61 +132,3 @@ def relative(path: Path) -> str:
     from slmkit import PROJECT_ROOT
 
     return path.relative_to(PROJECT_ROOT).as_posix()
-
-
-@dataclass(frozen=True)
-class ServedModel:
-    """A running `mlflow models serve` process."""
-
-    url: str
-    process: subprocess.Popen
-    log: Path
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def wait_for_http(url: str, process: subprocess.Popen, timeout_s: float) -> None:
-    """Poll `url` until it answers 200; fail early, naming the exit code, if the process died."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"process exited with {process.returncode} before {url} answered")
-        try:
-            if requests.get(url, timeout=1).status_code == 200:
-                return
-        except requests.ConnectionError:
-            pass
-        time.sleep(0.5)
-    raise TimeoutError(f"{url} did not answer within {timeout_s} s")
-
-
-def stop_process(process: subprocess.Popen, timeout_s: float = 30) -> None:
-    """Terminate, and kill if it does not exit in time."""
-    process.terminate()
-    try:
-        process.wait(timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
-
-
-@contextmanager
-def served(
-    model: Path | str, env: dict[str, str], log: Path, *extra: str, timeout_s: float = 180
-) -> Iterator[ServedModel]:
-    """`mlflow models serve` on a free port of 127.0.0.1, run from the log's folder (so traces
-    and caches land there), stopped on exit; `extra` are more serve flags such as `-t 1`."""
-    port = free_port()
-    command = [str(BIN / "mlflow"), "models", "serve", "-m", str(model), "--env-manager", "local"]
-    command += ["--host", "127.0.0.1", "-p", str(port), *extra]
-    with log.open("w") as sink:
-        process = subprocess.Popen(command, env=env, stdout=sink, stderr=subprocess.STDOUT, cwd=log.parent)
-        try:
-            wait_for_http(f"http://127.0.0.1:{port}/ping", process, timeout_s)
-            yield ServedModel(f"http://127.0.0.1:{port}/invocations", process, log)
-        finally:
-            stop_process(process)

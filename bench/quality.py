@@ -25,13 +25,11 @@ from bench.figures import (
     aggregate_rate,
     chat_completion,
     decode_rates,
-    free_port,
     served_generate,
-    stop_process,
-    wait_for_http,
 )
 from slmkit.evaluation import EvalRow, answer_correct
 from slmkit.gguf_carry import ACTIVATIONS, DEFAULT_ACTIVATIONS, carry_gguf_weights
+from slmkit.local_servers import free_port, stop_process, wait_for_http
 from slmkit.manifest import folder_bytes
 from slmkit.onnx_build import QUANTIZATIONS, build_onnx
 from slmkit.onnx_greedy import bare_greedy, load

@@ -26,7 +26,18 @@ _CONTROL_CHARACTERS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 # No token is longer than this many characters, so longer text cannot fit the context: refuse it
 # before tokenizing megabytes.
 MAX_CHARS_PER_TOKEN = 32
-REQUEST_FIELDS = ("messages", "prompt", "max_tokens", "temperature", "top_p", "stop", "n", "stream", "seed", "truncation")
+REQUEST_FIELDS = (
+    "messages",
+    "prompt",
+    "max_tokens",
+    "temperature",
+    "top_p",
+    "stop",
+    "n",
+    "stream",
+    "seed",
+    "truncation",
+)
 _FIELD_PATH = re.compile(r"^([a-z_]+)((?:\[\d+\])?(?:\.[a-z_]+)?)")
 
 Messages = tuple[tuple[str, str], ...]

@@ -215,7 +215,9 @@ def load_chat_model(model_uri: str) -> ChatModel:
         from transformers import StoppingCriteriaList
 
         stopper = stop_on_request()
-        model = mlflow.pyfunc.load_model(model_uri, model_config={STOPPING_CRITERIA_KEY: StoppingCriteriaList([stopper])})
+        model = mlflow.pyfunc.load_model(
+            model_uri, model_config={STOPPING_CRITERIA_KEY: StoppingCriteriaList([stopper])}
+        )
         stopper.tokenizer = model.get_raw_model().tokenizer
         return PipelineChat(model, stopper)
     if "python_function" in flavors:

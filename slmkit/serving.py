@@ -185,7 +185,9 @@ class Front:
         message = f"the request body is larger than {self.max_body_bytes} bytes; send less, or serve with a larger --max-body-bytes"
         if path.startswith("/v1/"):
             return json_response(413, OpenAIError(413, message, None, "request_too_large").body())
-        return json_response(413, MlflowException(message, error_code="REQUEST_LIMIT_EXCEEDED").serialize_as_json().encode())
+        return json_response(
+            413, MlflowException(message, error_code="REQUEST_LIMIT_EXCEEDED").serialize_as_json().encode()
+        )
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -286,7 +288,9 @@ def build_app(chat: ChatModel, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     def mlflow_error(error: ChatRequestError | MlflowException) -> Response:
         if isinstance(error, ChatRequestError):
             error = MlflowException.invalid_parameter_value(str(error))
-        return Response(error.serialize_as_json(), status_code=error.get_http_status_code(), media_type="application/json")
+        return Response(
+            error.serialize_as_json(), status_code=error.get_http_status_code(), media_type="application/json"
+        )
 
     def admit() -> None:
         """Admission control keeps the queue bounded: past the limit, a 503 at once."""
@@ -350,7 +354,9 @@ def build_app(chat: ChatModel, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
             if is_refusal(error):
                 return openai_error(request_error(error))
             logger.exception("chat completion failed")
-            return openai_error(OpenAIError(500, f"the model failed: {type(error).__name__}: {error}", None, "model_error"))
+            return openai_error(
+                OpenAIError(500, f"the model failed: {type(error).__name__}: {error}", None, "model_error")
+            )
 
     async def stream_answer(chat_request: dict[str, Any], include_usage: bool) -> Response:
         """SSE chunks as the model makes them. The first is awaited before answering, so a

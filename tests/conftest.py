@@ -14,10 +14,10 @@ import mlflow
 import pytest
 from mlflow.entities import Run
 
-from bench.figures import free_port, stop_process, wait_for_http
 from slmkit import PROJECT_ROOT
 from slmkit.evaluation import load_eval_set
 from slmkit.lineage import MODEL_URI_TAG, STEP_TAG
+from slmkit.local_servers import free_port, stop_process, wait_for_http
 from slmkit.onnx_build import build_onnx
 from slmkit.onnx_wrapper_model import ONNX_ARTIFACT, seal_onnx_folder, wrapper_model_arguments
 from tests.tiny_models import build_tiny_phi3, train_tiny_phi3
@@ -206,7 +206,9 @@ def pipeline_dir(trained_tiny_phi3: Path, tmp_path_factory: pytest.TempPathFacto
     root = tmp_path_factory.mktemp("pipeline")
     scratch = Path(shutil.copytree(trained_tiny_phi3, root / "scratch-checkpoint"))
     pipeline = build_pipeline(scratch, "auto", "tiny-phi3")
-    mlflow.transformers.save_model(path=str(root / "model"), **pipeline_model_arguments(pipeline, generation_config(0, 16)))
+    mlflow.transformers.save_model(
+        path=str(root / "model"), **pipeline_model_arguments(pipeline, generation_config(0, 16))
+    )
     shutil.rmtree(scratch)
     return root / "model"
 

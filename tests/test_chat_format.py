@@ -7,7 +7,9 @@ from slmkit.chat_format import (
     ChatRequest,
     ChatRequestError,
     chat_completion,
+    check_max_tokens,
     cut_at_stop,
+    fit_to_context,
     parse_request,
     raw_requests,
     response_text,
@@ -99,3 +101,63 @@ def test_chat_completion_has_the_openai_shape_and_usage_sums():
     ]
     assert response["usage"] == {"prompt_tokens": 12, "completion_tokens": 3, "total_tokens": 15}
     assert response_text([response]) == "Paris"
+
+
+@pytest.mark.parametrize(
+    ("raw", "param"),
+    [
+        ({"messages": [{"role": "robot", "content": "x"}]}, "messages[0].role"),
+        ({"messages": [USER], "max_tokens": 0}, "max_tokens"),
+        ({"messages": [USER], "n": 2}, "n"),
+        ({"messages": [USER], "top_p": 2}, "top_p"),
+    ],
+)
+def test_a_refusal_names_its_field_as_openai_param(raw, param):
+    with pytest.raises(ChatRequestError) as refused:
+        parse_request(raw)
+    assert refused.value.param == param
+
+
+def test_a_message_that_names_no_field_has_no_param():
+    assert ChatRequestError("the input must be a chat request object").param is None
+
+
+def words(text: str) -> list[str]:
+    """A stand-in tokenizer: one token per word, so sizes are easy to read."""
+    return text.split()
+
+
+def render(messages) -> str:
+    return " ".join(f"<{role}> {content}" for role, content in messages)
+
+
+def test_fit_to_context_keeps_a_fitting_conversation_whole():
+    request = parse_request({"messages": [USER]})
+    messages, ids = fit_to_context(request, render, words, context_length=8)
+    assert messages == (("user", "Hi"),)
+    assert ids == ["<user>", "Hi"]
+
+
+def test_fit_to_context_refuses_or_drops_the_oldest_turns_on_request():
+    turns = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "one two three four"},
+             {"role": "assistant", "content": "five six"}, {"role": "user", "content": "seven"}]  # fmt: skip
+    with pytest.raises(ChatRequestError, match="messages: the prompt has 13 tokens, past the model's context of 8"):
+        fit_to_context(parse_request({"messages": turns}), render, words, context_length=8)
+    messages, ids = fit_to_context(parse_request({"messages": turns, "truncation": "oldest"}), render, words, 8)
+    assert messages == (("system", "Be brief."), ("user", "seven"))
+    assert len(ids) < 8
+
+
+def test_fit_to_context_refuses_text_too_long_to_tokenize_without_reading_it():
+    def never(text: str) -> list[str]:
+        raise AssertionError("tokenized")
+
+    request = parse_request({"messages": [{"role": "user", "content": "x" * 10_000}]})
+    with pytest.raises(ChatRequestError, match="characters, past the model's context of 8 tokens"):
+        fit_to_context(request, render, never, context_length=8)
+
+
+def test_max_tokens_past_the_context_is_refused():
+    assert check_max_tokens(8, 8) == 8
+    with pytest.raises(ChatRequestError, match="max_tokens must be at most the model's context of 8 tokens, got 9"):
+        check_max_tokens(9, 8)

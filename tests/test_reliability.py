@@ -16,9 +16,9 @@ import pytest
 from mlflow import MlflowClient
 from mlflow.entities import Run
 
-from bench.figures import free_port, stop_process
 from slmkit.errors import UserError
 from slmkit.lineage import MODEL_URI_TAG, STEP_TAG, get_download_run
+from slmkit.local_servers import free_port, stop_process
 from slmkit.manifest import verify_folder
 from slmkit.tracking_server import BOUNDED_RETRIES
 from tests.conftest import (

@@ -1,32 +1,44 @@
-"""`mlflow models serve` on the ONNX chat wrapper: bad input gets a clear 4xx and the server stays
-up; concurrent clients get their own answers; memory stays flat."""
+"""`python -m slmkit.serve` on both models of the tiny Phi-3, over HTTP on 127.0.0.1.
+
+Both routes, `/invocations` (MLflow's) and `/v1/chat/completions` (OpenAI's), for both models:
+bad input gets the same clear 4xx and the server stays up; concurrent clients get their own
+answers; streaming; `stop` with the model's source folder gone and the hub unreachable; the
+official `openai` client; metrics; body limit; admission control; memory stays flat.
+"""
 
 from __future__ import annotations
 
 import json
+import re
 import subprocess
+import sys
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+import openai
 import psutil
 import pytest
 import requests
+import yaml
 
-from bench.figures import ServedModel, served
+from slmkit.chat_models import load_chat_model
+from slmkit.local_servers import MLFLOW_SERVE, SLMKIT_SERVE, ServedModel, served
 from tests.conftest import BIN
 
 pytestmark = pytest.mark.integration
 
 VALID = {"messages": [{"role": "user", "content": "What is the capital of France?"}], "max_tokens": 4}
+ROUTES = ("invocations", "openai")
 
 
 @dataclass(frozen=True)
 class Server:
-    """A served model as the tests talk to it."""
+    """A served model as the tests talk to it, on either route."""
 
     running: ServedModel
+    kind: str
 
     @property
     def process(self) -> subprocess.Popen:
@@ -36,11 +48,28 @@ class Server:
     def log(self) -> Path:
         return self.running.log
 
-    def post(self, body: object, **kwargs) -> requests.Response:
+    def post(self, body: object, route: str = "invocations", **kwargs) -> requests.Response:
         data = body if isinstance(body, (str, bytes)) else json.dumps(body)
-        return requests.post(
-            self.running.url, data=data, headers={"Content-Type": "application/json"}, timeout=120, **kwargs
-        )
+        url = self.running.url if route == "invocations" else self.running.chat_url
+        return requests.post(url, data=data, headers={"Content-Type": "application/json"}, timeout=120, **kwargs)
+
+    def answer(self, body: dict, route: str) -> dict:
+        """The ChatCompletion of a request that must succeed, whichever route answered it."""
+        response = self.post(body, route)
+        assert response.status_code == 200, response.text[:500]
+        answer = response.json()
+        if route == "invocations":  # MLflow's llm/v1/chat answer: a one-element list (mlflow#14429)
+            assert isinstance(answer, list)
+            assert len(answer) == 1
+            return answer[0]
+        assert answer["object"] == "chat.completion"
+        return answer
+
+    def client(self) -> openai.OpenAI:
+        return openai.OpenAI(base_url=f"{self.running.base}/v1", api_key="unused", max_retries=0)
+
+    def metrics(self) -> str:
+        return requests.get(f"{self.running.base}/metrics", timeout=10).text
 
     def resident_bytes(self) -> int:
         """Resident memory of the server and its workers together."""
@@ -48,85 +77,208 @@ class Server:
         return sum(p.memory_info().rss for p in [root, *root.children(recursive=True)])
 
 
-def serve(model: Path, log: Path, *extra: str) -> Iterator[Server]:
+def bare_env(home: Path) -> dict[str, str]:
+    """A bare environment with the hub unreachable: nothing the model needs may come from it."""
+    return {"PATH": f"{BIN}:/usr/bin:/bin", "HOME": str(home), "HF_HUB_OFFLINE": "1"}
+
+
+def serve(model: Path | str, log: Path, *extra: str, kind: str = "onnx", front: str = SLMKIT_SERVE) -> Iterator[Server]:
     """Serve a local model folder with a bare environment, from a scratch folder."""
-    env = {"PATH": f"{BIN}:/usr/bin:/bin", "HOME": str(log.parent)}
-    with served(model, env, log, *extra) as running:
-        yield Server(running)
+    with served(model, bare_env(log.parent), log, *extra, front=front) as running:
+        yield Server(running, kind)
 
 
-@pytest.fixture(scope="module")
-def server(wrapper_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    yield from serve(wrapper_dir, tmp_path_factory.mktemp("serve") / "server.log")
+@pytest.fixture(scope="module", params=["onnx", "pipeline"])
+def server(request, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    model = request.getfixturevalue("wrapper_dir" if request.param == "onnx" else "pipeline_dir")
+    yield from serve(model, tmp_path_factory.mktemp(f"serve-{request.param}") / "server.log", kind=request.param)
 
 
 LONG = "The capital of France is Paris. " * 200
+BAD_INPUT = [
+    ("{not json", 400, "valid JSON", "not valid JSON"),
+    ({"max_tokens": 4}, 400, "exactly one of the input fields", "messages is required"),  # MLflow's own check on /invocations
+    ({"messages": []}, 400, "messages must be a non-empty list", None),
+    ({"messages": [{"role": "robot", "content": "x"}]}, 400, "messages[0].role must be one of", None),
+    ({"messages": [{"role": "user", "content": 5}]}, 400, "messages[0].content must be a string, got int", None),
+    ({"messages": [{"role": "user", "content": None}]}, 400, "messages[0].content must be a string", None),
+    ({"messages": [{"role": "user", "content": ""}]}, 400, "messages[0].content is empty", None),
+    ({**VALID, "max_tokens": 0}, 400, "max_tokens must be at least 1, got 0", None),
+    ({**VALID, "max_tokens": -3}, 400, "max_tokens must be at least 1, got -3", None),
+    ({**VALID, "max_tokens": "ten"}, 400, "max_tokens must be an integer, got 'ten'", None),
+    ({**VALID, "max_tokens": 10**9}, 400, "max_tokens must be at most the model's context", None),
+    ({**VALID, "temperature": -0.5}, 400, "temperature must be >= 0", None),
+    ({**VALID, "top_p": 0}, 400, "top_p must be in (0, 1]", None),
+    ({**VALID, "top_p": 1.5}, 400, "top_p must be in (0, 1]", None),
+    ({**VALID, "stop": "\n"}, 400, "stop must be a list of non-empty strings", None),
+    ({**VALID, "stop": [1, 2]}, 400, "stop must be a list of non-empty strings", None),
+    ({**VALID, "n": 3}, 400, "n=3 is not supported", None),
+    ({"messages": [{"role": "user", "content": LONG}]}, 400, "past the model's context of 512 tokens", None),
+    ({"messages": [{"role": "user", "content": "x" * 600_000}]}, 400, "characters, past the model's context", None),
+    ({"messages": [{"role": "user", "content": "x" * 2_000_000}]}, 413, "larger than 1000000 bytes", None),
+    ({"messages": [{"role": "user", "content": "bell\x07here"}]}, 400, "messages[0].content contains the control character U+0007", None),
+    ({**VALID, "temperature": 0}, 200, "chat.completion", None),
+    ({"messages": [{"role": "user", "content": "Привет 👋 你好 — ça va? \t tab"}], "max_tokens": 4}, 200, "chat.completion", None),
+]  # fmt: skip
+BAD_INPUT_IDS = [
+    "malformed-json", "missing-messages", "empty-messages", "unknown-role", "non-string-content", "null-content",
+    "empty-content", "max-tokens-zero", "max-tokens-negative", "max-tokens-string", "max-tokens-huge",
+    "negative-temperature", "top-p-zero", "top-p-above-one", "stop-string", "stop-not-strings", "n-above-one",
+    "past-context", "600kb-payload", "2mb-body", "control-character", "temperature-zero", "unicode",
+]  # fmt: skip
 
 
-@pytest.mark.parametrize(
-    ("body", "status", "names"),
-    [
-        ("{not json", 400, "valid JSON"),
-        ({"max_tokens": 4}, 400, "exactly one of the input fields"),  # MLflow's own check: no chat key at all
-        ({"messages": []}, 400, "messages must be a non-empty list"),
-        ({"messages": [{"role": "robot", "content": "x"}]}, 400, "messages[0].role must be one of"),
-        ({"messages": [{"role": "user", "content": 5}]}, 400, "key `content`. Expected type string"),
-        ({"messages": [{"role": "user", "content": ""}]}, 400, "messages[0].content is empty"),
-        ({**VALID, "max_tokens": 0}, 400, "max_tokens must be at least 1, got 0"),
-        ({**VALID, "max_tokens": -3}, 400, "max_tokens must be at least 1, got -3"),
-        ({**VALID, "max_tokens": "ten"}, 400, "max_tokens must be an integer, got 'ten'"),
-        ({**VALID, "max_tokens": 10**9}, 400, "max_tokens must be at most the model's context"),
-        ({**VALID, "temperature": -0.5}, 400, "temperature must be >= 0"),
-        ({**VALID, "top_p": 0}, 400, "top_p must be in (0, 1]"),
-        ({**VALID, "top_p": 1.5}, 400, "top_p must be in (0, 1]"),
-        ({**VALID, "stop": "\n"}, 400, "stop must be a list of non-empty strings"),
-        ({**VALID, "stop": [1, 2]}, 400, "stop must be a list of non-empty strings"),
-        ({**VALID, "n": 3}, 400, "n=3 is not supported"),
-        ({"messages": [{"role": "user", "content": LONG}]}, 400, "past the model's context of 512 tokens"),
-        ({"messages": [{"role": "user", "content": "x" * 8_000_000}]}, 400, "characters, past the model's context"),
-        ({"messages": [{"role": "user", "content": "bell\x07here"}]}, 400, "messages[0].content contains the control character U+0007"),
-        ({"messages": [{"role": "user", "content": "Привет 👋 你好 — ça va? \t tab"}], "max_tokens": 4}, 200, "chat.completion"),
-    ],
-    ids=[
-        "malformed-json", "missing-messages", "empty-messages", "unknown-role", "non-string-content", "empty-content",
-        "max-tokens-zero", "max-tokens-negative", "max-tokens-string", "max-tokens-huge", "negative-temperature",
-        "top-p-zero", "top-p-above-one", "stop-string", "stop-not-strings", "n-above-one", "past-context",
-        "8mb-payload", "control-character", "unicode",
-    ],
-)  # fmt: skip
-def test_bad_input_gets_a_clear_4xx_and_the_server_stays_up(server: Server, body, status: int, names: str):
-    answer = server.post(body)
+@pytest.mark.parametrize("route", ROUTES)
+@pytest.mark.parametrize(("body", "status", "names", "openai_names"), BAD_INPUT, ids=BAD_INPUT_IDS)
+def test_bad_input_gets_the_same_clear_4xx_from_both_models_and_the_server_stays_up(
+    server: Server, route: str, body, status: int, names: str, openai_names: str | None
+):
+    answer = server.post(body, route)
     assert answer.status_code == status, answer.text[:500]
-    assert names in answer.text
+    expected = openai_names if route == "openai" and openai_names else names
+    assert expected in answer.text
     assert "stack_trace" not in answer.text
     assert "Traceback" not in answer.text
-    follow_up = server.post(VALID)
-    assert follow_up.status_code == 200
-    assert follow_up.json()[0]["choices"][0]["message"]["content"] == "Paris."
+    assert len(answer.content) < 2000  # no body echoed back
+    if route == "openai" and status >= 400:
+        error = answer.json()["error"]
+        assert set(error) == {"message", "type", "param", "code"}
+        field = re.match(r"[a-z_]+(\[\d+\]\.[a-z]+)?", expected).group(0)
+        if field.split("[")[0] in ("messages", "max_tokens", "temperature", "top_p", "stop", "n"):
+            assert error["param"] == field  # OpenAI's `param`: the official client exposes it
+    assert server.answer(VALID, route)["choices"][0]["message"]["content"] == "Paris."
     assert server.process.poll() is None
 
 
-def answer_of(server: Server, prompt: str) -> str:
-    response = server.post({"messages": [{"role": "user", "content": prompt}], "max_tokens": 8, "temperature": 0})
-    assert response.status_code == 200, response.text[:300]
-    return response.json()[0]["choices"][0]["message"]["content"]
+def test_openai_client_calls_the_model_with_and_without_streaming(server: Server):
+    client = server.client()
+    [model] = client.models.list().data
+    assert model.id == "tiny-phi3"
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    whole = client.chat.completions.create(model=model.id, messages=messages, max_tokens=8, temperature=0)
+    assert whole.choices[0].message.content == "Paris."
+    assert whole.usage.completion_tokens >= 2
+    chunks = list(
+        client.chat.completions.create(
+            model=model.id, messages=messages, max_tokens=8, temperature=0, stream=True,
+            stream_options={"include_usage": True},
+        )
+    )  # fmt: skip
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert streamed == whole.choices[0].message.content
+    assert chunks[-1].choices == []
+    assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == whole.choices[0].finish_reason
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.chat.completions.create(model=model.id, messages=messages, max_tokens=0)
+    assert refused.value.param == "max_tokens"
+    assert "max_tokens must be at least 1" in refused.value.message
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="gpt-4o", messages=messages)
 
 
-def test_concurrent_clients_get_the_answer_each_prompt_gets_alone(server: Server):
-    prompts = [f"Client {c} asks question {q}: what is {c} times {q}?" for c in range(8) for q in range(10)]
-    alone = {prompt: answer_of(server, prompt) for prompt in prompts}
-    with ThreadPoolExecutor(max_workers=8) as clients:
-        together = dict(zip(prompts, clients.map(lambda p: answer_of(server, p), prompts), strict=True))
+def test_stop_cuts_the_answer_on_both_routes_with_the_hub_unreachable(server: Server):
+    """The pipeline model's source folder is gone (see the fixture) and HF_HUB_OFFLINE is set."""
+    question = {"messages": [{"role": "user", "content": "What is the capital of France?"}], "max_tokens": 8}
+    for route in ROUTES:
+        answer = server.answer({**question, "stop": ["is"]}, route)
+        assert answer["choices"][0]["message"]["content"] == "Par"
+        assert answer["choices"][0]["finish_reason"] == "stop"
+    stream = server.client().chat.completions.create(model="tiny-phi3", stream=True, stop=["is"], **question)
+    assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == "Par"
+
+
+@pytest.mark.parametrize("model_dir", ["wrapper_dir", "pipeline_dir"])
+def test_stop_works_in_process_without_the_source_folder_or_the_hub(model_dir: str, request, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    folder = request.getfixturevalue(model_dir)
+    recorded = yaml.safe_load((folder / "MLmodel").read_text())["flavors"].get("transformers", {})
+    assert recorded.get("source_model_name", "tiny-phi3") == "tiny-phi3"  # a name, not a folder of this machine
+    chat = load_chat_model(str(folder))
+    question = {"messages": [{"role": "user", "content": "What is the capital of France?"}], "max_tokens": 8}
+    answer = chat.complete({**question, "stop": ["is"]})
+    assert answer["choices"][0]["message"]["content"] == "Par"
+    assert answer["model"] == "tiny-phi3"
+    assert answer["usage"]["completion_tokens"] < 8  # generation ended at the stop string, not at max_tokens
+
+
+def answer_of(server: Server, prompt: str, route: str) -> str:
+    body = {"messages": [{"role": "user", "content": prompt}], "max_tokens": 8, "temperature": 0}
+    return server.answer(body, route)["choices"][0]["message"]["content"]
+
+
+@pytest.mark.parametrize("route", ROUTES)
+def test_concurrent_clients_get_the_answer_each_prompt_gets_alone(server: Server, route: str):
+    prompts = [f"Client {c} asks question {q}: what is {c} times {q}?" for c in range(4) for q in range(4)]
+    alone = {prompt: answer_of(server, prompt, route) for prompt in prompts}
+    with ThreadPoolExecutor(max_workers=4) as clients:
+        together = dict(zip(prompts, clients.map(lambda p: answer_of(server, p, route), prompts), strict=True))
     assert together == alone
     assert len(set(alone.values())) > 1  # distinct prompts, so crossed answers would show
+
+
+def test_metrics_count_requests_tokens_latency_and_batches(server: Server):
+    before = server.metrics()
+    server.answer(VALID, "openai")
+    list(server.client().chat.completions.create(model="tiny-phi3", stream=True, **VALID))
+    server.post({"messages": []}, "openai")
+    after = server.metrics()
+
+    def value(text: str, name: str) -> float:
+        match = re.search(rf"^{re.escape(name)} (\S+)$", text, re.MULTILINE)
+        return float(match.group(1)) if match else 0.0
+
+    assert value(after, 'slmkit_requests_total{route="/v1/chat/completions",status="200"}') >= 2 + value(
+        before, 'slmkit_requests_total{route="/v1/chat/completions",status="200"}'
+    )
+    assert value(after, 'slmkit_requests_total{route="/v1/chat/completions",status="400"}') >= 1
+    assert value(after, "slmkit_completion_tokens_total") >= value(before, "slmkit_completion_tokens_total") + 4
+    assert value(after, "slmkit_prompt_tokens_total") > value(before, "slmkit_prompt_tokens_total")
+    assert value(after, "slmkit_time_to_first_token_seconds_count") >= 1
+    assert value(after, 'slmkit_request_seconds_count{route="/v1/chat/completions"}') >= 3
+    assert value(after, "slmkit_batch_size_count") >= 2
+    assert value(after, "slmkit_requests_in_flight") == 0
+
+
+def test_invocations_answer_as_under_mlflow_models_serve(wrapper_dir: Path, tmp_path: Path):
+    """Everything but chat requests is MLflow's own handler: the same status and body as
+    `mlflow models serve` gives, for the health routes and MLflow's own input checks."""
+    probes = [("get", "/ping", None), ("get", "/version", None), ("post", "/invocations", {"max_tokens": 4}),
+              ("post", "/invocations", {"dataframe_records": [{"prompt": 5}]})]  # fmt: skip
+    answers = {}
+    for front in (MLFLOW_SERVE, SLMKIT_SERVE):
+        for running in serve(wrapper_dir, tmp_path / f"{front}.log", front=front):
+            base = running.running.base
+            answers[front] = [
+                (r.status_code, re.sub(r"\{'[^}]*\}", "{…}", r.text))  # a set's order differs from run to run
+                for r in (requests.request(method, base + path, json=body, timeout=60) for method, path, body in probes)
+            ]
+            chat = running.answer(VALID, "invocations")
+            assert chat["choices"][0]["message"]["content"] == "Paris."
+    assert answers[SLMKIT_SERVE] == answers[MLFLOW_SERVE]
+
+
+def test_serve_refuses_a_model_it_cannot_fetch_in_one_line(tmp_path: Path):
+    result = subprocess.run(
+        [sys.executable, "-m", "slmkit.serve", "-m", "models:/no-such-model@champion"],
+        env={**bare_env(tmp_path), "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"},
+        capture_output=True, text=True, timeout=120, cwd=Path(__file__).parents[1],
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert (
+        result.stderr.strip()
+        .splitlines()[-1]
+        .startswith("error: cannot fetch the model models:/no-such-model@champion")
+    )
+    assert "Traceback" not in result.stderr
 
 
 def test_memory_stays_flat_over_200_requests(server: Server):
     prompts = [f"Request {i}: tell me about the number {i}." for i in range(200)]
     for prompt in prompts[:20]:
-        answer_of(server, prompt)
+        answer_of(server, prompt, "openai")
     after_20 = server.resident_bytes()
     for prompt in prompts[20:]:
-        answer_of(server, prompt)
+        answer_of(server, prompt, "openai")
     after_200 = server.resident_bytes()
     assert after_200 <= after_20 * 1.10, (after_20, after_200)

@@ -191,9 +191,17 @@ class OnnxChatModel(mlflow.pyfunc.PythonModel):
             raise _invalid(error) from None
         completion_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         generation = Generation()
-        for piece in self._generate(request, generation):
-            if piece:
-                yield chat_chunk(completion_id, created, self._model_name, piece, None)
+        pieces = self._generate(request, generation)
+        try:
+            for piece in pieces:
+                if piece:
+                    yield chat_chunk(completion_id, created, self._model_name, piece, None)
+        except GeneratorExit:  # closed early: the request's decoder row is dropped right here
+            pieces.close()
+            logger.warning(
+                "the caller left mid-stream; generation stopped after %d tokens", generation.completion_tokens
+            )
+            raise
         yield chat_chunk(completion_id, created, self._model_name, "", generation.finish_reason, generation.usage())
 
     def _complete(self, request: ChatRequest) -> dict[str, Any]:
