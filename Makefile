@@ -9,7 +9,7 @@ export MLFLOW_TRACKING_URI ?= sqlite:///$(CURDIR)/mlflow.db
 EXPERIMENT ?= slm-chat
 MODEL ?= smollm2-135m
 
-.PHONY: run test lint bench clean
+.PHONY: run test lint bench serve clean
 
 $(STAMP): conda.yaml requirements-dev.txt slmkit/environment.py
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,12 @@ test: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+
+# Either registered model behind MLflow's scoring app plus an OpenAI route (slmkit/serving.py).
+MODEL_URI ?= models:/slm-chat-onnx@champion
+PORT ?= 5001
+serve: $(STAMP)
+	$(BIN)/python -m slmkit.serve -m $(MODEL_URI) -p $(PORT)
 
 bench: $(STAMP)
 	$(BIN)/python -m bench

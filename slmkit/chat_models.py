@@ -207,7 +207,9 @@ def load_chat_model(model_uri: str) -> ChatModel:
 
     from slmkit.errors import UserError
 
-    flavors = mlflow.models.get_model_info(model_uri).flavors
+    # Model.load reads only the MLmodel file (of a folder, or fetched for a URI): the flavors
+    # decide how to load, and a served folder's model id need not exist in any store.
+    flavors = mlflow.models.Model.load(model_uri).flavors
     if "transformers" in flavors:
         model_config = flavors["python_function"].get("config") or {}
         if STOPPING_CRITERIA_KEY not in model_config:  # logged elsewhere: stop strings still cut the answer

@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
+import uvicorn
 from mlflow.environment_variables import MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT
 
 from slmkit.errors import UserError
@@ -59,33 +58,30 @@ def local_model(model_uri: str) -> Path:
         raise UserError(f"cannot fetch the model {model_uri}: {error.message}") from None
 
 
-def uvicorn_command(args: argparse.Namespace) -> list[str]:
-    return [sys.executable, "-m", "uvicorn", "--factory", "slmkit.serving:app_from_environment",
-            "--host", args.host, "--port", str(args.port), "--workers", str(args.workers)]  # fmt: skip
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     for name in ("workers", "timeout", "max_body_bytes", "max_in_flight"):
         positive_int(f"--{name.replace('_', '-')}", getattr(args, name))
-    env = {
-        **os.environ,
-        MODEL_PATH_ENV: str(local_model(args.model_uri)),
-        MAX_BODY_ENV: str(args.max_body_bytes),
-        MAX_IN_FLIGHT_ENV: str(args.max_in_flight),
-        MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT.name: str(args.timeout),
-    }
-    metrics_dir = None
-    if args.workers > 1:  # every worker writes its metrics here; /metrics sums them
-        metrics_dir = tempfile.mkdtemp(prefix="slmkit-metrics-")
-        env["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
-    try:
-        return subprocess.call(uvicorn_command(args), env=env)
-    except KeyboardInterrupt:
-        return 130
-    finally:
-        if metrics_dir:
-            shutil.rmtree(metrics_dir, ignore_errors=True)
+    os.environ.update(
+        {
+            MODEL_PATH_ENV: str(local_model(args.model_uri)),
+            MAX_BODY_ENV: str(args.max_body_bytes),
+            MAX_IN_FLIGHT_ENV: str(args.max_in_flight),
+            MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT.name: str(args.timeout),
+        }
+    )
+    # In this process, so a SIGTERM reaches uvicorn's own handling (workers stop with it).
+    with tempfile.TemporaryDirectory(prefix="slmkit-metrics-") as metrics_dir:
+        if args.workers > 1:  # every worker writes its metrics here; /metrics sums them
+            os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+        uvicorn.run(
+            "slmkit.serving:app_from_environment",
+            factory=True,
+            host=args.host,
+            port=args.port,
+            workers=args.workers,
+        )
+    return 0
 
 
 if __name__ == "__main__":

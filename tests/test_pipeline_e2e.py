@@ -19,7 +19,7 @@ from slmkit import PROJECT_ROOT
 from slmkit.environment import read_pins
 from slmkit.evaluation import load_eval_set
 from slmkit.lineage import DOWNLOAD_RUN_TAG, MODEL_URI_TAG, SOURCE_KEY_TAG, STEP_TAG
-from slmkit.local_servers import served
+from slmkit.local_servers import MLFLOW_SERVE, SLMKIT_SERVE, served
 from slmkit.manifest import file_sha256, read_manifest, verify_folder
 from slmkit.onnx_greedy import bare_greedy, load
 from slmkit.onnx_session import model_tokens
@@ -182,24 +182,35 @@ def test_logged_models_pin_the_conda_yaml_versions(pipeline_run: PipelineRun, tm
             assert "python_model.pkl" not in {p.name for p in folder.rglob("*")}
 
 
+@pytest.mark.parametrize("front", [MLFLOW_SERVE, SLMKIT_SERVE])
 @pytest.mark.parametrize("step", ["log_pipeline", "log_onnx_wrapper"])
 def test_both_models_serve_chat_over_http_with_pickle_deserialization_disabled(
-    pipeline_run: PipelineRun, tracking_server: TrackingServer, tmp_path: Path, step: str
+    pipeline_run: PipelineRun, tracking_server: TrackingServer, tmp_path: Path, step: str, front: str
 ):
+    """The logged models through the tracking server, under MLflow's server (by model id) and ours
+    (by registered name and alias); ours answers `stop` on the pipeline model too, whose logging
+    folder is gone."""
     env = tracking_server.env(MLFLOW_ALLOW_PICKLE_DESERIALIZATION="false")
-    with served(pipeline_run.model_uri(step), env, tmp_path / "server.log") as server:
+    registered = {"log_pipeline": "e2e-pipeline", "log_onnx_wrapper": "e2e-onnx"}[step]
+    model_uri = pipeline_run.model_uri(step) if front == MLFLOW_SERVE else f"models:/{registered}@champion"
+    with served(model_uri, env, tmp_path / "server.log", front=front) as server:
         answer = requests.post(server.url, json=CHAT, timeout=120)
         assert answer.status_code == 200, answer.text
         body = answer.json()  # a one-element list from both models
         assert len(body) == 1
         assert body[0]["object"] == "chat.completion"
         assert body[0]["choices"][0]["finish_reason"] in ("stop", "length")
-        if step == "log_onnx_wrapper":
+        assert body[0]["model"] == pipeline_run.children["download"].data.params["model_name"]
+        if step == "log_onnx_wrapper" or front == SLMKIT_SERVE:
             refused = requests.post(server.url, json={**CHAT, "max_tokens": 0}, timeout=60)
             assert refused.status_code == 400
             assert "max_tokens must be at least 1" in refused.json()["message"]
             assert "stack_trace" not in refused.json()
             assert requests.post(server.url, json=CHAT, timeout=60).status_code == 200
+        if front == SLMKIT_SERVE:
+            stopped = requests.post(server.chat_url, json={**CHAT, "stop": ["."]}, timeout=60)
+            assert stopped.status_code == 200, stopped.text
+            assert "." not in stopped.json()["choices"][0]["message"]["content"]
 
 
 def test_log_onnx_wrapper_alone_reuses_the_finished_download(
