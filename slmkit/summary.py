@@ -25,7 +25,7 @@ def format_summary(
     first_uri = next(iter(model_uris.values()), "models:/<id>")
     lines.append("next")
     lines.append(
-        f"  serve: MLFLOW_TRACKING_URI={tracking_uri} mlflow models serve -m {first_uri} --env-manager local -p 5001"
+        f"  serve: MLFLOW_TRACKING_URI={tracking_uri} python -m slmkit.serve -m {first_uri} -p 5001  (OpenAI route: /v1)"
     )
     lines.append(f"  UI:    mlflow ui --backend-store-uri {tracking_uri}")
     return "\n".join(lines)
