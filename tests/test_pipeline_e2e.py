@@ -47,7 +47,7 @@ def test_summary_names_runs_models_and_metrics(pipeline_run: PipelineRun):
         assert f"{step:<17} run {run.info.run_id}" in pipeline_run.output
     assert pipeline_run.model_uri("log_onnx_wrapper") in pipeline_run.output
     assert "answer_correct_rate" in pipeline_run.output
-    assert "mlflow models serve -m models:/" in pipeline_run.output
+    assert "python -m slmkit.serve -m models:/" in pipeline_run.output
 
 
 def test_steps_log_params_metrics_and_lineage(pipeline_run: PipelineRun):
