@@ -60,6 +60,15 @@ class ChatModel(Protocol):
         ...
 
 
+def is_refusal(error: Exception) -> bool:
+    """A request the model refused as invalid (a 4xx), as opposed to a failure of the model."""
+    from mlflow.exceptions import MlflowException
+
+    return isinstance(error, ChatRequestError) or (
+        isinstance(error, MlflowException) and 400 <= error.get_http_status_code() < 500
+    )
+
+
 def model_fields(request: Mapping[str, Any]) -> dict[str, Any]:
     """The request's fields that the models take; OpenAI-only ones (`model`, `user`) stay out."""
     return {key: value for key, value in request.items() if key in REQUEST_FIELDS and key != "stream"}

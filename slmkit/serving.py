@@ -33,7 +33,7 @@ from mlflow.environment_variables import MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT
 from mlflow.exceptions import MlflowException
 
 from slmkit.chat_format import ChatRequestError
-from slmkit.chat_models import ChatModel
+from slmkit.chat_models import ChatModel, is_refusal
 
 logger = logging.getLogger(__name__)
 
@@ -71,13 +71,6 @@ def request_error(error: ChatRequestError | MlflowException) -> OpenAIError:
     """A 400 naming the field, from either model's refusal (the wrapper raises MlflowException)."""
     message = error.message if isinstance(error, MlflowException) else str(error)
     return OpenAIError(400, message, ChatRequestError(message).param, "invalid_request")
-
-
-def is_refusal(error: Exception) -> bool:
-    """A request the model refused as invalid (4xx), as opposed to a failure of the server."""
-    return isinstance(error, ChatRequestError) or (
-        isinstance(error, MlflowException) and 400 <= error.get_http_status_code() < 500
-    )
 
 
 def openai_request(raw: Any, served_name: str) -> dict[str, Any]:
@@ -228,7 +221,7 @@ class Front:
 
         try:
             await self.app(scope, receive_limited, send_counted)
-        except _BodyTooLarge:
+        except* _BodyTooLarge:  # bare, or grouped by the task group of MLflow's timeout middleware
             if status[0] == 0:
                 await answer(self._too_large(path))
 
@@ -383,6 +376,10 @@ def build_app(chat: ChatModel, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
                     metrics.count_usage(chunk.get("usage"))
                     yield sse(chunk)
                 yield sse("[DONE]")
+            except Exception as error:  # the status is sent: the error goes into the stream, as OpenAI does
+                logger.exception("chat completion stream failed")
+                yield sse(json.loads(OpenAIError(500, f"the model failed: {type(error).__name__}: {error}", None,
+                                                 "model_error").body()))  # fmt: skip
             finally:
                 leave()
                 await chunks.aclose()

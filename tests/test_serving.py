@@ -49,7 +49,7 @@ class Server:
         return self.running.log
 
     def post(self, body: object, route: str = "invocations", **kwargs) -> requests.Response:
-        data = body if isinstance(body, (str, bytes)) else json.dumps(body)
+        data = body if isinstance(body, (str, bytes, Iterator)) else json.dumps(body)
         url = self.running.url if route == "invocations" else self.running.chat_url
         return requests.post(url, data=data, headers={"Content-Type": "application/json"}, timeout=120, **kwargs)
 
@@ -148,6 +148,20 @@ def test_bad_input_gets_the_same_clear_4xx_from_both_models_and_the_server_stays
             assert error["param"] == field  # OpenAI's `param`: the official client exposes it
     assert server.answer(VALID, route)["choices"][0]["message"]["content"] == "Paris."
     assert server.process.poll() is None
+
+
+@pytest.mark.parametrize("route", ROUTES)
+def test_a_chunked_body_past_the_limit_gets_413_without_its_length_announced(server: Server, route: str):
+    def body() -> Iterator[bytes]:  # no Content-Length: the server counts as it reads
+        yield b'{"messages": [{"role": "user", "content": "'
+        yield from (b"x" * 100_000 for _ in range(12))
+        yield b'"}]}'
+
+    answer = server.post(body(), route)
+    assert answer.status_code == 413, answer.text[:300]
+    assert "larger than 1000000 bytes" in answer.text
+    assert len(answer.content) < 2000
+    assert server.answer(VALID, route)["choices"][0]["message"]["content"] == "Paris."
 
 
 def test_openai_client_calls_the_model_with_and_without_streaming(server: Server):
