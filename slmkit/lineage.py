@@ -221,6 +221,11 @@ def model_run(model_uri: str) -> Run:
         raise UserError(f"model URI {model_uri!r}: {error.message}") from error
 
 
+def run_name(step: str, subject: str) -> str:
+    """What the MLflow UI lists a run as, `log_onnx_wrapper · smollm2-135m`, instead of a random name."""
+    return f"{step} · {subject}" if subject else step
+
+
 def scratch_dir(prefix: str) -> tempfile.TemporaryDirectory:
     """A temporary folder removed when the step ends, whatever happens."""
     return tempfile.TemporaryDirectory(prefix=f"slmkit-{prefix}-")

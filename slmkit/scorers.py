@@ -12,7 +12,7 @@ import mlflow
 from mlflow.genai.scorers import scorer
 
 from slmkit import evaluation
-from slmkit.lineage import STEP_TAG
+from slmkit.lineage import STEP_TAG, run_name
 from slmkit.tracking_server import bound_trace_writers
 
 
@@ -55,7 +55,7 @@ def score_with_genai(
         }
         for row, result in zip(rows, results, strict=True)
     ]
-    with mlflow.start_run(run_name=f"{name}-scores", nested=True):
+    with mlflow.start_run(run_name=run_name("evaluate", name), nested=True):
         mlflow.set_tag(STEP_TAG, "evaluate.scores")
         metrics = mlflow.genai.evaluate(data=data, scorers=SCORERS).metrics
         mlflow.flush_trace_async_logging()

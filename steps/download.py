@@ -34,6 +34,7 @@ from slmkit.lineage import (
     REVISION_TAG,
     SOURCE_KEY_TAG,
     STEP_TAG,
+    run_name,
     scratch_dir,
     source_key,
     writing_artifacts,
@@ -46,7 +47,7 @@ from slmkit.step_cli import parse_bool, run_cli
 def main(args: argparse.Namespace) -> None:
     spec = resolve_model(args.model, args.revision)
     allow_pickle = parse_bool("allow_pickle", args.allow_pickle)
-    with mlflow.start_run() as run, scratch_dir("download") as scratch:
+    with mlflow.start_run(run_name=run_name("download", spec.name)) as run, scratch_dir("download") as scratch:
         mlflow.set_tags({STEP_TAG: "download", SOURCE_KEY_TAG: source_key(spec)})
         mlflow.log_params({"model_name": spec.name, **source_params(spec.source)})
         checkpoint, gguf = Path(scratch) / CHECKPOINT_ARTIFACT, Path(scratch) / GGUF_ARTIFACT

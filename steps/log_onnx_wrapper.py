@@ -43,6 +43,7 @@ from slmkit.lineage import (
     STEP_TAG,
     download_checkpoint,
     download_gguf,
+    run_name,
     scratch_dir,
     source_key,
     upstream_download,
@@ -106,7 +107,10 @@ def main(args: argparse.Namespace) -> None:
     check_quantization(quantization, args.execution_provider, from_gguf)
     from_hub = use_hub_variant(spec if preset else None, args.onnx_source, args.execution_provider, quantization)
     download = None if from_hub else upstream_download(args.download_run_id, args.model, args.env_manager)
-    with mlflow.start_run(), scratch_dir("onnx") as scratch:
+    with (
+        mlflow.start_run(run_name=run_name("log_onnx_wrapper", download.model_name if download else preset)),
+        scratch_dir("onnx") as scratch,
+    ):
         onnx_dir = Path(scratch) / "onnx_model"
         started = time.perf_counter()
         report = None

@@ -31,6 +31,7 @@ from slmkit.lineage import (
     MODEL_URI_TAG,
     STEP_TAG,
     download_checkpoint,
+    run_name,
     scratch_dir,
     upstream_download,
     writing_artifacts,
@@ -45,7 +46,7 @@ def main(args: argparse.Namespace) -> None:
     check_dtype(args.torch_dtype)
     generation = generation_config(args.temperature, args.max_new_tokens)
     download = upstream_download(args.download_run_id, args.model, args.env_manager)
-    with mlflow.start_run(), scratch_dir("pipeline") as scratch:
+    with mlflow.start_run(run_name=run_name("log_pipeline", download.model_name)), scratch_dir("pipeline") as scratch:
         mlflow.set_tags({STEP_TAG: "log_pipeline", **download.lineage_tags()})
         mlflow.log_param("resolved_revision", download.revision)
         checkpoint, manifest = download_checkpoint(download.run_id, scratch)

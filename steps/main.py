@@ -19,7 +19,7 @@ import mlflow
 from slmkit.cache import CACHE_KEY_TAG, cache_key, forced_steps, parameter_types, step_lock
 from slmkit.checkpoint import source_revision
 from slmkit.evaluation import eval_set_digest
-from slmkit.lineage import MODEL_URI_TAG, STEP_TAG, check_env_manager, run_entry_point
+from slmkit.lineage import MODEL_URI_TAG, STEP_TAG, check_env_manager, run_entry_point, run_name
 from slmkit.presets import resolve_model
 from slmkit.step_cli import (
     EVALUATION_OPTIONS,
@@ -79,7 +79,7 @@ def main(args: argparse.Namespace) -> None:
     spec = resolve_model(args.model, args.revision)
     allow_pickle = parse_bool("allow_pickle", args.allow_pickle)
     generation = forward(args, GENERATION_OPTIONS)
-    with mlflow.start_run() as parent:
+    with mlflow.start_run(run_name=run_name("main", spec.name)) as parent:
         mlflow.set_tag(STEP_TAG, "main")
         step = StepRunner(parent, env_manager, forced)
         download = step(

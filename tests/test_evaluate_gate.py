@@ -89,7 +89,7 @@ def test_both_models_have_scorer_results_per_row_and_aggregate(pipeline_run: Pip
         assert metrics[f"{model}/answer_correct/mean"] == 1.0
     assert metrics["parity/exact_match_rate"] == 1.0
     scored = [r for r in runs_of("e2e-tiny") if r.data.tags.get("mlflow.parentRunId") == evaluate.info.run_id]
-    assert sorted(r.info.run_name for r in scored) == ["onnx-scores", "pipeline-scores"]
+    assert sorted(r.info.run_name for r in scored) == ["evaluate · onnx", "evaluate · pipeline"]
     traces = mlflow.search_traces(
         locations=[evaluate.info.experiment_id], run_id=scored[0].info.run_id, return_type="list"
     )

@@ -50,6 +50,13 @@ def test_summary_names_runs_models_and_metrics(pipeline_run: PipelineRun):
     assert "python -m slmkit.serve -m models:/" in pipeline_run.output
 
 
+def test_runs_are_named_after_their_step_and_model(pipeline_run: PipelineRun):
+    model_name = pipeline_run.children["download"].data.params["model_name"]
+    assert pipeline_run.parent.info.run_name == f"main · {model_name}"
+    for step, run in pipeline_run.children.items():
+        assert run.info.run_name == f"{step} · {model_name}"
+
+
 def test_steps_log_params_metrics_and_lineage(pipeline_run: PipelineRun):
     download, pipeline, onnx, evaluation = (pipeline_run.children[s] for s in STEPS)
     assert download.data.params["source.kind"] == "local_dir"

@@ -43,7 +43,7 @@ def test_both_models_keep_a_trace_with_every_assessment_per_row_and_tracing_warn
     scoring_runs = mlflow.search_runs(
         filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'", output_format="list"
     )
-    assert sorted(run.info.run_name for run in scoring_runs) == ["onnx-scores", "pipeline-scores"]
+    assert sorted(run.info.run_name for run in scoring_runs) == ["evaluate · onnx", "evaluate · pipeline"]
     for run in scoring_runs:
         traces = mlflow.search_traces(run_id=run.info.run_id, return_type="list", max_results=100)
         assert len(traces) == len(rows), run.info.run_name
