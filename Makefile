@@ -9,9 +9,15 @@ export MLFLOW_TRACKING_URI ?= sqlite:///$(CURDIR)/mlflow.db
 EXPERIMENT ?= slm-chat
 MODEL ?= smollm2-135m
 
-.PHONY: run test lint bench serve clean
+.PHONY: run test lint bench serve clean java-check
+
+# Spark (batch_infer, and its tests) runs on the machine's Java 17 or later.
+JAVA_HINT := Java 17+ is missing: install it (Debian/Ubuntu: sudo apt-get install openjdk-17-jre-headless) or set JAVA_HOME; batch_infer -P engine=spark needs it
+java-check:
+	@command -v java >/dev/null 2>&1 || test -x "$$JAVA_HOME/bin/java" || { echo "$(JAVA_HINT)"; exit 1; }
 
 $(STAMP): conda.yaml requirements-dev.txt slmkit/environment.py
+	@command -v java >/dev/null 2>&1 || test -x "$$JAVA_HOME/bin/java" || echo "note: $(JAVA_HINT)"
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet pyyaml==6.0.3
 	$(BIN)/python -m slmkit.environment conda.yaml > $(VENV)/requirements.txt
@@ -21,7 +27,7 @@ $(STAMP): conda.yaml requirements-dev.txt slmkit/environment.py
 run: $(STAMP)
 	$(BIN)/mlflow run . --env-manager local --experiment-name $(EXPERIMENT) -P model=$(MODEL)
 
-test: $(STAMP)
+test: $(STAMP) java-check
 	$(BIN)/python -m pytest
 
 lint: $(STAMP)

@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import requests
 
+from bench.batch import batch_figures
 from bench.batching import engine_batch, prompt_and_step_ms, static_batch
 from bench.figures import (
     PROMPTS,
@@ -401,6 +402,9 @@ def run(args: argparse.Namespace, work: Path) -> None:
     # 11 and 12. The serving front: streamed first token over HTTP, and tok/s against
     # `mlflow models serve` (bench/front.py).
     figures += front_figures(onnx_model_dir, wrapper, env, work, max_tokens, reps)
+
+    # 13. batch_infer on Spark: partitions, and batched against row-at-a-time predict (bench/batch.py).
+    figures += batch_figures(str(onnx_model_dir), work, rows=96, max_tokens=max_tokens)
 
     # 8. Logging cost: log_model over a plain copy of the same files.
     with mlflow.start_run(run_name="bench-logging"):

@@ -4,7 +4,7 @@ A Databricks `spark_python_task` runs a file with that file's folder as its work
 and import path, while the steps import `slmkit` from the project root. This launcher, and only
 it, puts the bundle's root first on the import path, moves there, and hands over to the step.
 
-Usage: run_step.py {download|log_pipeline|log_onnx_wrapper|evaluate} [the step's flags]
+Usage: run_step.py {download|log_pipeline|log_onnx_wrapper|evaluate|batch_infer|main} [the step's flags]
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-STEPS = ("download", "log_pipeline", "log_onnx_wrapper", "evaluate", "main")
+STEPS = ("download", "log_pipeline", "log_onnx_wrapper", "evaluate", "batch_infer", "main")
 
 
 def main() -> None:

@@ -7,11 +7,12 @@ Scorers are small pure functions so the results of both models compare row for r
 from __future__ import annotations
 
 import json
+import math
 import statistics
 import string
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -181,6 +182,25 @@ def _timed(predict: Predict, request: dict[str, Any]) -> tuple[Any, float]:
     return response, time.perf_counter() - start
 
 
+def scored(row: EvalRow, response: dict[str, Any], latency_s: float = math.nan, ttft_s: float = math.nan) -> RowResult:
+    """One row's ChatCompletion, scored against the row's accepted answers; NaN timings mean
+    the answer was not timed (it came from the batch engine)."""
+    text = response_text(response)
+    finish_reason = response["choices"][0]["finish_reason"]
+    return RowResult(
+        row_id=row.row_id,
+        answer=text,
+        finish_reason=finish_reason,
+        correct=answer_correct(text, row.answers),
+        token_f1=token_f1(text, row.answers),
+        well_formed=well_formed(text, finish_reason),
+        latency_s=latency_s,
+        ttft_s=ttft_s,
+        prompt_tokens=int(response["usage"]["prompt_tokens"]),
+        completion_tokens=int(response["usage"]["completion_tokens"]),
+    )
+
+
 def evaluate_model(predict: Predict, rows: list[EvalRow], max_tokens: int) -> list[RowResult]:
     """Answer every row greedily and time it, after one warm-up call.
 
@@ -195,25 +215,21 @@ def evaluate_model(predict: Predict, rows: list[EvalRow], max_tokens: int) -> li
         request = {"messages": row.messages, "temperature": 0.0}
         _, ttft = _timed(predict, {**request, "max_tokens": 1})
         response, latency = _timed(predict, {**request, "max_tokens": max_tokens})
-        if isinstance(response, list):
-            response = response[0]
-        text = response_text(response)
-        finish_reason = response["choices"][0]["finish_reason"]
-        results.append(
-            RowResult(
-                row_id=row.row_id,
-                answer=text,
-                finish_reason=finish_reason,
-                correct=answer_correct(text, row.answers),
-                token_f1=token_f1(text, row.answers),
-                well_formed=well_formed(text, finish_reason),
-                latency_s=latency,
-                ttft_s=ttft,
-                prompt_tokens=int(response["usage"]["prompt_tokens"]),
-                completion_tokens=int(response["usage"]["completion_tokens"]),
-            )
-        )
+        results.append(scored(row, response[0] if isinstance(response, list) else response, latency, ttft))
     return results
+
+
+def answer_agreement(reference: list[RowResult], other: list[RowResult]) -> float:
+    """The share of `reference`'s rows that `other` answered with the same text."""
+    answers = {r.row_id: r.answer for r in other}
+    return statistics.fmean(answers.get(r.row_id) == r.answer for r in reference)
+
+
+def with_timings(answered: list[RowResult], timed: list[RowResult]) -> list[RowResult]:
+    """Batch-engine answers, each with the in-process timing of its row where it was timed."""
+    timings = {r.row_id: (r.latency_s, r.ttft_s) for r in timed}
+    return [replace(r, latency_s=timings[r.row_id][0], ttft_s=timings[r.row_id][1]) if r.row_id in timings else r
+            for r in answered]  # fmt: skip
 
 
 def _percentile(values: list[float], fraction: float) -> float:
@@ -223,8 +239,9 @@ def _percentile(values: list[float], fraction: float) -> float:
 
 def summarize(results: list[RowResult]) -> dict[str, float]:
     """Aggregate metrics of one model: quality rates, latency percentiles, median speeds."""
-    latencies = [r.latency_s for r in results]
-    decode_speeds = [s for r in results if (s := r.decode_tokens_per_s) is not None]
+    timed = [r for r in results if math.isfinite(r.latency_s)]  # batch-engine rows carry no timing
+    latencies = [r.latency_s for r in timed]
+    decode_speeds = [s for r in timed if (s := r.decode_tokens_per_s) is not None]
     return {
         "answer_correct_rate": statistics.fmean(r.correct for r in results),
         "token_f1_mean": statistics.fmean(r.token_f1 for r in results),
@@ -232,8 +249,8 @@ def summarize(results: list[RowResult]) -> dict[str, float]:
         "latency_mean_s": statistics.fmean(latencies),
         "latency_p50_s": _percentile(latencies, 0.5),
         "latency_p95_s": _percentile(latencies, 0.95),
-        "ttft_median_s": statistics.median(r.ttft_s for r in results),
-        "prompt_tokens_per_s_median": statistics.median(r.prompt_tokens_per_s for r in results),
+        "ttft_median_s": statistics.median(r.ttft_s for r in timed),
+        "prompt_tokens_per_s_median": statistics.median(r.prompt_tokens_per_s for r in timed),
         "decode_tokens_per_s_median": statistics.median(decode_speeds) if decode_speeds else 0.0,
         "completion_tokens_mean": statistics.fmean(r.completion_tokens for r in results),
     }

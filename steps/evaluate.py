@@ -11,6 +11,9 @@ Params:
         for Unity Catalog); empty skips registering that model.
     min_correct_rate, max_regression, min_parity: the promotion gate (slmkit.promotion).
     fail_on_gate: `true` makes a failed gate fail the run, for CI-style use.
+    engine: `local` answers every row in process; `spark` takes the answers (quality, parity)
+        from the batch path (`mlflow.pyfunc.spark_udf`, as `batch_infer`) and times the first
+        32 rows in process (latency, speed, memory); metric `<model>/engine_agreement_rate`.
     env_manager: how to run a missing upstream step.
 
 Logs (tag `slmkit.step=evaluate`): the eval set as a dataset input; one nested run per model
@@ -24,6 +27,7 @@ from __future__ import annotations
 import argparse
 import os
 import warnings
+from dataclasses import replace
 from pathlib import Path
 
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -32,7 +36,18 @@ import mlflow
 import pandas as pd
 
 from slmkit.errors import UserError
-from slmkit.evaluation import EvalRow, eval_set_path, is_artifact_uri, load_eval_set, parity, rows_table, summarize
+from slmkit.evaluation import (
+    EvalRow,
+    answer_agreement,
+    eval_set_path,
+    is_artifact_uri,
+    load_eval_set,
+    parity,
+    rows_table,
+    scored,
+    summarize,
+    with_timings,
+)
 from slmkit.lineage import (
     DOWNLOAD_RUN_TAG,
     MANIFEST_SHA_TAG,
@@ -41,6 +56,7 @@ from slmkit.lineage import (
     STEP_TAG,
     ensure_step_run,
     model_run,
+    run_name,
     scratch_dir,
 )
 from slmkit.measure import measure_in_subprocess
@@ -58,9 +74,13 @@ from slmkit.promotion import (
 )
 from slmkit.report import comparison_markdown, latency_figure, overview_figure
 from slmkit.scorers import score_with_genai
+from slmkit.spark_batch import answer_eval_rows, check_engine, spark_session
 from slmkit.step_cli import EVALUATION_OPTIONS, add_options, parse_bool, positive_int, run_cli
 
 STEPS = {"pipeline": "log_pipeline", "onnx": "log_onnx_wrapper"}
+# engine=spark: rows timed in process (latency, speed, memory); answers for all rows come from Spark.
+TIMING_ROWS = 32
+SPARK_PARTITIONS = 2
 RESULTS_TABLE = "eval_results.json"
 EVAL_FINGERPRINT_TAG = "eval.fingerprint"
 
@@ -123,6 +143,7 @@ def champion_metrics(
 
 def main(args: argparse.Namespace) -> None:
     positive_int("max_tokens", args.max_tokens)
+    check_engine(args.engine)
     fail_on_gate = parse_bool("fail_on_gate", args.fail_on_gate)
     names = {
         "pipeline": check_registered_name(args.pipeline_registered_model, "pipeline_registered_model"),
@@ -141,14 +162,24 @@ def main(args: argparse.Namespace) -> None:
         }
         dataset = eval_dataset(rows, args.eval_set)
         fingerprint = f"{dataset.digest}:rows={len(rows)}:max_tokens={args.max_tokens}"
-        with mlflow.start_run():
+        with mlflow.start_run(run_name=run_name("evaluate", resolve_model(args.model).name if args.model else "")):
             mlflow.set_tag(STEP_TAG, "evaluate")
             mlflow.log_input(dataset, context="evaluation")
             mlflow.log_params({"eval_rows": len(rows), "eval_fingerprint": fingerprint})
             mlflow.log_params({f"{name}_model_uri_used": uri for name, uri in uris.items()})
             measurements, metrics = {}, {}
+            spark = spark_session(SPARK_PARTITIONS) if args.engine == "spark" else None
             for name, uri in uris.items():
-                measurements[name] = measure_in_subprocess(uri, rows, args.max_tokens, scratch)
+                # With Spark, answers come from the batch path and timings from TIMING_ROWS rows in process.
+                timed_rows = rows[:TIMING_ROWS] if spark else rows
+                measurements[name] = measure_in_subprocess(uri, timed_rows, args.max_tokens, scratch)
+                if spark:
+                    responses = answer_eval_rows(spark, uri, rows, args.max_tokens, scratch / name, SPARK_PARTITIONS)
+                    answered = [scored(row, response) for row, response in zip(rows, responses, strict=True)]
+                    metrics[f"{name}/engine_agreement_rate"] = answer_agreement(measurements[name].results, answered)
+                    measurements[name] = replace(
+                        measurements[name], results=with_timings(answered, measurements[name].results)
+                    )
                 model_metrics = {**summarize(measurements[name].results), **measurements[name].size_metrics()}
                 model_metrics.update(score_with_genai(name, rows, measurements[name].results))
                 metrics.update({f"{name}/{key}": value for key, value in model_metrics.items()})
@@ -197,6 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model", default="")
     add_options(parser, EVALUATION_OPTIONS)
     parser.add_argument("--env-manager", default="local")
+    parser.add_argument("--engine", default="local")
     return parser
 
 

@@ -19,6 +19,10 @@ from slmkit.promotion import check_registered_name
 JOB = yaml.safe_load((PROJECT_ROOT / "resources" / "slm_chat_job.yml").read_text())["resources"]["jobs"][
     "slm_chat_pipeline"
 ]
+BATCH_JOB = yaml.safe_load((PROJECT_ROOT / "resources" / "slm_chat_batch_job.yml").read_text())["resources"]["jobs"][
+    "slm_chat_batch_infer"
+]
+BUNDLE = yaml.safe_load((PROJECT_ROOT / "databricks.yml").read_text())
 MLPROJECT = yaml.safe_load((PROJECT_ROOT / "MLproject").read_text())
 TASK_VALUE = re.compile(r"\{\{tasks\.(\w+)\.values\.(\w+)\}\}")
 JOB_PARAMETER = re.compile(r"\{\{job\.parameters\.(\w+)\}\}")
@@ -41,8 +45,12 @@ def test_job_is_scheduled_and_not_concurrent():
     assert JOB["max_concurrent_runs"] == 1
 
 
-@pytest.mark.parametrize("task", JOB["tasks"], ids=[t["task_key"] for t in JOB["tasks"]])
-def test_each_task_runs_an_entry_point_with_flags_it_accepts(task):
+@pytest.mark.parametrize(
+    ("job", "task"),
+    [(job, task) for job in (JOB, BATCH_JOB) for task in job["tasks"]],
+    ids=[t["task_key"] for job in (JOB, BATCH_JOB) for t in job["tasks"]],
+)
+def test_each_task_runs_an_entry_point_with_flags_it_accepts(job, task):
     python_task = task["spark_python_task"]
     assert (
         PROJECT_ROOT / "resources" / python_task["python_file"]
@@ -50,7 +58,7 @@ def test_each_task_runs_an_entry_point_with_flags_it_accepts(task):
     step, *flags = python_task["parameters"]
     assert step == task["task_key"]
     assert step in MLPROJECT["entry_points"]
-    defaults = {p["name"]: str(p["default"]) for p in JOB["parameters"]}
+    defaults = {p["name"]: str(p["default"]) for p in job["parameters"]}
     resolved = [
         TASK_VALUE.sub("value-of-task", JOB_PARAMETER.sub(lambda m: defaults[m.group(1)], str(f))) for f in flags
     ]
@@ -132,4 +140,28 @@ def test_launcher_refuses_unknown_steps(tmp_path: Path):
         check=False,
     )
     assert result.returncode != 0
-    assert "usage: run_step.py {download|log_pipeline|log_onnx_wrapper|evaluate|main}" in result.stderr
+    assert "usage: run_step.py {download|log_pipeline|log_onnx_wrapper|evaluate|batch_infer|main}" in result.stderr
+
+
+def test_batch_job_answers_a_table_on_a_multi_node_cluster_into_delta():
+    from slmkit.spark_batch import is_table_name
+
+    [cluster] = BATCH_JOB["job_clusters"]
+    assert cluster["new_cluster"]["num_workers"] == "${var.batch_num_workers}"
+    assert int(BUNDLE["variables"]["batch_num_workers"]["default"]) >= 2
+    defaults = {p["name"]: p["default"] for p in BATCH_JOB["parameters"]}
+    for name in ("input", "output"):  # Unity Catalog tables: read with spark.table, written as Delta
+        assert is_table_name(defaults[name].replace("${var.catalog}", "main").replace("${var.schema}", "slm_chat"))
+    assert defaults["model_uri"].startswith("models:/")
+    assert defaults["model_uri"].endswith("@champion")
+    [task] = BATCH_JOB["tasks"]
+    flags = task["spark_python_task"]["parameters"]
+    assert flags[flags.index("--engine") + 1] == "spark"
+
+
+def test_batch_job_libraries_match_conda_yaml_pins_and_leave_spark_to_the_runtime():
+    pins = read_pins()
+    libraries = pinned(BATCH_JOB["tasks"][0]["libraries"])
+    assert "pyspark" not in libraries  # the Databricks runtime's own Spark
+    assert "pyspark" in pins  # while local runs pin it
+    assert all(pins[name] == line for name, line in libraries.items())
