@@ -221,6 +221,14 @@ def model_run(model_uri: str) -> Run:
         raise UserError(f"model URI {model_uri!r}: {error.message}") from error
 
 
+def logged_model_name(model_uri: str) -> str:
+    """The name a logged chat model answers with (the ONNX wrapper's `model_name`, the pipeline's
+    recorded `source_model_name`), read from its MLmodel file alone."""
+    flavors = mlflow.models.Model.load(model_uri).flavors
+    config = flavors.get("python_function", {}).get("config") or {}
+    return str(config.get("model_name") or flavors.get("transformers", {}).get("source_model_name") or "")
+
+
 def run_name(step: str, subject: str) -> str:
     """What the MLflow UI lists a run as, `log_onnx_wrapper · smollm2-135m`, instead of a random name."""
     return f"{step} · {subject}" if subject else step

@@ -55,6 +55,7 @@ from slmkit.lineage import (
     REVISION_TAG,
     STEP_TAG,
     ensure_step_run,
+    logged_model_name,
     model_run,
     run_name,
     scratch_dir,
@@ -162,7 +163,7 @@ def main(args: argparse.Namespace) -> None:
         }
         dataset = eval_dataset(rows, args.eval_set)
         fingerprint = f"{dataset.digest}:rows={len(rows)}:max_tokens={args.max_tokens}"
-        with mlflow.start_run(run_name=run_name("evaluate", resolve_model(args.model).name if args.model else "")):
+        with mlflow.start_run(run_name=run_name("evaluate", logged_model_name(uris["onnx"]))):
             mlflow.set_tag(STEP_TAG, "evaluate")
             mlflow.log_input(dataset, context="evaluation")
             mlflow.log_params({"eval_rows": len(rows), "eval_fingerprint": fingerprint})
