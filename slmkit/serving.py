@@ -163,10 +163,6 @@ def json_response(status: int, body: bytes) -> list[dict[str, Any]]:
             {"type": "http.response.body", "body": body}]  # fmt: skip
 
 
-class _BodyTooLarge(Exception):
-    pass
-
-
 class Front:
     """ASGI middleware around the whole app: the body limit, the metrics of every request, and
     OpenAI's shape for MLflow's plain-text 504 on `/v1/…`."""
@@ -208,22 +204,26 @@ class Front:
                 self.metrics.latency.labels(route).observe(time.perf_counter() - started)
 
         length = dict(scope["headers"]).get(b"content-length")
-        if length is not None and length.isdigit() and int(length) > self.max_body_bytes:
-            return await answer(self._too_large(path))
-        received = [0]
-
-        async def receive_limited() -> dict[str, Any]:
+        if length is not None:
+            if length.isdigit() and int(length) > self.max_body_bytes:
+                return await answer(self._too_large(path))
+            return await self.app(scope, receive, send_counted)
+        # No length announced (chunked): read the body here, up to the limit, and replay it.
+        body, more = [], True
+        while more:
             message = await receive()
-            received[0] += len(message.get("body", b""))
-            if received[0] > self.max_body_bytes:
-                raise _BodyTooLarge
-            return message
+            if message["type"] != "http.request":  # the client left before sending it all
+                return
+            body.append(message.get("body", b""))
+            if sum(map(len, body)) > self.max_body_bytes:
+                return await answer(self._too_large(path))
+            more = message.get("more_body", False)
+        replay = [{"type": "http.request", "body": b"".join(body), "more_body": False}]
 
-        try:
-            await self.app(scope, receive_limited, send_counted)
-        except* _BodyTooLarge:  # bare, or grouped by the task group of MLflow's timeout middleware
-            if status[0] == 0:
-                await answer(self._too_large(path))
+        async def receive_replayed() -> dict[str, Any]:
+            return replay.pop() if replay else await receive()
+
+        await self.app(scope, receive_replayed, send_counted)
 
 
 async def _stream_in_thread(chunks: Iterator[dict[str, Any]]) -> AsyncIterator[dict[str, Any]]:

@@ -85,11 +85,11 @@ def check_every_carried_node_equals_the_gguf(onnx_run, download_run, tmp_path: P
 
 
 def check_generation_stops_at_the_server_timeout(model_uri: str, kind: str, tmp_path: Path) -> None:
-    """On both routes, a request past `-t 1` gets a 504 (OpenAI's shape on /v1), and the
+    """On both routes, a request past `-t 2` gets a 504 (OpenAI's shape on /v1), and the
     generation behind it stops instead of running on: the next request is answered at once."""
     local = mlflow.artifacts.download_artifacts(model_uri, dst_path=str(tmp_path / kind))
     long_request = {"messages": [{"role": "user", "content": "Write a long story."}], "max_tokens": 1500}
-    for server in serve(Path(local), tmp_path / f"{kind}.log", "-t", "1", "--max-in-flight", "1", kind=kind):
+    for server in serve(Path(local), tmp_path / f"{kind}.log", "-t", "2", "--max-in-flight", "1", kind=kind):
         # Warm-up: the first request also opens the trace store (about a second), so it may time out.
         server.post({"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}, "openai")
         time.sleep(1.5)
@@ -97,10 +97,10 @@ def check_generation_stops_at_the_server_timeout(model_uri: str, kind: str, tmp_
             started = time.monotonic()
             timed_out = server.post(long_request, route)
             assert timed_out.status_code == 504
-            assert time.monotonic() - started < 5
+            assert time.monotonic() - started < 6
             if route == "openai":
                 assert timed_out.json()["error"]["code"] == "timeout"
-            time.sleep(1.5)
+            time.sleep(2.5)
             started = time.monotonic()
             server.answer({"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4}, route)
             assert time.monotonic() - started < 1.5, "the abandoned generation is still holding the model"
@@ -111,7 +111,7 @@ def check_generation_stops_at_the_server_timeout(model_uri: str, kind: str, tmp_
 
 def check_a_client_leaving_mid_stream_frees_its_row(server) -> None:
     """A stream holds the only admission slot (503 for others) until its client leaves; the
-    wrapper then stops generating at the next token, well before the 1 s deadline."""
+    wrapper then stops generating at the next token, well before the 2 s deadline."""
     body = {"messages": [{"role": "user", "content": "Write a long story."}], "max_tokens": 1500, "stream": True}
     stream = requests.post(server.running.chat_url, json=body, stream=True, timeout=60)
     lines = stream.iter_lines()
@@ -125,5 +125,5 @@ def check_a_client_leaving_mid_stream_frees_its_row(server) -> None:
         time.sleep(0.1)
     stopped = re.search(r"left mid-stream; generation stopped after (\d+) tokens", server.log.read_text())
     assert stopped, server.log.read_text()[-2000:]
-    assert int(stopped.group(1)) < 60  # SmolLM2 decodes ~90 tokens/s here: stopped within about half a second
+    assert int(stopped.group(1)) < 90  # SmolLM2 decodes ~90 tokens/s here: stopped within a second
     assert server.answer({"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4}, "openai")
