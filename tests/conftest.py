@@ -179,14 +179,14 @@ def pipeline_run(tracking_server: TrackingServer, trained_tiny_phi3: Path) -> Pi
 GREEDY_DEFAULTS = {"do_sample": False, "max_new_tokens": 16}
 
 
-def save_wrapper(checkpoint: Path, dest: Path, tracing: bool = True) -> Path:
+def save_wrapper(checkpoint: Path, dest: Path) -> Path:
     """Build an int4 ONNX model of `checkpoint` and save it as the ONNX chat wrapper at `dest`."""
     scratch = dest.parent / f"{dest.name}-build"
     scratch.mkdir(parents=True)
     build_onnx("int4", checkpoint, scratch / ONNX_ARTIFACT, scratch, "cpu")
     seal_onnx_folder(scratch / ONNX_ARTIFACT, f"test-build:{checkpoint.name}", "test")
     mlflow.pyfunc.save_model(
-        str(dest), **wrapper_model_arguments(scratch / ONNX_ARTIFACT, "tiny-phi3", GREEDY_DEFAULTS, tracing=tracing)
+        str(dest), **wrapper_model_arguments(scratch / ONNX_ARTIFACT, "tiny-phi3", GREEDY_DEFAULTS)
     )
     return dest
 

@@ -13,7 +13,7 @@ from mlflow.exceptions import MlflowException
 
 from slmkit import PROJECT_ROOT
 from slmkit.evaluation import load_eval_set
-from tests.conftest import save_wrapper
+from slmkit.onnx_wrapper_model import ONNX_ARTIFACT, wrapper_model_arguments
 
 FRANCE = load_eval_set(PROJECT_ROOT / "data" / "eval_set.jsonl", max_rows=1)[0].messages
 
@@ -94,8 +94,12 @@ def test_each_request_is_traced_with_prompt_and_decode_spans(wrapper):
     assert spans["prompt"].parent_id == spans["chat"].span_id
 
 
-def test_tracing_can_be_turned_off(trained_tiny_phi3: Path, tmp_path: Path):
-    untraced = mlflow.pyfunc.load_model(str(save_wrapper(trained_tiny_phi3, tmp_path / "untraced", tracing=False)))
+def test_tracing_can_be_turned_off(wrapper_dir: Path):
+    """`-P tracing=false` logs `tracing: "false"` in the model config; the same key given at load
+    time turns tracing off without building another model."""
+    arguments = wrapper_model_arguments(wrapper_dir / "artifacts" / ONNX_ARTIFACT, "tiny", {}, tracing=False)
+    assert arguments["model_config"]["tracing"] == "false"
+    untraced = mlflow.pyfunc.load_model(str(wrapper_dir), model_config={"tracing": "false"})
     before = mlflow.get_last_active_trace_id()
     untraced.predict({"messages": FRANCE, "max_tokens": 4})
     assert mlflow.get_last_active_trace_id() == before
