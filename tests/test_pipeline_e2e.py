@@ -195,11 +195,14 @@ def test_both_models_serve_chat_over_http_with_pickle_deserialization_disabled(
     pipeline_run: PipelineRun, tracking_server: TrackingServer, tmp_path: Path, step: str, front: str
 ):
     """The logged models through the tracking server, under MLflow's server (by model id) and ours
-    (by registered name and alias); ours answers `stop` on the pipeline model too, whose logging
-    folder is gone."""
+    (the pipeline by registered name and alias, the ONNX model by its run); ours answers `stop` on
+    the pipeline model too, whose logging folder is gone."""
     env = tracking_server.env(MLFLOW_ALLOW_PICKLE_DESERIALIZATION="false")
-    registered = {"log_pipeline": "e2e-pipeline", "log_onnx_wrapper": "e2e-onnx"}[step]
-    model_uri = pipeline_run.model_uri(step) if front == MLFLOW_SERVE else f"models:/{registered}@champion"
+    ours = {
+        "log_pipeline": "models:/e2e-pipeline@champion",
+        "log_onnx_wrapper": f"runs:/{pipeline_run.children['log_onnx_wrapper'].info.run_id}/model",
+    }
+    model_uri = pipeline_run.model_uri(step) if front == MLFLOW_SERVE else ours[step]
     with served(model_uri, env, tmp_path / "server.log", front=front) as server:
         answer = requests.post(server.url, json=CHAT, timeout=120)
         assert answer.status_code == 200, answer.text
