@@ -176,7 +176,9 @@ class PipelineChat:
         return payload
 
     def complete(self, raw: Mapping[str, Any], deadline: float | None = None) -> dict[str, Any]:
-        request = parse_request(raw)
+        return self._complete(parse_request(raw), deadline)
+
+    def _complete(self, request: ChatRequest, deadline: float | None) -> dict[str, Any]:
         payload = self._payload(request)
         if self._stopper is not None:
             self._stopper.local.request = _Request(request.stop, deadline)
@@ -199,8 +201,7 @@ class PipelineChat:
 
     def stream(self, raw: Mapping[str, Any], deadline: float | None = None) -> Iterator[dict[str, Any]]:
         """The whole answer as one chunk, then the closing chunk: the flavor cannot stream."""
-        parse_request(raw, streaming=True)
-        answer = self.complete({key: value for key, value in raw.items() if key != "stream"}, deadline)
+        answer = self._complete(parse_request(raw, streaming=True), deadline)
         choice, chunk_id = answer["choices"][0], f"chatcmpl-{uuid.uuid4().hex}"
         yield chat_chunk(chunk_id, answer["created"], self.name, choice["message"]["content"], None)
         yield chat_chunk(chunk_id, answer["created"], self.name, "", choice["finish_reason"], answer["usage"])

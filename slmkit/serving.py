@@ -67,6 +67,11 @@ TIMEOUT = OpenAIError(
 )  # fmt: skip
 
 
+def model_failure(error: Exception) -> OpenAIError:
+    """A 500 for a failure of the model itself, naming it without a traceback."""
+    return OpenAIError(500, f"the model failed: {type(error).__name__}: {error}", None, "model_error")
+
+
 def request_error(error: ChatRequestError | MlflowException) -> OpenAIError:
     """A 400 naming the field, from either model's refusal (the wrapper raises MlflowException)."""
     message = error.message if isinstance(error, MlflowException) else str(error)
@@ -209,13 +214,14 @@ class Front:
                 return await answer(self._too_large(path))
             return await self.app(scope, receive, send_counted)
         # No length announced (chunked): read the body here, up to the limit, and replay it.
-        body, more = [], True
+        body, size, more = [], 0, True
         while more:
             message = await receive()
             if message["type"] != "http.request":  # the client left before sending it all
                 return
             body.append(message.get("body", b""))
-            if sum(map(len, body)) > self.max_body_bytes:
+            size += len(body[-1])
+            if size > self.max_body_bytes:
                 return await answer(self._too_large(path))
             more = message.get("more_body", False)
         replay = [{"type": "http.request", "body": b"".join(body), "more_body": False}]
@@ -347,9 +353,7 @@ def build_app(chat: ChatModel, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
             if is_refusal(error):
                 return openai_error(request_error(error))
             logger.exception("chat completion failed")
-            return openai_error(
-                OpenAIError(500, f"the model failed: {type(error).__name__}: {error}", None, "model_error")
-            )
+            return openai_error(model_failure(error))
 
     async def stream_answer(chat_request: dict[str, Any], include_usage: bool) -> Response:
         """SSE chunks as the model makes them. The first is awaited before answering, so a
@@ -378,8 +382,7 @@ def build_app(chat: ChatModel, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
                 yield sse("[DONE]")
             except Exception as error:  # the status is sent: the error goes into the stream, as OpenAI does
                 logger.exception("chat completion stream failed")
-                yield sse(json.loads(OpenAIError(500, f"the model failed: {type(error).__name__}: {error}", None,
-                                                 "model_error").body()))  # fmt: skip
+                yield sse(json.loads(model_failure(error).body()))
             finally:
                 leave()
                 await chunks.aclose()
