@@ -232,6 +232,12 @@ def with_timings(answered: list[RowResult], timed: list[RowResult]) -> list[RowR
             for r in answered]  # fmt: skip
 
 
+def timed_results(results: list[RowResult]) -> list[RowResult]:
+    """The rows that were timed in process; batch-engine rows (`evaluate -P engine=spark`) carry
+    NaN timings and count only for quality."""
+    return [r for r in results if math.isfinite(r.latency_s)]
+
+
 def _percentile(values: list[float], fraction: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, round(fraction * (len(ordered) - 1)))]
@@ -239,7 +245,7 @@ def _percentile(values: list[float], fraction: float) -> float:
 
 def summarize(results: list[RowResult]) -> dict[str, float]:
     """Aggregate metrics of one model: quality rates, latency percentiles, median speeds."""
-    timed = [r for r in results if math.isfinite(r.latency_s)]  # batch-engine rows carry no timing
+    timed = timed_results(results)
     latencies = [r.latency_s for r in timed]
     decode_speeds = [s for r in timed if (s := r.decode_tokens_per_s) is not None]
     return {

@@ -46,6 +46,7 @@ from slmkit.evaluation import (
     rows_table,
     scored,
     summarize,
+    timed_results,
     with_timings,
 )
 from slmkit.lineage import (
@@ -189,7 +190,7 @@ def main(args: argparse.Namespace) -> None:
             mlflow.log_metrics(metrics)
             mlflow.log_table(rows_table(rows, {n: m.results for n, m in measurements.items()}), RESULTS_TABLE)
             mlflow.log_figure(
-                latency_figure({n: [r.latency_s for r in m.results] for n, m in measurements.items()}),
+                latency_figure({n: [r.latency_s for r in timed_results(m.results)] for n, m in measurements.items()}),
                 "plots/latency.png",
             )
             mlflow.log_figure(overview_figure(metrics), "plots/overview.png")

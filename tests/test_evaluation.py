@@ -1,6 +1,7 @@
 """Scorers and the eval set: hand-made right, wrong, leaked and empty answers."""
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -9,6 +10,7 @@ from slmkit import PROJECT_ROOT
 from slmkit.errors import UserError
 from slmkit.evaluation import (
     RowResult,
+    answer_agreement,
     answer_correct,
     common_prefix_ratio,
     load_eval_set,
@@ -16,6 +18,7 @@ from slmkit.evaluation import (
     summarize,
     token_f1,
     well_formed,
+    with_timings,
 )
 
 
@@ -59,6 +62,22 @@ def test_summary_and_parity_of_results():
     assert metrics["decode_tokens_per_s_median"] == pytest.approx(10.0)
     assert metrics["latency_p95_s"] == 2.1
     assert parity(a, b) == {"exact_match_rate": 0.5, "common_prefix_ratio_mean": 0.5}
+
+
+def test_batch_engine_answers_count_for_quality_and_only_timed_rows_for_speed():
+    from dataclasses import replace
+
+    timed = [replace(_result("x y", 1.1, 11), row_id="a")]
+    answered = [replace(_result("x y", math.nan, 11), row_id="a"),
+                replace(_result("z", math.nan, 3), row_id="b", correct=False, ttft_s=math.nan)]  # fmt: skip
+    merged = with_timings(answered, timed)
+    assert merged[0].latency_s == 1.1
+    assert math.isnan(merged[1].latency_s)
+    metrics = summarize(merged)
+    assert metrics["answer_correct_rate"] == 0.5  # both rows
+    assert metrics["latency_mean_s"] == 1.1  # the timed row only
+    assert metrics["completion_tokens_mean"] == 7.0
+    assert answer_agreement(timed, answered) == 1.0
 
 
 def test_shipped_eval_set_has_at_least_20_answered_questions():
