@@ -1,8 +1,8 @@
 """How steps find each other through the tracking server, never through local folders.
 
-Each step tags its run with the step name and the source key of the model it worked on. A step
-run alone looks up the newest FINISHED upstream run with the same source key, or launches the
-upstream entry point with `mlflow.projects.run` and waits for it.
+Each step tags its run with the step name and the lineage of the model it worked on (source key,
+resolved revision, download run). Which upstream run a step builds on is decided by its cache
+key alone (slmkit.cache); this module launches entry points and reads runs and artifacts.
 """
 
 from __future__ import annotations
@@ -26,17 +26,12 @@ from mlflow.projects.submitted_run import SubmittedRun
 from slmkit import PROJECT_ROOT
 from slmkit.errors import UserError
 from slmkit.manifest import MANIFEST_NAME, read_manifest, verify_folder
-from slmkit.presets import ModelSpec, resolve_model
+from slmkit.pipeline import DOWNLOAD_RUN_TAG, MANIFEST_SHA_TAG, REVISION_TAG, SOURCE_KEY_TAG, STEP_TAG
+from slmkit.presets import ModelSpec
 from slmkit.tracking_server import require_tracking_server
 
 logger = logging.getLogger(__name__)
 
-STEP_TAG = "slmkit.step"
-SOURCE_KEY_TAG = "slmkit.source_key"
-MODEL_URI_TAG = "slmkit.model_uri"
-REVISION_TAG = "slmkit.resolved_revision"
-DOWNLOAD_RUN_TAG = "slmkit.download_run_id"
-MANIFEST_SHA_TAG = "slmkit.manifest_sha256"
 CHECKPOINT_ARTIFACT = "checkpoint"
 GGUF_ARTIFACT = "gguf"
 ENV_MANAGERS = ("local", "virtualenv", "uv", "conda")
@@ -53,20 +48,6 @@ def current_experiment_id() -> str | None:
     return MLFLOW_EXPERIMENT_ID.get()
 
 
-def find_finished_run(step: str, key: str, experiment_id: str | None = None) -> Run | None:
-    """The newest FINISHED run of `step` for source key `key`, or None."""
-    experiment_id = experiment_id or current_experiment_id()
-    experiment_ids = [experiment_id] if experiment_id else None
-    runs = mlflow.search_runs(
-        experiment_ids=experiment_ids,
-        filter_string=f"tags.`{STEP_TAG}` = '{step}' and tags.`{SOURCE_KEY_TAG}` = '{key}' and attributes.status = 'FINISHED'",
-        order_by=["attributes.start_time DESC"],
-        max_results=1,
-        output_format="list",
-    )
-    return runs[0] if runs else None
-
-
 def check_env_manager(env_manager: str) -> str:
     if env_manager not in ENV_MANAGERS:
         raise UserError(f"env_manager={env_manager!r}: choose one of {', '.join(ENV_MANAGERS)}")
@@ -78,13 +59,11 @@ def run_entry_point(
     parameters: dict[str, str],
     env_manager: str,
     experiment_id: str | None = None,
-    tags: dict[str, str] | None = None,
 ) -> str:
     """Run an entry point of this project with `mlflow run` semantics and return its run id.
 
     When a run is active, MLflow makes the new run its child. The env manager is passed on
-    explicitly: `mlflow.projects.run` does not inherit the caller's. `tags` are set as soon as
-    the run exists, so they are there even if the tracking server is lost before the step ends.
+    explicitly: `mlflow.projects.run` does not inherit the caller's.
 
     Raises:
         UserError: the step failed; the message names its run id.
@@ -103,21 +82,10 @@ def run_entry_point(
         )
     except MlflowException as error:
         raise UserError(f"could not start step {step}: {error.message}") from error
-    for name, value in (tags or {}).items():
-        mlflow.MlflowClient().set_tag(submitted.run_id, name, value)
     if not submitted.wait():
         require_tracking_server()  # a step that lost its server fails for that reason
         raise UserError(f"step {step} failed: see run {submitted.run_id} and its output above")
     return submitted.run_id
-
-
-def ensure_step_run(step: str, spec: ModelSpec, parameters: dict[str, str], env_manager: str) -> str:
-    """Reuse the newest finished `step` run for this model's source, or run `step` now."""
-    found = find_finished_run(step, source_key(spec))
-    if found is not None:
-        logger.info("reusing finished %s run %s for %s", step, found.info.run_id, spec.name)
-        return found.info.run_id
-    return run_entry_point(step, parameters, env_manager)
 
 
 @dataclass(frozen=True)
@@ -157,16 +125,6 @@ def get_download_run(run_id: str) -> DownloadRun:
     return DownloadRun(
         run_id, tags[SOURCE_KEY_TAG], tags[REVISION_TAG], tags[MANIFEST_SHA_TAG], run.data.params.get("model_name", "")
     )
-
-
-def upstream_download(download_run_id: str, model: str, env_manager: str) -> DownloadRun:
-    """The download run a step builds on: the one given, or one found or run for `model`."""
-    if not download_run_id:
-        if not model:
-            raise UserError("pass download_run_id, or model to find or run a download for it")
-        spec = resolve_model(model)
-        download_run_id = ensure_step_run("download", spec, {"model": model}, env_manager)
-    return get_download_run(download_run_id)
 
 
 def download_checkpoint(download_run_id: str, dest: Path) -> tuple[Path, dict[str, Any]]:

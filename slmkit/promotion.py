@@ -1,26 +1,32 @@
 """The promotion gate and the registry: `candidate` on every new version, `champion` when earned.
 
 `decide` is pure: it compares a candidate's metrics with a floor, with the current champion's
-metrics on the same eval set, and, for the ONNX model, with a parity floor. The registry helpers
-below it only read and write MLflow's model registry.
+metrics on the same eval set, and, for the ONNX model, with a parity floor. `gate_model` applies
+it to one model: the champion's metrics on the same rows, registering, and moving the aliases.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 
+import mlflow
 from mlflow import MlflowClient
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
 from slmkit.errors import UserError
+from slmkit.lineage import model_run
+from slmkit.pipeline import DOWNLOAD_RUN_TAG, MANIFEST_SHA_TAG, REVISION_TAG, SOURCE_KEY_TAG
 
 CANDIDATE = "candidate"
 CHAMPION = "champion"
 # Quality metrics a new champion must not lose, beyond the tolerance, against the old one.
 QUALITY_METRICS = ("answer_correct_rate", "token_f1_mean")
 PARITY_METRIC = "exact_match_rate"
+# A registered version's tag naming the rows and settings its `eval.*` tags were measured on.
+EVAL_FINGERPRINT_TAG = "eval.fingerprint"
 # A workspace name (`slm-chat-onnx`) or a Unity Catalog three-level name (`main.models.slm_chat`).
 _REGISTERED_NAME = re.compile(r"^[A-Za-z0-9_\-]+(\.[A-Za-z0-9_\-]+){0,2}$")
 
@@ -98,8 +104,6 @@ def champion_version(name: str) -> ModelVersion | None:
 
 def register_candidate(model_uri: str, name: str, tags: dict[str, str]) -> ModelVersion:
     """Register `model_uri` as a new version of `name` and point `candidate` at it."""
-    import mlflow
-
     version = mlflow.register_model(model_uri, name, tags=tags)
     MlflowClient().set_registered_model_alias(name, CANDIDATE, version.version)
     return version
@@ -107,3 +111,64 @@ def register_candidate(model_uri: str, name: str, tags: dict[str, str]) -> Model
 
 def promote(name: str, version: str) -> None:
     MlflowClient().set_registered_model_alias(name, CHAMPION, version)
+
+
+def version_tags(model_uri: str, metrics: dict[str, float], fingerprint: str) -> dict[str, str]:
+    """Tags a registered version carries: where it came from and how it scored."""
+    tags = model_run(model_uri).data.tags
+    lineage = {
+        "source_key": tags.get(SOURCE_KEY_TAG, ""),
+        "resolved_revision": tags.get(REVISION_TAG, ""),
+        "manifest_sha256": tags.get(MANIFEST_SHA_TAG, ""),
+        "download_run_id": tags.get(DOWNLOAD_RUN_TAG, ""),
+        "git_commit": tags.get("mlflow.source.git.commit", ""),
+        EVAL_FINGERPRINT_TAG: fingerprint,
+    }
+    return {**lineage, **{f"eval.{key}": f"{value:.6g}" for key, value in metrics.items()}}
+
+
+def champion_quality(
+    name: str, fingerprint: str, measure: Callable[[str], dict[str, float]]
+) -> tuple[str, dict[str, float]] | None:
+    """The champion's version and quality on this eval set: from its tags if it was scored on the
+    same rows and settings (`fingerprint`), else `measure(model_uri)` now, so the comparison is
+    always like for like; None when there is no champion yet."""
+    champion = champion_version(name)
+    if champion is None:
+        return None
+    if champion.tags.get(EVAL_FINGERPRINT_TAG) == fingerprint:
+        return champion.version, {m: float(champion.tags[f"eval.{m}"]) for m in QUALITY_METRICS}
+    return champion.version, measure(f"models:/{name}@{CHAMPION}")
+
+
+@dataclass(frozen=True)
+class GateOutcome:
+    """One model through the gate: the version registered, the decision, the champion it faced."""
+
+    registered: str
+    version: str
+    decision: GateDecision
+    champion: str | None
+
+    def describe(self) -> str:
+        text = f"{self.registered} v{self.version} {self.decision.describe()}"
+        return text + (f" (compared with champion v{self.champion})" if self.champion else "")
+
+
+def gate_model(
+    registered: str,
+    model_uri: str,
+    quality: dict[str, float],
+    parity: dict[str, float] | None,
+    policy: GatePolicy,
+    fingerprint: str,
+    measure: Callable[[str], dict[str, float]],
+) -> GateOutcome:
+    """Register `model_uri` as a `candidate` version of `registered` and make it `champion` if
+    `decide` passes it against the current champion's quality on the same eval set."""
+    champion = champion_quality(registered, fingerprint, measure)
+    decision = decide(quality, champion[1] if champion else None, parity, policy)
+    version = register_candidate(model_uri, registered, version_tags(model_uri, quality, fingerprint))
+    if decision.passed:
+        promote(registered, version.version)
+    return GateOutcome(registered, version.version, decision, champion[0] if champion else None)

@@ -12,7 +12,8 @@ import mlflow
 from mlflow.genai.scorers import scorer
 
 from slmkit import evaluation
-from slmkit.lineage import STEP_TAG, run_name
+from slmkit.lineage import run_name
+from slmkit.pipeline import STEP_TAG
 from slmkit.tracking_server import bound_trace_writers
 
 
@@ -37,11 +38,12 @@ def well_formed(outputs: dict[str, Any]) -> bool:
 SCORERS = [answer_correct, token_f1, well_formed]
 
 
-def score_with_genai(
-    name: str, rows: list[evaluation.EvalRow], results: list[evaluation.RowResult]
-) -> dict[str, float]:
-    """Score answers already produced with SCORERS in a nested run `<name>-scores`: one trace per
-    row with one assessment per scorer, and `<scorer>/mean` metrics returned.
+def record_scores(name: str, rows: list[evaluation.EvalRow], results: list[evaluation.RowResult]) -> None:
+    """Record answers already produced and scored in a nested run `evaluate · <name>`: one trace
+    per row with one assessment per scorer, for reading row by row in the MLflow UI.
+
+    The step's metrics come from slmkit.evaluation alone; the `<scorer>/mean` metrics that
+    `mlflow.genai.evaluate` puts on this nested run are its own and not copied to the step's run.
 
     Trace writers are bounded to the store's connection pool, and the async trace queue is
     flushed before the run ends, so every row's trace and assessments are in the store.
@@ -57,6 +59,5 @@ def score_with_genai(
     ]
     with mlflow.start_run(run_name=run_name("evaluate", name), nested=True):
         mlflow.set_tag(STEP_TAG, "evaluate.scores")
-        metrics = mlflow.genai.evaluate(data=data, scorers=SCORERS).metrics
+        mlflow.genai.evaluate(data=data, scorers=SCORERS)
         mlflow.flush_trace_async_logging()
-    return {key: float(value) for key, value in metrics.items()}

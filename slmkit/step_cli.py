@@ -7,7 +7,6 @@ import logging
 import signal
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 from slmkit.errors import UserError
@@ -65,49 +64,3 @@ def parse_bool(name: str, value: str) -> bool:
     if value not in ("true", "false"):
         raise UserError(f"{name}={value!r}: use true or false")
     return value == "true"
-
-
-@dataclass(frozen=True)
-class Option:
-    """A step parameter declared once and shared by the steps that take or forward it.
-
-    `name` is the MLproject parameter; the CLI flag is `--name-with-dashes`.
-    """
-
-    name: str
-    type: Callable[[str], Any] = str
-    default: Any = ""
-
-    @property
-    def flag(self) -> str:
-        return "--" + self.name.replace("_", "-")
-
-
-def add_options(parser: argparse.ArgumentParser, options: tuple[Option, ...]) -> None:
-    for option in options:
-        parser.add_argument(option.flag, type=option.type, default=option.default)
-
-
-def forward(args: argparse.Namespace, options: tuple[Option, ...]) -> dict[str, str]:
-    """The parsed values of `options` as `mlflow.projects.run` parameters for a child step."""
-    return {option.name: str(getattr(args, option.name)) for option in options}
-
-
-GENERATION_OPTIONS = (Option("temperature", float, 0.0), Option("max_new_tokens", int, 256))
-QUANTIZATION_OPTIONS = (
-    Option("quantization", str, ""),
-    Option("calibration_set", str, "data/eval_set.jsonl"),
-    Option("calibration_rows", int, 8),
-    Option("max_quality_drop", float, 0.05),
-)
-EVALUATION_OPTIONS = (
-    Option("eval_set", str, "data/eval_set.jsonl"),
-    Option("max_rows", int, 0),
-    Option("max_tokens", int, 64),
-    Option("pipeline_registered_model", str, "slm-chat-pipeline"),
-    Option("onnx_registered_model", str, "slm-chat-onnx"),
-    Option("min_correct_rate", float, 0.0),
-    Option("max_regression", float, 0.05),
-    Option("min_parity", float, 0.0),
-    Option("fail_on_gate", str, "false"),
-)

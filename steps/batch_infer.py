@@ -36,9 +36,11 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 
 import mlflow
 
+from slmkit.cache import step_run
 from slmkit.errors import UserError
 from slmkit.evaluation import is_artifact_uri
-from slmkit.lineage import STEP_TAG, run_name, scratch_dir
+from slmkit.lineage import scratch_dir
+from slmkit.pipeline import OUTPUT_TAG, STEPS, namespace_values
 from slmkit.spark_batch import (
     answer_locally,
     answer_with_spark,
@@ -50,8 +52,6 @@ from slmkit.spark_batch import (
     spark_session,
 )
 from slmkit.step_cli import positive_int, run_cli
-
-OUTPUT_TAG = "slmkit.output"
 
 
 def local_input(value: str, scratch: Path) -> str:
@@ -142,9 +142,8 @@ def main(args: argparse.Namespace) -> None:
         raise UserError("output is empty: pass a folder for the Parquet output, or a table name")
     if args.engine == "local" and is_table_name(args.output):
         raise UserError(f"output={args.output}: tables need engine=spark; pass a folder for engine=local")
-    with mlflow.start_run(run_name=run_name("batch_infer", args.model_uri)), scratch_dir("batch") as scratch:
-        mlflow.set_tag(STEP_TAG, "batch_infer")
-        mlflow.log_params({name: str(value) for name, value in vars(args).items()})
+    values = namespace_values(args, STEPS["batch_infer"])
+    with step_run("batch_infer", values, args.model_uri), scratch_dir("batch") as scratch:
         source = local_input(args.input, Path(scratch))
         spark = spark_session(args.partitions) if args.engine == "spark" else None  # no Java: one line, now
         batch_model_dir = save_batch_model(args.model_uri, Path(scratch) / "batch_model", args.concurrency)
@@ -160,18 +159,5 @@ def main(args: argparse.Namespace) -> None:
         )
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The step's command line; flags mirror the MLproject params with dashes."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model-uri", default="models:/slm-chat-onnx@champion")
-    parser.add_argument("--input", default="")
-    parser.add_argument("--output", default="")
-    parser.add_argument("--max-tokens", type=int, default=64)
-    parser.add_argument("--engine", default="spark")
-    parser.add_argument("--partitions", type=int, default=2)
-    parser.add_argument("--concurrency", type=int, default=0)
-    return parser
-
-
 if __name__ == "__main__":
-    run_cli(main, build_parser())
+    run_cli(main, STEPS["batch_infer"].build_parser(__doc__))

@@ -8,7 +8,7 @@ Params:
         converts them to safetensors here; unpickling can run code hidden in the file, so only
         for sources you trust. Default "false" refuses such sources.
 
-Logs (run tags `slmkit.step=download`, `slmkit.source_key`, `slmkit.resolved_revision`,
+Logs (run tags `slmkit.step=download`, `slmkit.cache_key`, `slmkit.source_key`, `slmkit.resolved_revision`,
 `slmkit.manifest_sha256`):
     artifacts `checkpoint/` (safetensors, config, tokenizer, chat template), for GGUF sources
     `gguf/<file>.gguf` (the source file itself, whose quantized weights the ONNX build carries
@@ -25,21 +25,12 @@ from pathlib import Path
 
 import mlflow
 
+from slmkit.cache import step_run
 from slmkit.checkpoint import fetch_checkpoint
 from slmkit.databricks import DOWNLOAD_RUN_ID, publish_task_value
-from slmkit.lineage import (
-    CHECKPOINT_ARTIFACT,
-    GGUF_ARTIFACT,
-    MANIFEST_SHA_TAG,
-    REVISION_TAG,
-    SOURCE_KEY_TAG,
-    STEP_TAG,
-    run_name,
-    scratch_dir,
-    source_key,
-    writing_artifacts,
-)
+from slmkit.lineage import CHECKPOINT_ARTIFACT, GGUF_ARTIFACT, scratch_dir, source_key, writing_artifacts
 from slmkit.manifest import MANIFEST_NAME, build_manifest, describe_files, file_sha256, write_manifest
+from slmkit.pipeline import MANIFEST_SHA_TAG, REVISION_TAG, SOURCE_KEY_TAG, STEPS, namespace_values
 from slmkit.presets import resolve_model, source_params
 from slmkit.step_cli import parse_bool, run_cli
 
@@ -47,8 +38,9 @@ from slmkit.step_cli import parse_bool, run_cli
 def main(args: argparse.Namespace) -> None:
     spec = resolve_model(args.model, args.revision)
     allow_pickle = parse_bool("allow_pickle", args.allow_pickle)
-    with mlflow.start_run(run_name=run_name("download", spec.name)) as run, scratch_dir("download") as scratch:
-        mlflow.set_tags({STEP_TAG: "download", SOURCE_KEY_TAG: source_key(spec)})
+    values = namespace_values(args, STEPS["download"])
+    with step_run("download", values, spec.name) as run, scratch_dir("download") as scratch:
+        mlflow.set_tag(SOURCE_KEY_TAG, source_key(spec))
         mlflow.log_params({"model_name": spec.name, **source_params(spec.source)})
         checkpoint, gguf = Path(scratch) / CHECKPOINT_ARTIFACT, Path(scratch) / GGUF_ARTIFACT
         checkpoint.mkdir()
@@ -72,14 +64,5 @@ def main(args: argparse.Namespace) -> None:
         publish_task_value(DOWNLOAD_RUN_ID, run.info.run_id)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The step's command line; flags mirror the MLproject params with dashes."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True)
-    parser.add_argument("--revision", default="")
-    parser.add_argument("--allow-pickle", default="false")
-    return parser
-
-
 if __name__ == "__main__":
-    run_cli(main, build_parser())
+    run_cli(main, STEPS["download"].build_parser(__doc__))

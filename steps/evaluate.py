@@ -2,7 +2,8 @@
 
 Params:
     pipeline_model_uri, onnx_model_uri: the models to compare (`models:/…` or `runs:/…`);
-        empty finds the newest finished run of that step for `model`, or runs it.
+        empty reuses the FINISHED run of that step for `model` with the same cache key as `main`
+        would compute (the steps' default params, this code), or runs it.
     model: used only to find or make missing models.
     eval_set: JSONL of {"messages": [...], "answers": [...]}: a path (relative to the project
         folder) or an artifact URI (`runs:/…`, `s3://…`, …).
@@ -16,8 +17,9 @@ Params:
         32 rows in process (latency, speed, memory); metric `<model>/engine_agreement_rate`.
     env_manager: how to run a missing upstream step.
 
-Logs (tag `slmkit.step=evaluate`): the eval set as a dataset input; one nested run per model
-scored with `mlflow.genai.evaluate` (per-row traces, `<scorer>/mean`); metrics `pipeline/*`,
+Logs (tags `slmkit.step=evaluate`, `slmkit.cache_key`): the eval set as a dataset input; one
+nested run per model whose traces carry `mlflow.genai.evaluate`'s per-row assessments; metrics
+(computed once, by slmkit.evaluation) `pipeline/*`,
 `onnx/*` and `parity/*`; artifacts `eval_results.json` (per-row table), `comparison.md`,
 `plots/latency.png`, `plots/overview.png`; tags `gate.<model>` with the gate's decision.
 """
@@ -35,6 +37,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 import mlflow
 import pandas as pd
 
+from slmkit.cache import StepRunner, step_run
 from slmkit.errors import UserError
 from slmkit.evaluation import (
     EvalRow,
@@ -49,51 +52,20 @@ from slmkit.evaluation import (
     timed_results,
     with_timings,
 )
-from slmkit.lineage import (
-    DOWNLOAD_RUN_TAG,
-    MANIFEST_SHA_TAG,
-    MODEL_URI_TAG,
-    REVISION_TAG,
-    STEP_TAG,
-    ensure_step_run,
-    logged_model_name,
-    model_run,
-    run_name,
-    scratch_dir,
-)
-from slmkit.measure import measure_in_subprocess
-from slmkit.presets import resolve_model
-from slmkit.promotion import (
-    CHAMPION,
-    QUALITY_METRICS,
-    GateDecision,
-    GatePolicy,
-    champion_version,
-    check_registered_name,
-    decide,
-    promote,
-    register_candidate,
-)
+from slmkit.lineage import logged_model_name, scratch_dir
+from slmkit.measure import Measurement, measure_in_subprocess
+from slmkit.pipeline import STEPS, namespace_values
+from slmkit.promotion import GatePolicy, check_registered_name, gate_model
 from slmkit.report import comparison_markdown, latency_figure, overview_figure
-from slmkit.scorers import score_with_genai
+from slmkit.scorers import record_scores
 from slmkit.spark_batch import answer_eval_rows, check_engine, spark_session
-from slmkit.step_cli import EVALUATION_OPTIONS, add_options, parse_bool, positive_int, run_cli
+from slmkit.step_cli import parse_bool, positive_int, run_cli
 
-STEPS = {"pipeline": "log_pipeline", "onnx": "log_onnx_wrapper"}
+MODELS = ("pipeline", "onnx")
 # engine=spark: rows timed in process (latency, speed, memory); answers for all rows come from Spark.
 TIMING_ROWS = 32
 SPARK_PARTITIONS = 2
 RESULTS_TABLE = "eval_results.json"
-EVAL_FINGERPRINT_TAG = "eval.fingerprint"
-
-
-def model_uri(given: str, step: str, model: str, env_manager: str) -> str:
-    """The URI given, or the model of the newest finished `step` run for `model`."""
-    if given:
-        return given
-    spec = resolve_model(model)
-    run_id = ensure_step_run(step, spec, {"model": model, "env_manager": env_manager}, env_manager)
-    return mlflow.get_run(run_id).data.tags[MODEL_URI_TAG]
 
 
 def eval_set_file(value: str, scratch: Path) -> Path:
@@ -115,41 +87,23 @@ def eval_dataset(rows: list[EvalRow], source: str) -> mlflow.data.pandas_dataset
         return mlflow.data.from_pandas(frame, source=source, name=Path(source).stem)
 
 
-def version_tags(uri: str, metrics: dict[str, float], fingerprint: str) -> dict[str, str]:
-    """Tags a registered version carries: where it came from and how it scored."""
-    tags = model_run(uri).data.tags
-    lineage = {
-        "source_key": tags.get("slmkit.source_key", ""),
-        "resolved_revision": tags.get(REVISION_TAG, ""),
-        "manifest_sha256": tags.get(MANIFEST_SHA_TAG, ""),
-        "download_run_id": tags.get(DOWNLOAD_RUN_TAG, ""),
-        "git_commit": tags.get("mlflow.source.git.commit", ""),
-        EVAL_FINGERPRINT_TAG: fingerprint,
-    }
-    return {**lineage, **{f"eval.{key}": f"{value:.6g}" for key, value in metrics.items()}}
-
-
-def champion_metrics(
-    name: str, rows: list[EvalRow], fingerprint: str, max_tokens: int, scratch: Path
-) -> tuple[str, dict[str, float]] | None:
-    """The champion's quality on this eval set: from its tags if it was scored on the same
-    rows and settings, else measured now, so the comparison is always like for like."""
-    champion = champion_version(name)
-    if champion is None:
-        return None
-    if champion.tags.get(EVAL_FINGERPRINT_TAG) == fingerprint:
-        return champion.version, {m: float(champion.tags[f"eval.{m}"]) for m in QUALITY_METRICS}
-    measured = measure_in_subprocess(f"models:/{name}@{CHAMPION}", rows, max_tokens, scratch)
-    return champion.version, summarize(measured.results)
+def measure_on_spark(spark, uri: str, rows: list[EvalRow], max_tokens: int, scratch: Path) -> tuple[Measurement, float]:
+    """engine=spark: every row's answer from the batch path, timings of the first TIMING_ROWS
+    rows in process; and how often the two paths gave the same answer on those rows."""
+    timed = measure_in_subprocess(uri, rows[:TIMING_ROWS], max_tokens, scratch)
+    responses = answer_eval_rows(spark, uri, rows, max_tokens, scratch, SPARK_PARTITIONS)
+    answered = [scored(row, response) for row, response in zip(rows, responses, strict=True)]
+    agreement = answer_agreement(timed.results, answered)
+    return replace(timed, results=with_timings(answered, timed.results)), agreement
 
 
 def main(args: argparse.Namespace) -> None:
     positive_int("max_tokens", args.max_tokens)
     check_engine(args.engine)
     fail_on_gate = parse_bool("fail_on_gate", args.fail_on_gate)
-    names = {
-        "pipeline": check_registered_name(args.pipeline_registered_model, "pipeline_registered_model"),
-        "onnx": check_registered_name(args.onnx_registered_model, "onnx_registered_model"),
+    registered = {
+        name: check_registered_name(getattr(args, f"{name}_registered_model"), f"{name}_registered_model")
+        for name in MODELS
     }
     policies = {
         "pipeline": GatePolicy(args.min_correct_rate, args.max_regression),
@@ -158,32 +112,25 @@ def main(args: argparse.Namespace) -> None:
     with scratch_dir("evaluate") as scratch_name:
         scratch = Path(scratch_name)
         rows = load_eval_set(eval_set_file(args.eval_set, scratch), args.max_rows)
-        uris = {
-            name: model_uri(getattr(args, f"{name}_model_uri"), step, args.model, args.env_manager)
-            for name, step in STEPS.items()
-        }
+        values = StepRunner(args.env_manager).fill_inputs("evaluate", namespace_values(args, STEPS["evaluate"]))
+        uris = {name: values[f"{name}_model_uri"] for name in MODELS}
         dataset = eval_dataset(rows, args.eval_set)
         fingerprint = f"{dataset.digest}:rows={len(rows)}:max_tokens={args.max_tokens}"
-        with mlflow.start_run(run_name=run_name("evaluate", logged_model_name(uris["onnx"]))):
-            mlflow.set_tag(STEP_TAG, "evaluate")
+        with step_run("evaluate", values, logged_model_name(uris["onnx"])):
             mlflow.log_input(dataset, context="evaluation")
             mlflow.log_params({"eval_rows": len(rows), "eval_fingerprint": fingerprint})
             mlflow.log_params({f"{name}_model_uri_used": uri for name, uri in uris.items()})
-            measurements, metrics = {}, {}
             spark = spark_session(SPARK_PARTITIONS) if args.engine == "spark" else None
+            measurements, metrics, quality = {}, {}, {}
             for name, uri in uris.items():
-                # With Spark, answers come from the batch path and timings from TIMING_ROWS rows in process.
-                timed_rows = rows[:TIMING_ROWS] if spark else rows
-                measurements[name] = measure_in_subprocess(uri, timed_rows, args.max_tokens, scratch)
                 if spark:
-                    responses = answer_eval_rows(spark, uri, rows, args.max_tokens, scratch / name, SPARK_PARTITIONS)
-                    answered = [scored(row, response) for row, response in zip(rows, responses, strict=True)]
-                    metrics[f"{name}/engine_agreement_rate"] = answer_agreement(measurements[name].results, answered)
-                    measurements[name] = replace(
-                        measurements[name], results=with_timings(answered, measurements[name].results)
-                    )
-                model_metrics = {**summarize(measurements[name].results), **measurements[name].size_metrics()}
-                model_metrics.update(score_with_genai(name, rows, measurements[name].results))
+                    measurements[name], agreement = measure_on_spark(spark, uri, rows, args.max_tokens, scratch / name)
+                    metrics[f"{name}/engine_agreement_rate"] = agreement
+                else:
+                    measurements[name] = measure_in_subprocess(uri, rows, args.max_tokens, scratch)
+                quality[name] = summarize(measurements[name].results)
+                record_scores(name, rows, measurements[name].results)
+                model_metrics = {**quality[name], **measurements[name].size_metrics()}
                 metrics.update({f"{name}/{key}": value for key, value in model_metrics.items()})
             parity_metrics = parity(measurements["pipeline"].results, measurements["onnx"].results)
             metrics.update({f"parity/{key}": value for key, value in parity_metrics.items()})
@@ -195,44 +142,38 @@ def main(args: argparse.Namespace) -> None:
             )
             mlflow.log_figure(overview_figure(metrics), "plots/overview.png")
 
-            decisions: dict[str, GateDecision] = {}
-            for name, registered in names.items():
-                if not registered:
-                    continue
-                own = summarize(measurements[name].results)
-                champion = champion_metrics(registered, rows, fingerprint, args.max_tokens, scratch)
-                decision = decide(
-                    own, champion[1] if champion else None, parity_metrics if name == "onnx" else None, policies[name]
+            def champion_quality_now(champion_uri: str) -> dict[str, float]:
+                return summarize(measure_in_subprocess(champion_uri, rows, args.max_tokens, scratch).results)
+
+            outcomes = {
+                name: gate_model(
+                    registered[name],
+                    uris[name],
+                    quality[name],
+                    parity_metrics if name == "onnx" else None,
+                    policies[name],
+                    fingerprint,
+                    champion_quality_now,
                 )
-                version = register_candidate(uris[name], registered, version_tags(uris[name], own, fingerprint))
-                if decision.passed:
-                    promote(registered, version.version)
-                decisions[name] = decision
-                summary = f"{registered} v{version.version} {decision.describe()}"
-                if champion:
-                    summary += f" (compared with champion v{champion[0]})"
-                mlflow.set_tags({f"gate.{name}": summary[:5000], f"gate.{name}.passed": str(decision.passed).lower()})
-                print(f"promotion gate {name}: {summary}")  # noqa: T201 - the step's report to the user
-            gate_text = {name: d.describe() for name, d in decisions.items()}
+                for name in MODELS
+                if registered[name]
+            }
+            for name, outcome in outcomes.items():
+                mlflow.set_tags(
+                    {
+                        f"gate.{name}": outcome.describe()[:5000],
+                        f"gate.{name}.passed": str(outcome.decision.passed).lower(),
+                    }
+                )
+                print(f"promotion gate {name}: {outcome.describe()}")  # noqa: T201 - the step's report to the user
+            gate_text = {name: outcome.decision.describe() for name, outcome in outcomes.items()}
             mlflow.log_text(comparison_markdown(metrics, uris, gate_text, len(rows)), "comparison.md")
-            failed = [name for name, decision in decisions.items() if not decision.passed]
+            failed = [name for name, outcome in outcomes.items() if not outcome.decision.passed]
             if fail_on_gate and failed:
                 raise UserError(
                     f"promotion gate failed for {', '.join(failed)} and fail_on_gate=true; see the gate.* tags"
                 )
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The step's command line; flags mirror the MLproject params with dashes."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--pipeline-model-uri", default="")
-    parser.add_argument("--onnx-model-uri", default="")
-    parser.add_argument("--model", default="")
-    add_options(parser, EVALUATION_OPTIONS)
-    parser.add_argument("--env-manager", default="local")
-    parser.add_argument("--engine", default="local")
-    return parser
-
-
 if __name__ == "__main__":
-    run_cli(main, build_parser())
+    run_cli(main, STEPS["evaluate"].build_parser(__doc__))

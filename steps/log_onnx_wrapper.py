@@ -2,7 +2,8 @@
 
 Params:
     model: a preset; its ready ONNX variant on the hub is used when it has one.
-    download_run_id: the `download` run to build from; empty finds or runs one for `model`.
+    download_run_id: the `download` run to build from; empty reuses the FINISHED `download`
+        run of `model` with the same cache key as `main` would, or runs one.
     execution_provider: cpu or cuda; picks the hub variant's subfolder or the builder's target.
     onnx_source: auto (the hub variant when the preset has one and quantization is int4, else
         build), hub, or build.
@@ -14,7 +15,7 @@ Params:
     tracing: `true` records an MLflow trace per request (prompt and decode spans), `false` not.
     env_manager: how to run `download` when it must run first.
 
-Logs (tags `slmkit.step=log_onnx_wrapper`, `slmkit.source_key`, `slmkit.model_uri`):
+Logs (tags `slmkit.step=log_onnx_wrapper`, `slmkit.cache_key`, `slmkit.source_key`, `slmkit.model_uri`):
     the model `model`: wrappers/onnx_chat_model.py as code, the ONNX folder as artifact
     `onnx_model` with its `manifest.json`, the chat signature, an input example, and pip
     requirements without torch; params `onnx_origin`, `onnx_revision`, `onnx_quantization` (the one
@@ -34,28 +35,26 @@ from pathlib import Path
 
 import mlflow
 
+from slmkit.cache import StepRunner, step_run
 from slmkit.databricks import ONNX_MODEL_URI, publish_task_value
 from slmkit.errors import UserError
 from slmkit.evaluation import eval_set_path, load_eval_set
 from slmkit.lineage import (
-    MODEL_URI_TAG,
-    SOURCE_KEY_TAG,
-    STEP_TAG,
     download_checkpoint,
     download_gguf,
-    run_name,
+    get_download_run,
     scratch_dir,
     source_key,
-    upstream_download,
     writing_artifacts,
 )
 from slmkit.onnx_build import AUTO, build_onnx, check_quantization, fetch_ready_variant
-from slmkit.onnx_wrapper_model import seal_onnx_folder, without_type_hint_advice, wrapper_model_arguments
+from slmkit.onnx_wrapper_model import ONNX_ARTIFACT, seal_onnx_folder, without_type_hint_advice, wrapper_model_arguments
+from slmkit.pipeline import MODEL_URI_TAG, SOURCE_KEY_TAG, STEPS, namespace_values
 from slmkit.pipeline_model import generation_config
 from slmkit.presets import ModelSpec, check_execution_provider, default_quantization, load_presets, resolve_model
 from slmkit.quantization_choice import AutoChoice, auto_quantization, good_enough
 from slmkit.report import quality_speed_figure
-from slmkit.step_cli import GENERATION_OPTIONS, QUANTIZATION_OPTIONS, add_options, parse_bool, run_cli
+from slmkit.step_cli import parse_bool, run_cli
 
 logger = logging.getLogger(__name__)
 ONNX_SOURCES = ("auto", "hub", "build")
@@ -106,20 +105,21 @@ def main(args: argparse.Namespace) -> None:
     from_gguf = spec is None or default_quantization(spec.source) == "gguf"
     check_quantization(quantization, args.execution_provider, from_gguf)
     from_hub = use_hub_variant(spec if preset else None, args.onnx_source, args.execution_provider, quantization)
-    download = None if from_hub else upstream_download(args.download_run_id, args.model, args.env_manager)
-    with (
-        mlflow.start_run(run_name=run_name("log_onnx_wrapper", download.model_name if download else preset)),
-        scratch_dir("onnx") as scratch,
-    ):
-        onnx_dir = Path(scratch) / "onnx_model"
+    values = namespace_values(args, STEPS["log_onnx_wrapper"])
+    if not from_hub:
+        values = StepRunner(args.env_manager).fill_inputs("log_onnx_wrapper", values)
+    download = None if from_hub else get_download_run(values["download_run_id"])
+    model_name = download.model_name if download else preset
+    with step_run("log_onnx_wrapper", values, model_name), scratch_dir("onnx") as scratch:
+        onnx_dir = Path(scratch) / ONNX_ARTIFACT
         started = time.perf_counter()
         report = None
         if from_hub:
-            mlflow.set_tags({STEP_TAG: "log_onnx_wrapper", SOURCE_KEY_TAG: source_key(spec)})
+            mlflow.set_tag(SOURCE_KEY_TAG, source_key(spec))
             revision = fetch_ready_variant(spec.onnx, args.execution_provider, onnx_dir)
             origin = f"hub:{spec.onnx.repo_id}/{spec.onnx.subfolders[args.execution_provider]}"
         else:
-            mlflow.set_tags({STEP_TAG: "log_onnx_wrapper", **download.lineage_tags()})
+            mlflow.set_tags(download.lineage_tags())
             checkpoint, manifest = download_checkpoint(download.run_id, Path(scratch))
             gguf = download_gguf(download.run_id, manifest, Path(scratch))
             check_quantization(quantization, args.execution_provider, gguf is not None)
@@ -147,7 +147,6 @@ def main(args: argparse.Namespace) -> None:
         mlflow.log_params({"onnx_origin": origin, "onnx_revision": revision, "onnx_quantization": quantization})
         mlflow.log_metric("build_seconds", time.perf_counter() - started)
         started = time.perf_counter()
-        model_name = download.model_name if download else preset
         with writing_artifacts("the ONNX wrapper model"), without_type_hint_advice():
             info = mlflow.pyfunc.log_model(
                 name="model",
@@ -158,18 +157,5 @@ def main(args: argparse.Namespace) -> None:
         publish_task_value(ONNX_MODEL_URI, info.model_uri)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The step's command line; flags mirror the MLproject params with dashes."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="")
-    parser.add_argument("--download-run-id", default="")
-    parser.add_argument("--execution-provider", default="cpu")
-    parser.add_argument("--onnx-source", default="auto")
-    parser.add_argument("--tracing", default="true")
-    add_options(parser, GENERATION_OPTIONS + QUANTIZATION_OPTIONS)
-    parser.add_argument("--env-manager", default="local")
-    return parser
-
-
 if __name__ == "__main__":
-    run_cli(main, build_parser())
+    run_cli(main, STEPS["log_onnx_wrapper"].build_parser(__doc__))

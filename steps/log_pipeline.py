@@ -1,15 +1,15 @@
 """Entry point `log_pipeline`: log the checkpoint as a transformers `llm/v1/chat` model.
 
 Params:
-    download_run_id: the `download` run whose checkpoint to use; empty finds or runs one for
-        `model`.
+    download_run_id: the `download` run whose checkpoint to use; empty reuses the FINISHED
+        `download` run of `model` with the same cache key as `main` would, or runs one.
     model: used only when download_run_id is empty.
     torch_dtype: auto (the checkpoint's own), float32, float16 or bfloat16.
     temperature: default sampling temperature; 0 means greedy, so evaluations repeat.
     max_new_tokens: default completion length for requests without max_tokens.
     env_manager: how to run `download` when it must run first.
 
-Logs (tags `slmkit.step=log_pipeline`, `slmkit.source_key`, `slmkit.model_uri`):
+Logs (tags `slmkit.step=log_pipeline`, `slmkit.cache_key`, `slmkit.source_key`, `slmkit.model_uri`):
     the model `model` (OpenAI-chat signature, pinned pip requirements); tag
     `slmkit.download_run_id`; params `resolved_revision`, the generation defaults (from `model_config`); metrics `model_size_bytes`,
     `log_seconds`.
@@ -26,18 +26,12 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 
 import mlflow
 
+from slmkit.cache import StepRunner, step_run
 from slmkit.databricks import PIPELINE_MODEL_URI, publish_task_value
-from slmkit.lineage import (
-    MODEL_URI_TAG,
-    STEP_TAG,
-    download_checkpoint,
-    run_name,
-    scratch_dir,
-    upstream_download,
-    writing_artifacts,
-)
+from slmkit.lineage import download_checkpoint, get_download_run, scratch_dir, writing_artifacts
+from slmkit.pipeline import MODEL_URI_TAG, STEPS, namespace_values
 from slmkit.pipeline_model import build_pipeline, check_dtype, generation_config, pipeline_model_arguments
-from slmkit.step_cli import GENERATION_OPTIONS, add_options, run_cli
+from slmkit.step_cli import run_cli
 
 MODEL_NAME = "model"
 
@@ -45,9 +39,10 @@ MODEL_NAME = "model"
 def main(args: argparse.Namespace) -> None:
     check_dtype(args.torch_dtype)
     generation = generation_config(args.temperature, args.max_new_tokens)
-    download = upstream_download(args.download_run_id, args.model, args.env_manager)
-    with mlflow.start_run(run_name=run_name("log_pipeline", download.model_name)), scratch_dir("pipeline") as scratch:
-        mlflow.set_tags({STEP_TAG: "log_pipeline", **download.lineage_tags()})
+    values = StepRunner(args.env_manager).fill_inputs("log_pipeline", namespace_values(args, STEPS["log_pipeline"]))
+    download = get_download_run(values["download_run_id"])
+    with step_run("log_pipeline", values, download.model_name), scratch_dir("pipeline") as scratch:
+        mlflow.set_tags(download.lineage_tags())
         mlflow.log_param("resolved_revision", download.revision)
         checkpoint, manifest = download_checkpoint(download.run_id, scratch)
         pipeline = build_pipeline(checkpoint, args.torch_dtype, download.model_name or checkpoint.name)
@@ -60,16 +55,5 @@ def main(args: argparse.Namespace) -> None:
         publish_task_value(PIPELINE_MODEL_URI, info.model_uri)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The step's command line; flags mirror the MLproject params with dashes."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--download-run-id", default="")
-    parser.add_argument("--model", default="")
-    parser.add_argument("--torch-dtype", default="auto")
-    add_options(parser, GENERATION_OPTIONS)
-    parser.add_argument("--env-manager", default="local")
-    return parser
-
-
 if __name__ == "__main__":
-    run_cli(main, build_parser())
+    run_cli(main, STEPS["log_pipeline"].build_parser(__doc__))

@@ -16,10 +16,10 @@ from mlflow.entities import Run
 
 from slmkit import PROJECT_ROOT
 from slmkit.evaluation import load_eval_set
-from slmkit.lineage import MODEL_URI_TAG, STEP_TAG
 from slmkit.local_servers import free_port, stop_process, wait_for_http
 from slmkit.onnx_build import build_onnx
 from slmkit.onnx_wrapper_model import ONNX_ARTIFACT, seal_onnx_folder, wrapper_model_arguments
+from slmkit.pipeline import MODEL_URI_TAG, STEP_TAG
 from tests.tiny_models import build_tiny_phi3, train_tiny_phi3
 
 BIN = Path(sys.executable).parent

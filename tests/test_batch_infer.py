@@ -18,7 +18,7 @@ import pytest
 
 from slmkit import PROJECT_ROOT
 from slmkit.evaluation import load_eval_set
-from slmkit.lineage import STEP_TAG
+from slmkit.pipeline import STEP_TAG
 from slmkit.spark_batch import answer_locally, answer_with_spark, read_spark, save_batch_model, spark_session
 from tests.conftest import BIN, TrackingServer, mlflow_run, project_params, runs_of
 

@@ -39,10 +39,12 @@ def test_same_inputs_give_the_same_key_and_numbers_are_normalised(project: Path)
     key = cache_key("log_pipeline", PARAMS, UPSTREAM, project)
     assert key == cache_key("log_pipeline", {**PARAMS, "temperature": "0", "max_new_tokens": "256"}, UPSTREAM, project)
     assert key == cache_key("log_pipeline", {**PARAMS, "env_manager": "uv"}, UPSTREAM, project)
+    assert key == cache_key("log_pipeline", {**PARAMS, "temperature": "0.00", "unknown": "x"}, UPSTREAM, project)
 
 
 def test_a_param_change_changes_the_key(project: Path):
     key = cache_key("log_pipeline", PARAMS, UPSTREAM, project)
+    assert key != cache_key("log_pipeline", {**PARAMS, "download_run_id": "def"}, UPSTREAM, project)
     assert key != cache_key("log_pipeline", {**PARAMS, "torch_dtype": "bfloat16"}, UPSTREAM, project)
     assert key != cache_key("log_pipeline", {**PARAMS, "temperature": "0.7"}, UPSTREAM, project)
 
@@ -79,7 +81,7 @@ def test_touching_an_identical_file_keeps_the_key(project: Path):
 
 def test_bad_numbers_are_refused_by_name():
     with pytest.raises(UserError, match="temperature='abc': not a valid float"):
-        normalize_params({"temperature": "abc"}, {"temperature": "float"})
+        normalize_params("log_pipeline", {"temperature": "abc"})
 
 
 def test_force_values():

@@ -15,8 +15,8 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from slmkit.lineage import REVISION_TAG
 from slmkit.local_servers import free_port
+from slmkit.pipeline import REVISION_TAG
 from tests.conftest import TrackingServer, mlflow_run, project_params, runs_of
 from tests.fake_hub import FakeHub, serve
 

@@ -18,11 +18,11 @@ from mlflow.exceptions import MlflowException
 from slmkit import PROJECT_ROOT
 from slmkit.environment import read_pins
 from slmkit.evaluation import load_eval_set
-from slmkit.lineage import DOWNLOAD_RUN_TAG, MODEL_URI_TAG, SOURCE_KEY_TAG, STEP_TAG
 from slmkit.local_servers import MLFLOW_SERVE, SLMKIT_SERVE, served
 from slmkit.manifest import file_sha256, read_manifest, verify_folder
 from slmkit.onnx_greedy import bare_greedy, load
 from slmkit.onnx_session import model_tokens
+from slmkit.pipeline import DOWNLOAD_RUN_TAG, MODEL_URI_TAG, SOURCE_KEY_TAG, STEP_TAG
 from tests.conftest import PipelineRun, TrackingServer, mlflow_run, runs_of
 
 pytestmark = pytest.mark.integration

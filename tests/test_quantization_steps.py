@@ -9,8 +9,8 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from slmkit.lineage import DOWNLOAD_RUN_TAG, MODEL_URI_TAG, STEP_TAG
 from slmkit.manifest import file_sha256, read_manifest
+from slmkit.pipeline import DOWNLOAD_RUN_TAG, MODEL_URI_TAG, STEP_TAG
 from tests.conftest import TRAINED_ROWS, TrackingServer, mlflow_run, runs_of
 from tests.tiny_models import build_tiny_phi3, write_tiny_phi3_gguf
 

@@ -17,9 +17,10 @@ from mlflow import MlflowClient
 from mlflow.entities import Run
 
 from slmkit.errors import UserError
-from slmkit.lineage import MODEL_URI_TAG, STEP_TAG, get_download_run
+from slmkit.lineage import get_download_run
 from slmkit.local_servers import free_port, stop_process
 from slmkit.manifest import verify_folder
+from slmkit.pipeline import MODEL_URI_TAG, STEP_TAG
 from slmkit.tracking_server import BOUNDED_RETRIES
 from tests.conftest import (
     HF_TOKEN_CANARY,

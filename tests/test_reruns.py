@@ -10,8 +10,7 @@ import pytest
 from mlflow import MlflowClient
 from mlflow.entities import Run
 
-from slmkit.cache import CACHE_KEY_TAG
-from slmkit.lineage import STEP_TAG
+from slmkit.pipeline import CACHE_KEY_TAG, STEP_TAG
 from tests.conftest import (
     E2E_REGISTERED,
     TRAINED_ROWS,

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from slmkit import PROJECT_ROOT
-from slmkit.lineage import MODEL_URI_TAG, STEP_TAG
+from slmkit.pipeline import MODEL_URI_TAG, STEP_TAG
 from tests.conftest import TrackingServer, mlflow_run, project_params, runs_of
 
 pytestmark = pytest.mark.integration

@@ -60,6 +60,7 @@ from slmkit.chat_format import (
 from slmkit.manifest import MANIFEST_NAME, read_manifest, verify_folder
 from slmkit.onnx_batching import MAX_BATCH_SIZE_ENV, BatchedDecoder, Slot, max_batch_size
 from slmkit.onnx_session import intra_op_threads, model_tokens, open_model
+from slmkit.onnx_wrapper_model import ONNX_ARTIFACT
 
 logger = logging.getLogger(__name__)
 
@@ -116,7 +117,7 @@ class OnnxChatModel(mlflow.pyfunc.PythonModel):
 
     def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
         """Load the model and tokenizer once; generators are made per request."""
-        folder = Path(context.artifacts["onnx_model"])
+        folder = Path(context.artifacts[ONNX_ARTIFACT])
         config = context.model_config or {}
         if os.environ.get(VERIFY_ENV, "true").lower() != "false":
             verify_onnx_folder(folder)

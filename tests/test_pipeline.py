@@ -1,0 +1,105 @@
+"""The step declarations (slmkit/pipeline.py) against the files people read and edit by hand:
+MLproject and the Databricks job files must name the same params with the same defaults."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import yaml
+
+from slmkit import PROJECT_ROOT
+from slmkit.pipeline import CACHED_STEPS, ORDER, STEPS, Param
+
+MLPROJECT = yaml.safe_load((PROJECT_ROOT / "MLproject").read_text())["entry_points"]
+JOBS = {
+    name: job
+    for path in sorted((PROJECT_ROOT / "resources").glob("*.yml"))
+    for name, job in yaml.safe_load(path.read_text())["resources"]["jobs"].items()
+}
+JOB_PARAMETER = re.compile(r"\{\{job\.parameters\.(\w+)\}\}")
+# Job parameters whose default differs from the step's on purpose, and why.
+DATABRICKS_DEFAULTS = {
+    "execution_provider": "the job cluster has a GPU",
+    "max_rows": "a nightly run scores a fixed 24 rows",
+    "max_tokens": "batch answers are full length",
+    "partitions": "a multi-node cluster",
+    "pipeline_registered_model": "a Unity Catalog name",
+    "onnx_registered_model": "a Unity Catalog name",
+    "model_uri": "a Unity Catalog name",
+    "input": "a Unity Catalog table",
+    "output": "a Unity Catalog table",
+}
+
+
+def canonical(param: Param, value: object) -> str:
+    return str(param.parse(str(value)))
+
+
+def test_mlproject_has_exactly_the_declared_entry_points():
+    assert set(MLPROJECT) == set(STEPS)
+
+
+@pytest.mark.parametrize("step", list(STEPS))
+def test_mlproject_params_types_and_defaults_match_the_declaration(step: str):
+    declared = {p.name: p for p in STEPS[step].params}
+    written = MLPROJECT[step]["parameters"]
+    assert set(written) == set(declared)
+    for name, spec in written.items():
+        assert spec.get("type", "string") == declared[name].type, name
+        assert canonical(declared[name], spec.get("default", "")) == canonical(declared[name], declared[name].default)
+
+
+@pytest.mark.parametrize("step", list(STEPS))
+def test_mlproject_command_passes_every_param_by_its_flag(step: str):
+    command = " ".join(MLPROJECT[step]["command"].split())
+    assert command.startswith(f"python -m steps.{step} ")
+    for param in STEPS[step].params:
+        assert f"{param.flag} {{{param.name}}}" in command
+
+
+def test_main_takes_every_param_of_its_steps_but_the_upstream_inputs():
+    filled = {name for step in CACHED_STEPS for name in step.inputs}
+    main = {p.name for p in STEPS["main"].params}
+    for step in CACHED_STEPS:
+        assert {p.name for p in step.params} - filled - {"engine"} <= main, step.name
+    assert not main & filled
+    assert ORDER == ("download", "log_pipeline", "log_onnx_wrapper", "evaluate")
+
+
+def test_upstream_inputs_are_handed_on_by_the_step_they_name():
+    for step in CACHED_STEPS:
+        for param, upstream in step.inputs.items():
+            assert STEPS[upstream].hands_on == param
+            assert ORDER.index(upstream) < ORDER.index(step.name)
+
+
+@pytest.mark.parametrize(
+    ("job", "task"),
+    [(job, task) for job in JOBS.values() for task in job["tasks"]],
+    ids=[task["task_key"] for job in JOBS.values() for task in job["tasks"]],
+)
+def test_job_tasks_pass_declared_flags_and_job_defaults_match_the_steps(job: dict, task: dict):
+    step, *flags = task["spark_python_task"]["parameters"]
+    declared = STEPS[step]
+    by_flag = {p.flag: p for p in declared.params}
+    defaults = {p["name"]: p["default"] for p in job.get("parameters", [])}
+    for flag, value in zip(flags[::2], flags[1::2], strict=True):
+        assert flag in by_flag, f"{step} takes no {flag}"
+        used = JOB_PARAMETER.fullmatch(str(value))
+        if used is None:
+            continue
+        name = used.group(1)
+        assert name == by_flag[flag].name, f"{flag} is fed from job parameter {name}"
+        if name not in DATABRICKS_DEFAULTS:
+            assert canonical(by_flag[flag], defaults[name]) == canonical(by_flag[flag], by_flag[flag].default), name
+    resolved = [JOB_PARAMETER.sub(lambda m: str(defaults[m.group(1)]), str(f)) for f in flags]
+    _, unknown = declared.build_parser(None).parse_known_args([re.sub(r"\{\{.*\}\}", "x", f) for f in resolved])
+    assert unknown == []
+
+
+def test_parsers_are_built_from_the_declaration():
+    args = STEPS["log_onnx_wrapper"].build_parser(None).parse_args(["--calibration-rows", "3"])
+    assert args.calibration_rows == 3
+    assert args.max_quality_drop == 0.05
+    assert args.tracing == "true"
