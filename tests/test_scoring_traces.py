@@ -10,8 +10,8 @@ import mlflow
 import pytest
 
 from slmkit import PROJECT_ROOT
-from slmkit.evaluation import RowResult, load_eval_set
-from slmkit.scorers import SCORERS, score_with_genai
+from slmkit.evaluation import RowResult, answer_correct, load_eval_set
+from slmkit.scorers import SCORERS, record_scores
 from tests.conftest import use_experiment
 
 
@@ -34,12 +34,11 @@ def test_both_models_keep_a_trace_with_every_assessment_per_row_and_tracing_warn
     rows = load_eval_set(PROJECT_ROOT / "data" / "eval_set.jsonl")
     assert len(rows) == 24
     caplog.set_level(logging.WARNING)
+    texts = {"pipeline": "Paris", "onnx": "Tokyo"}
     with mlflow.start_run() as parent:
-        metrics = {
-            name: score_with_genai(name, rows, answers(rows, text))
-            for name, text in (("pipeline", "Paris"), ("onnx", "Tokyo"))
-        }
-    assert metrics["pipeline"]["answer_correct/mean"] == pytest.approx(1 / 24)  # only row 1's answer is Paris
+        for name, text in texts.items():
+            record_scores(name, rows, answers(rows, text))
+    assert mlflow.get_run(parent.info.run_id).data.metrics == {}  # the step logs its own metrics, once
     scoring_runs = mlflow.search_runs(
         filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'", output_format="list"
     )
@@ -49,6 +48,9 @@ def test_both_models_keep_a_trace_with_every_assessment_per_row_and_tracing_warn
         assert len(traces) == len(rows), run.info.run_name
         for trace in traces:
             assert {a.name for a in trace.info.assessments} >= {s.name for s in SCORERS}, trace.info.trace_id
+        correct = [a.value for t in traces for a in t.info.assessments if a.name == "answer_correct"]
+        text = texts[run.info.run_name.split(" · ")[1]]
+        assert sum(map(bool, correct)) == sum(answer_correct(text, row.answers) for row in rows) == 1
     tracing_warnings = [r.getMessage() for r in caplog.records if "trace" in r.getMessage().lower()]
     assert tracing_warnings == []
     assert "Failed to" not in capfd.readouterr().err
