@@ -9,7 +9,7 @@ export MLFLOW_TRACKING_URI ?= sqlite:///$(CURDIR)/mlflow.db
 EXPERIMENT ?= slm-chat
 MODEL ?= smollm2-135m
 
-.PHONY: run test lint bench serve clean java-check
+.PHONY: run test test-fast lint bench serve clean java-check
 
 # Spark (batch_infer, and its tests) runs on the machine's Java 17 or later.
 JAVA_HINT := Java 17+ is missing: install it (Debian/Ubuntu: sudo apt-get install openjdk-17-jre-headless) or set JAVA_HOME; batch_infer -P engine=spark needs it
@@ -29,6 +29,10 @@ run: $(STAMP)
 
 test: $(STAMP) java-check
 	$(BIN)/python -m pytest
+
+# The tests that start no process (no server, Spark, `mlflow run` or builder): well under a minute.
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -m "not integration"
 
 lint: $(STAMP)
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

@@ -27,6 +27,17 @@ BIN = Path(sys.executable).parent
 HF_TOKEN_CANARY = "hf_canaryTOKEN0123456789abcdefSECRET"
 
 
+# Fixtures that start a process (the int4 builder, `mlflow server`, `mlflow run`): a test using
+# one is marked `integration`, so `make test-fast` (-m "not integration") starts no process.
+PROCESS_FIXTURES = frozenset({"tracking_server", "wrapper_dir", "wrapper", "pipeline_run", "built"})
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if PROCESS_FIXTURES & set(item.fixturenames):
+            item.add_marker(pytest.mark.integration)
+
+
 def use_experiment(experiment_id: str) -> None:
     """Make an experiment active in this process only: `set_experiment` also exports
     MLFLOW_EXPERIMENT_ID, which a child `mlflow run --experiment-name` refuses beside its own."""

@@ -113,6 +113,7 @@ def test_publishing_task_values_is_a_no_op_outside_databricks(monkeypatch: pytes
     databricks.publish_task_value("download_run_id", "abc")  # must not import dbutils or fail
 
 
+@pytest.mark.integration
 def test_launcher_refuses_unknown_steps(tmp_path: Path):
     import subprocess
     import sys

@@ -22,7 +22,7 @@ from slmkit.local_servers import MLFLOW_SERVE, SLMKIT_SERVE, served
 from slmkit.manifest import file_sha256, read_manifest, verify_folder
 from slmkit.onnx_greedy import bare_greedy, load
 from slmkit.onnx_session import model_tokens
-from slmkit.pipeline import DOWNLOAD_RUN_TAG, MODEL_URI_TAG, SOURCE_KEY_TAG, STEP_TAG
+from slmkit.pipeline import DOWNLOAD_RUN_TAG, SOURCE_KEY_TAG
 from tests.conftest import PipelineRun, TrackingServer, mlflow_run, runs_of
 
 pytestmark = pytest.mark.integration
@@ -221,31 +221,6 @@ def test_both_models_serve_chat_over_http_with_pickle_deserialization_disabled(
             stopped = requests.post(server.chat_url, json={**CHAT, "stop": ["."]}, timeout=60)
             assert stopped.status_code == 200, stopped.text
             assert "." not in stopped.json()["choices"][0]["message"]["content"]
-
-
-def test_log_onnx_wrapper_alone_reuses_the_finished_download(
-    pipeline_run: PipelineRun, tracking_server: TrackingServer, trained_tiny_phi3: Path
-):
-    downloads_before = [r for r in runs_of("e2e-tiny") if r.data.tags.get(STEP_TAG) == "download"]
-    result = mlflow_run(
-        tracking_server, "-e", "log_onnx_wrapper", "--experiment-name", "e2e-tiny", "-P", f"model={trained_tiny_phi3}"
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    runs = runs_of("e2e-tiny")
-    downloads_after = [r for r in runs if r.data.tags.get(STEP_TAG) == "download"]
-    newest_onnx = [r for r in runs if r.data.tags.get(STEP_TAG) == "log_onnx_wrapper"][-1]
-    assert len(downloads_after) == len(downloads_before)
-    assert newest_onnx.data.tags[DOWNLOAD_RUN_TAG] == pipeline_run.children["download"].info.run_id
-    assert newest_onnx.info.status == "FINISHED"
-
-
-def test_log_pipeline_alone_runs_download_first_in_a_fresh_experiment(tracking_server: TrackingServer, tiny_phi3: Path):
-    result = mlflow_run(tracking_server, "-e", "log_pipeline", "--experiment-name", "fresh", "-P", f"model={tiny_phi3}")
-    assert result.returncode == 0, result.stderr[-3000:]
-    runs = {r.data.tags.get(STEP_TAG): r for r in runs_of("fresh")}
-    assert runs["download"].info.status == "FINISHED"
-    assert runs["log_pipeline"].data.tags[DOWNLOAD_RUN_TAG] == runs["download"].info.run_id
-    assert runs["log_pipeline"].data.tags[MODEL_URI_TAG].startswith("models:/")
 
 
 @pytest.mark.parametrize(
