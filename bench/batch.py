@@ -56,8 +56,8 @@ def batch_figures(model_uri: str, work: Path, rows: int, max_tokens: int) -> lis
         spark.stop()
     detail = {"rows": rows, "max_tokens": max_tokens, "rows_per_s": rates}
     return [
-        Figure("batch_infer rows/s, 2 partitions / 1", rates["2 partitions, batched"] / rates["1 partition, batched"], "report", None, detail),
-        Figure("batch_infer rows/s, batched predict / row at a time", rates["2 partitions, batched"] / rates["2 partitions, row at a time"], "report", None, detail),
+        Figure("batch_infer rows/s, 2 partitions / 1", rates["2 partitions, batched"] / rates["1 partition, batched"], detail),
+        Figure("batch_infer rows/s, batched predict / row at a time", rates["2 partitions, batched"] / rates["2 partitions, row at a time"], detail),
     ]  # fmt: skip
 
 

@@ -60,13 +60,12 @@ def front_figures(
         rates[MLFLOW_SERVE] = {k: aggregate_rate(served_generate(server.url), k, 8, max_tokens) for k in (1, 4)}
     ttft_http, ttft_local = statistics.median(over_http), statistics.median(in_process)
     figures = [
-        Figure("streamed first token over HTTP / in process", ttft_http / ttft_local, "<= 1.2", ttft_http / ttft_local <= 1.2,
-               {"http_s": ttft_http, "in_process_s": ttft_local}),
+        Figure("streamed first token over HTTP / in process", ttft_http / ttft_local, {"http_s": ttft_http, "in_process_s": ttft_local}),
     ]  # fmt: skip
     for k in (1, 4):
         ratio = rates[SLMKIT_SERVE][k] / rates[MLFLOW_SERVE][k]
         figures.append(
-            Figure(f"front /v1 / mlflow models serve tok/s, {k} client{'s' * (k > 1)}", ratio, ">= 0.95", ratio >= 0.95,
+            Figure(f"front /v1 / mlflow models serve tok/s, {k} client{'s' * (k > 1)}", ratio,
                    {"front_tok_s": rates[SLMKIT_SERVE], "mlflow_serve_tok_s": rates[MLFLOW_SERVE]})
         )  # fmt: skip
     return figures

@@ -85,17 +85,15 @@ def quantization_figures(
         Figure(
             "quality against speed (eval set, greedy, bare loop)",
             len(table),
-            "report",
-            None,
             {"reference_correct": reference_correct, "rows": len(rows), "builds": table},
         )
     ]
     if gguf is not None:
         carried, int4 = table[GGUF_DEFAULT], table["int4"]
         figures += [
-            Figure("gguf correct rate - source's", carried["correct"] - reference_correct, ">= -0.05", carried["correct"] >= reference_correct - 0.05, carried),
-            Figure("gguf exact match with the source", carried["exact_match"], ">= 0.6 (goal 0.9)", carried["exact_match"] >= 0.6, carried),
-            Figure("gguf / int4 decode tok/s", carried["decode_tok_s"] / int4["decode_tok_s"], ">= 0.9", carried["decode_tok_s"] >= 0.9 * int4["decode_tok_s"], {"gguf": carried, "int4": int4}),
+            Figure("gguf correct rate - source's", carried["correct"] - reference_correct, carried),
+            Figure("gguf exact match with the source", carried["exact_match"], carried),
+            Figure("gguf / int4 decode tok/s", carried["decode_tok_s"] / int4["decode_tok_s"], {"gguf": carried, "int4": int4}),
         ]  # fmt: skip
     return figures
 
@@ -140,6 +138,6 @@ def peer_figures(served_url: str, gguf: Path | None, rows: list[EvalRow], work: 
         stop_process(process)
     detail = {"onnx_tok_s": ours, "llama_server_tok_s": theirs, **quality}
     return [
-        Figure(f"served ONNX / llama-server tok/s, {k} client{'s' * (k > 1)}", ours[k] / theirs[k], ">= 1.0", ours[k] >= theirs[k], detail)
+        Figure(f"served ONNX / llama-server tok/s, {k} client{'s' * (k > 1)}", ours[k] / theirs[k], detail)
         for k in (1, 4)
     ]  # fmt: skip

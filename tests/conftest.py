@@ -171,6 +171,8 @@ def run_main(server: TrackingServer, experiment: str, *params: str) -> PipelineR
     return PipelineRun(parent, children, result.stdout + result.stderr)
 
 
+# Tests that run `main` on the untrained tiny Phi-3 share one experiment, so its builds are reused.
+UNTRAINED_EXPERIMENT = "e2e-untrained"
 E2E_REGISTERED = ("pipeline_registered_model=e2e-pipeline", "onnx_registered_model=e2e-onnx")
 
 

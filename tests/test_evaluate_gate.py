@@ -14,7 +14,16 @@ from mlflow import MlflowClient
 
 from slmkit.errors import UserError
 from slmkit.promotion import CANDIDATE, CHAMPION, GatePolicy, check_registered_name, decide
-from tests.conftest import E2E_REGISTERED, TRAINED_ROWS, PipelineRun, TrackingServer, mlflow_run, run_main, runs_of
+from tests.conftest import (
+    E2E_REGISTERED,
+    TRAINED_ROWS,
+    UNTRAINED_EXPERIMENT,
+    PipelineRun,
+    TrackingServer,
+    mlflow_run,
+    run_main,
+    runs_of,
+)
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -135,7 +144,12 @@ def test_worse_candidate_leaves_champion_and_records_why(
     client = MlflowClient()
     champion_before = client.get_model_version_by_alias("e2e-onnx", CHAMPION).version
     worse = run_main(
-        tracking_server, "e2e-worse", f"model={tiny_phi3}", f"max_rows={TRAINED_ROWS}", "max_tokens=8", *E2E_REGISTERED
+        tracking_server,
+        UNTRAINED_EXPERIMENT,
+        f"model={tiny_phi3}",
+        f"max_rows={TRAINED_ROWS}",
+        "max_tokens=8",
+        *E2E_REGISTERED,
     )
     tags = worse.children["evaluate"].data.tags
     assert worse.children["evaluate"].info.status == "FINISHED"  # a failed gate is not a failed run

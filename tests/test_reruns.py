@@ -14,6 +14,7 @@ from slmkit.pipeline import CACHE_KEY_TAG, STEP_TAG
 from tests.conftest import (
     E2E_REGISTERED,
     TRAINED_ROWS,
+    UNTRAINED_EXPERIMENT,
     PipelineRun,
     TrackingServer,
     mlflow_run,
@@ -60,19 +61,21 @@ def test_failed_step_is_rerun_alone_after_the_fix_and_stays_failed(tracking_serv
         "pipeline_registered_model=",
         "onnx_registered_model=",
     )
+    runs_before = len(runs_of(UNTRAINED_EXPERIMENT))
     broken = mlflow_run(
         tracking_server,
         "--experiment-name",
-        "resume",
+        UNTRAINED_EXPERIMENT,
         "-P",
         "eval_set=data/no-such-set.jsonl",
         *[a for p in params for a in ("-P", p)],
     )
     assert broken.returncode != 0
-    failed = [r for r in runs_of("resume") if r.data.tags.get("mlflow.project.entryPoint") == "evaluate"]
+    new_runs = runs_of(UNTRAINED_EXPERIMENT)[runs_before:]
+    failed = [r for r in new_runs if r.data.tags.get("mlflow.project.entryPoint") == "evaluate"]
     assert [r.info.status for r in failed] == ["FAILED"]
 
-    fixed = run_main(tracking_server, "resume", *params)
+    fixed = run_main(tracking_server, UNTRAINED_EXPERIMENT, *params)
     assert cache_notes(fixed.parent) == {
         "download": "reused",
         "log_pipeline": "reused",
@@ -81,7 +84,7 @@ def test_failed_step_is_rerun_alone_after_the_fix_and_stays_failed(tracking_serv
     }
     assert MlflowClient().get_run(failed[0].info.run_id).info.status == "FAILED"
 
-    forced = run_main(tracking_server, "resume", *params, "force=evaluate")
+    forced = run_main(tracking_server, UNTRAINED_EXPERIMENT, *params, "force=evaluate")
     assert cache_notes(forced.parent) == {
         "download": "reused",
         "log_pipeline": "reused",
