@@ -3,7 +3,8 @@
 Each step runs with `mlflow.projects.run` under this parent run, with the env manager passed on
 explicitly, and receives its inputs as run ids and model URIs only. A step whose cache key
 (slmkit.cache) matches a FINISHED run in the experiment is reused instead of run again, unless
-`force` says otherwise. The parent records, per step, the param `<step>_run_id` and the tag
+`force` says otherwise: the same rule, through the same `StepRunner`, as a step run alone uses
+for its upstream. The steps and their order come from slmkit/pipeline.py. The parent records, per step, the param `<step>_run_id` and the tag
 `cache.<step>` ("reused run X" or "ran run Y", and why), and prints a summary at the end.
 
 Params: the union of the steps' params (see MLproject); `env_manager` is passed to every child;

@@ -22,23 +22,22 @@ from slmkit.local_servers import MLFLOW_SERVE, SLMKIT_SERVE, served
 from slmkit.manifest import file_sha256, read_manifest, verify_folder
 from slmkit.onnx_greedy import bare_greedy, load
 from slmkit.onnx_session import model_tokens
-from slmkit.pipeline import DOWNLOAD_RUN_TAG, SOURCE_KEY_TAG
+from slmkit.pipeline import DOWNLOAD_RUN_TAG, ORDER, SOURCE_KEY_TAG
 from tests.conftest import PipelineRun, TrackingServer, mlflow_run, runs_of
 
 pytestmark = pytest.mark.integration
 
-STEPS = ("download", "log_pipeline", "log_onnx_wrapper", "evaluate")
 CHAT = {"messages": [{"role": "user", "content": "What is the capital of France?"}], "max_tokens": 6}
 
 
 def test_main_runs_four_finished_children_in_order(pipeline_run: PipelineRun):
     assert pipeline_run.parent.info.status == "FINISHED"
-    assert list(pipeline_run.children) == list(STEPS)
-    children = [pipeline_run.children[step] for step in STEPS]
+    assert list(pipeline_run.children) == list(ORDER)
+    children = [pipeline_run.children[step] for step in ORDER]
     assert all(run.info.status == "FINISHED" for run in children)
     for earlier, later in itertools.pairwise(children):
         assert earlier.info.end_time <= later.info.start_time
-    recorded = {step: pipeline_run.parent.data.params[f"{step}_run_id"] for step in STEPS}
+    recorded = {step: pipeline_run.parent.data.params[f"{step}_run_id"] for step in ORDER}
     assert recorded == {step: run.info.run_id for step, run in pipeline_run.children.items()}
 
 
@@ -58,7 +57,7 @@ def test_runs_are_named_after_their_step_and_model(pipeline_run: PipelineRun):
 
 
 def test_steps_log_params_metrics_and_lineage(pipeline_run: PipelineRun):
-    download, pipeline, onnx, evaluation = (pipeline_run.children[s] for s in STEPS)
+    download, pipeline, onnx, evaluation = (pipeline_run.children[s] for s in ORDER)
     assert download.data.params["source.kind"] == "local_dir"
     assert download.data.params["resolved_revision"].startswith("sha256:")
     assert download.data.metrics["checkpoint_bytes"] > 0

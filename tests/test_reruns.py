@@ -10,7 +10,7 @@ import pytest
 from mlflow import MlflowClient
 from mlflow.entities import Run
 
-from slmkit.pipeline import CACHE_KEY_TAG, STEP_TAG
+from slmkit.pipeline import CACHE_KEY_TAG, ORDER, STEP_TAG
 from tests.conftest import (
     E2E_REGISTERED,
     TRAINED_ROWS,
@@ -26,12 +26,10 @@ from tests.conftest import (
 
 pytestmark = pytest.mark.integration
 
-STEPS = ("download", "log_pipeline", "log_onnx_wrapper", "evaluate")
-
 
 def cache_notes(parent: Run) -> dict[str, str]:
     """'ran' or 'reused' per step, from the main run's `cache.<step>` tags."""
-    return {step: parent.data.tags[f"cache.{step}"].split(" ")[0] for step in STEPS}
+    return {step: parent.data.tags[f"cache.{step}"].split(" ")[0] for step in ORDER}
 
 
 def test_second_main_reuses_all_four_steps(
@@ -46,8 +44,8 @@ def test_second_main_reuses_all_four_steps(
         "max_tokens=8",
         *E2E_REGISTERED,
     )
-    assert cache_notes(again.parent) == dict.fromkeys(STEPS, "reused")
-    for step in STEPS:
+    assert cache_notes(again.parent) == dict.fromkeys(ORDER, "reused")
+    for step in ORDER:
         assert again.parent.data.params[f"{step}_run_id"] == pipeline_run.parent.data.params[f"{step}_run_id"]
     assert "reused run" in again.output
     assert len(MlflowClient().search_model_versions("name='e2e-onnx'")) == versions_before
@@ -119,7 +117,7 @@ def test_two_mains_at_once_do_each_step_once_and_register_once(
     runs = runs_of("concurrent")
     parents = [r for r in runs if r.data.tags.get(STEP_TAG) == "main"]
     assert len(parents) == 2
-    for step in STEPS:
+    for step in ORDER:
         keyed = [r for r in runs if r.data.tags.get(STEP_TAG) == step and CACHE_KEY_TAG in r.data.tags]
         assert len(keyed) == 1, step
         assert {p.data.params[f"{step}_run_id"] for p in parents} == {keyed[0].info.run_id}
