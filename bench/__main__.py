@@ -185,6 +185,7 @@ class Bench:
     checkpoint: Path
     download_run_id: str
     model_name: str
+    model_license: str
 
     @property
     def onnx_dir(self) -> Path:
@@ -237,6 +238,7 @@ def bench_of_main_run(work: Path, env: dict[str, str], stamp: str, args: argpars
         ),
         download_run_id=download_run_id,
         model_name=mlflow.get_run(download_run_id).data.params["model_name"],
+        model_license=mlflow.get_run(download_run_id).data.params.get("license", ""),
     )
 
 
@@ -429,7 +431,7 @@ def logging_cost(bench: Bench) -> list[Figure]:
     log = {
         "ONNX wrapper": lambda: log_onnx_as_the_step_does(bench, generation),
         "pipeline": lambda: mlflow.transformers.log_model(
-            name="pipeline", **pipeline_model_arguments(pipeline, generation)
+            name="pipeline", **pipeline_model_arguments(pipeline, generation, bench.model_license)
         ),
     }
     copy = {

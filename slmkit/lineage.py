@@ -97,6 +97,7 @@ class DownloadRun:
     revision: str
     manifest_sha256: str
     model_name: str
+    license: str = ""
 
     def lineage_tags(self) -> dict[str, str]:
         """Tags that tie a later step's run to this download and to its model's source."""
@@ -122,8 +123,14 @@ def get_download_run(run_id: str) -> DownloadRun:
         raise UserError(f"download_run_id={run_id!r} is not a FINISHED download run (status {run.info.status})")
     tags = run.data.tags
     # `model_name` is logged by the download step itself, whoever started it; `model` only by `mlflow run`.
+    params = run.data.params
     return DownloadRun(
-        run_id, tags[SOURCE_KEY_TAG], tags[REVISION_TAG], tags[MANIFEST_SHA_TAG], run.data.params.get("model_name", "")
+        run_id,
+        tags[SOURCE_KEY_TAG],
+        tags[REVISION_TAG],
+        tags[MANIFEST_SHA_TAG],
+        params.get("model_name", ""),
+        params.get("license", ""),
     )
 
 

@@ -28,21 +28,30 @@ def generation_config(temperature: float, max_new_tokens: int) -> dict[str, Any]
     return {**sampling, "max_new_tokens": max_new_tokens}
 
 
-def pipeline_model_arguments(pipeline: Any, generation: dict[str, Any]) -> dict[str, Any]:
+def pipeline_model_arguments(pipeline: Any, generation: dict[str, Any], model_license: str = "") -> dict[str, Any]:
     """What `mlflow.transformers.log_model` / `save_model` get besides the name or path.
 
     `stopping_criteria` is declared empty so that a loader may set it (MLflow only lets
     `load_model(model_config=…)` override logged keys): `slmkit.chat_models` puts the criterion
     there that ends generation at a request's stop strings without the hub.
+
+    The model card is given, not fetched: MLflow would ask the hub for the card of the model's
+    recorded name, which is not a repo id. It carries `model_license` (MLflow writes it to LICENSE.txt);
+    "other" when unknown, which MLflow reports as a warning to check the license by hand.
     """
+    from huggingface_hub import ModelCard, ModelCardData
+
     from slmkit.chat_models import STOPPING_CRITERIA_KEY
     from slmkit.environment import PIPELINE_PACKAGES, model_requirements
 
+    name = pipeline.model.name_or_path
+    card = ModelCard.from_template(ModelCardData(license=model_license or "other"), model_id=name)
     return {
         "transformers_model": pipeline,
         "task": "llm/v1/chat",
         "model_config": {**generation, STOPPING_CRITERIA_KEY: None},
         "pip_requirements": model_requirements(PIPELINE_PACKAGES),
+        "model_card": card,
     }
 
 

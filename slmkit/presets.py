@@ -77,6 +77,8 @@ class ModelSpec:
     source: Source
     onnx: OnnxVariant | None = None
     quantization: str = "int4"
+    # The license a preset declares; empty (unknown) for folders, files and repo ids.
+    license: str = ""
 
 
 def default_quantization(source: Source) -> str:
@@ -130,7 +132,7 @@ def resolve_model(model: str, revision: str = "", presets: dict[str, dict[str, A
                 subfolders=dict(onnx_raw.get("subfolders", {})),
             )
         quantization = str(raw.get("quantization") or default_quantization(source))
-        spec = ModelSpec(name=model, source=source, onnx=onnx, quantization=quantization)
+        spec = ModelSpec(model, source, onnx, quantization, str(raw.get("license", "")))
     else:
         spec = _spec_from_location(model, presets)
     if revision:

@@ -48,7 +48,9 @@ def main(args: argparse.Namespace) -> None:
         pipeline = build_pipeline(checkpoint, args.torch_dtype, download.model_name or checkpoint.name)
         started = time.perf_counter()
         with writing_artifacts("the pipeline model"):
-            info = mlflow.transformers.log_model(name=MODEL_NAME, **pipeline_model_arguments(pipeline, generation))
+            info = mlflow.transformers.log_model(
+                name=MODEL_NAME, **pipeline_model_arguments(pipeline, generation, download.license)
+            )
         mlflow.log_metrics({"log_seconds": time.perf_counter() - started, "model_size_bytes": manifest["total_bytes"]})
         mlflow.log_param("torch_dtype_loaded", str(pipeline.model.dtype).removeprefix("torch."))
         mlflow.set_tag(MODEL_URI_TAG, info.model_uri)

@@ -220,7 +220,7 @@ def pipeline_dir(trained_tiny_phi3: Path, tmp_path_factory: pytest.TempPathFacto
     scratch = Path(shutil.copytree(trained_tiny_phi3, root / "scratch-checkpoint"))
     pipeline = build_pipeline(scratch, "auto", "tiny-phi3")
     mlflow.transformers.save_model(
-        path=str(root / "model"), **pipeline_model_arguments(pipeline, generation_config(0, 16))
+        path=str(root / "model"), **pipeline_model_arguments(pipeline, generation_config(0, 16), "apache-2.0")
     )
     shutil.rmtree(scratch)
     return root / "model"

@@ -92,3 +92,15 @@ def test_execution_provider_must_be_cpu_or_cuda():
 def test_offline_presets_exclude_hub_sources():
     assert offline_presets() == ["smollm2-135m"]
     assert set(load_presets()) >= {"phi3-mini-4k", "smollm2-135m"}
+
+
+def test_presets_declare_their_license_and_other_sources_leave_it_unknown(tmp_path: Path):
+    assert resolve_model("phi3-mini-4k").license == "mit"
+    assert resolve_model("smollm2-135m").license == "apache-2.0"
+    (tmp_path / "config.json").write_text("{}")
+    assert resolve_model(str(tmp_path)).license == ""
+
+
+def test_the_logged_pipeline_carries_the_license_it_was_given_without_asking_the_hub(pipeline_dir: Path):
+    assert "The declared license type is: 'apache-2.0'" in (pipeline_dir / "LICENSE.txt").read_text()
+    assert "license: apache-2.0" in (pipeline_dir / "model_card_data.yaml").read_text()
