@@ -211,8 +211,9 @@ class PipelineChat:
         self._on_batch = callback
 
 
-def load_chat_model(model_uri: str) -> ChatModel:
-    """Load either model (any URI MLflow resolves) behind the ChatModel interface."""
+def load_chat_model(model_uri: str, traced: bool = True) -> ChatModel:
+    """Load either model (any URI MLflow resolves) behind the ChatModel interface; `traced=False`
+    turns the ONNX wrapper's per-request traces off (the pipeline records none)."""
     import mlflow
 
     from slmkit.errors import UserError
@@ -233,7 +234,9 @@ def load_chat_model(model_uri: str) -> ChatModel:
         stopper.tokenizer = model.get_raw_model().tokenizer
         return PipelineChat(model, stopper)
     if "python_function" in flavors:
-        model = mlflow.pyfunc.load_model(model_uri)
+        from slmkit.onnx_wrapper_model import TRACING_KEY
+
+        model = mlflow.pyfunc.load_model(model_uri, model_config=None if traced else {TRACING_KEY: "false"})
         if hasattr(model.unwrap_python_model(), "observe_batches"):
             return WrapperChat(model)
     raise UserError(f"{model_uri} is neither an slmkit ONNX chat wrapper nor a transformers llm/v1/chat model")

@@ -20,6 +20,8 @@ from slmkit.manifest import MANIFEST_NAME, build_manifest, write_manifest
 WRAPPER = PROJECT_ROOT / "wrappers" / "onnx_chat_model.py"
 LIBRARY = PROJECT_ROOT / "slmkit"
 ONNX_ARTIFACT = "onnx_model"
+# The wrapper's model_config key: "true" traces every request, "false" none.
+TRACING_KEY = "tracing"
 INPUT_EXAMPLE = {"messages": [{"role": "user", "content": "What is the capital of France?"}], "max_tokens": 16}
 
 
@@ -56,5 +58,5 @@ def wrapper_model_arguments(
         "signature": chat_signature(),
         "input_example": INPUT_EXAMPLE,
         "pip_requirements": model_requirements(onnx_packages(execution_provider)),
-        "model_config": {"model_name": model_name, "tracing": str(tracing).lower(), **generation},
+        "model_config": {"model_name": model_name, TRACING_KEY: str(tracing).lower(), **generation},
     }

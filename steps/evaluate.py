@@ -90,6 +90,7 @@ def eval_dataset(rows: list[EvalRow], source: str) -> mlflow.data.pandas_dataset
 def measure_on_spark(spark, uri: str, rows: list[EvalRow], max_tokens: int, scratch: Path) -> tuple[Measurement, float]:
     """engine=spark: every row's answer from the batch path, timings of the first TIMING_ROWS
     rows in process; and how often the two paths gave the same answer on those rows."""
+    scratch.mkdir(parents=True, exist_ok=True)
     timed = measure_in_subprocess(uri, rows[:TIMING_ROWS], max_tokens, scratch)
     responses = answer_eval_rows(spark, uri, rows, max_tokens, scratch, SPARK_PARTITIONS)
     answered = [scored(row, response) for row, response in zip(rows, responses, strict=True)]

@@ -89,6 +89,9 @@ def tracking_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Tracki
         use_experiment("0")  # the server's Default experiment
         yield TrackingServer(uri=f"http://127.0.0.1:{port}", root=root)
     finally:
+        # Traces still queued for this server go now: queued past its stop, they would be retried
+        # at exit for minutes.
+        mlflow.flush_trace_async_logging()
         stop_process(process)
 
 

@@ -113,6 +113,8 @@ def test_batch_infer_runs_through_mlflow_run_and_logs_what_it_did(
     assert run.data.tags["slmkit.output"] == str(output)
     assert run.data.params["engine"] == "spark"
     assert [d.dataset.name for d in run.inputs.dataset_inputs]  # the input, logged as a dataset
+    # Rows are not traced: a trace per row of a large table would outweigh the answers.
+    assert mlflow.search_traces(locations=[run.info.experiment_id], return_type="list") == []
 
 
 def run_step(tmp_path: Path, *flags: str, **env: str) -> subprocess.CompletedProcess:

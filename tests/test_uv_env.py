@@ -1,11 +1,10 @@
 """`mlflow run --env-manager uv` builds a step's environment from conda.yaml, the project's one
 pinned environment, and the step runs in it. The first build takes about 35 s on 2 cores with a
-cold uv cache (README); MLflow keeps the environment under ~/.mlflow/envs for later runs."""
+cold uv cache (README); MLflow keeps environments under ~/.mlflow/envs, this test in its own root."""
 
 from __future__ import annotations
 
 import os
-import re
 import subprocess
 from pathlib import Path
 
@@ -13,28 +12,31 @@ import pytest
 
 from slmkit.environment import read_pins
 from slmkit.pipeline import STEP_TAG
-from tests.conftest import BIN, TrackingServer, mlflow_run_command, runs_of
+from tests.conftest import TrackingServer, mlflow_run_command, runs_of
 
 pytestmark = pytest.mark.integration
 
 
-def test_a_step_runs_in_the_uv_environment_built_from_conda_yaml(tracking_server: TrackingServer, tiny_phi3: Path):
+def test_a_step_runs_in_the_uv_environment_built_from_conda_yaml(
+    tracking_server: TrackingServer, tiny_phi3: Path, tmp_path: Path
+):
     command = mlflow_run_command("-e", "download", "--experiment-name", "uv", "-P", f"model={tiny_phi3}")
     command[command.index("local")] = "uv"
     # Where pip finds a local CPU torch wheel (this machine's pip config), uv must find it too:
     # PyPI's default torch for Linux is a multi-GB CUDA build.
     find_links = os.environ.get("PIP_FIND_LINKS", "")
-    env = tracking_server.env(**({"UV_FIND_LINKS": find_links} if find_links else {}))
+    # A fresh environment root: the environment is built here, from conda.yaml, not taken from a cache.
+    env = tracking_server.env(
+        MLFLOW_ENV_ROOT=str(tmp_path / "envs"), **({"UV_FIND_LINKS": find_links} if find_links else {})
+    )
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900, check=False)
     assert result.returncode == 0, result.stderr[-3000:]
     [run] = [r for r in runs_of("uv") if r.data.tags.get(STEP_TAG) == "download"]
     assert run.info.status == "FINISHED"
     assert run.data.tags["mlflow.project.env"] == "uv"
     assert run.data.params["model_name"] == "tiny-phi3"
-    environment = re.search(r"Using Python \S+ environment at: (\S+)", result.stderr + result.stdout)
-    assert environment is not None
-    python = Path(environment.group(1)) / "bin" / "python"
-    assert python.parent != BIN
+    [environment] = (tmp_path / "envs").iterdir()
+    python = environment / "bin" / "python"
     installed = subprocess.run(
         [str(python), "-c", "import mlflow, transformers; print(mlflow.__version__, transformers.__version__)"],
         capture_output=True, text=True, check=True,

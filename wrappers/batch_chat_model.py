@@ -26,8 +26,7 @@ class BatchChatModel(mlflow.pyfunc.PythonModel):
 
     def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
         # A trace per row of a large table would cost more than the answers: batch rows are untraced.
-        mlflow.tracing.disable()
-        self._chat = load_chat_model(context.artifacts["chat_model"])
+        self._chat = load_chat_model(context.artifacts["chat_model"], traced=False)
         configured = int((context.model_config or {}).get("concurrency", 0))
         self._concurrency = configured or default_concurrency(self._chat)
 

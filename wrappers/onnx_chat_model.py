@@ -60,7 +60,7 @@ from slmkit.chat_format import (
 from slmkit.manifest import MANIFEST_NAME, read_manifest, verify_folder
 from slmkit.onnx_batching import MAX_BATCH_SIZE_ENV, BatchedDecoder, Slot, max_batch_size
 from slmkit.onnx_session import intra_op_threads, model_tokens, open_model
-from slmkit.onnx_wrapper_model import ONNX_ARTIFACT
+from slmkit.onnx_wrapper_model import ONNX_ARTIFACT, TRACING_KEY
 
 logger = logging.getLogger(__name__)
 
@@ -128,7 +128,7 @@ class OnnxChatModel(mlflow.pyfunc.PythonModel):
         self._model_name = str(config.get("model_name", folder.name))
         self._default_max_tokens = int(config.get("max_new_tokens", 256))
         self._default_temperature = float(config.get("temperature", 0.0))
-        self._tracing = str(config.get("tracing", "true")).lower() == "true"
+        self._tracing = str(config.get(TRACING_KEY, "true")).lower() == "true"
         try:
             batch_size = max_batch_size(config.get("max_batch_size"))
         except ValueError as error:
