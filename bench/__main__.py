@@ -51,7 +51,7 @@ from slmkit.onnx_batching import MAX_BATCH_SIZE_ENV
 from slmkit.onnx_build import build_onnx
 from slmkit.onnx_greedy import bare_greedy, load
 from slmkit.onnx_session import THREADS_ENV, model_tokens
-from slmkit.onnx_wrapper_model import ONNX_ARTIFACT, without_type_hint_advice, wrapper_model_arguments
+from slmkit.onnx_wrapper_model import ONNX_ARTIFACT, wrapper_model_arguments
 from slmkit.pipeline import STEP_TAG
 from slmkit.pipeline_model import build_pipeline, generation_config, pipeline_model_arguments
 
@@ -454,8 +454,7 @@ def logging_cost(bench: Bench) -> list[Figure]:
 def log_onnx_as_the_step_does(bench: Bench, generation: dict) -> None:
     import mlflow
 
-    with without_type_hint_advice():
-        mlflow.pyfunc.log_model(name="onnx", **wrapper_model_arguments(bench.onnx_dir, bench.model_name, generation))
+    mlflow.pyfunc.log_model(name="onnx", **wrapper_model_arguments(bench.onnx_dir, bench.model_name, generation))
 
 
 # The figures after the cold and cached pipeline runs, in the order they are measured.

@@ -6,9 +6,6 @@ the same ones to `mlflow.pyfunc.save_model`, so every copy of the wrapper is pac
 
 from __future__ import annotations
 
-import contextlib
-import warnings
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,16 +20,6 @@ ONNX_ARTIFACT = "onnx_model"
 # The wrapper's model_config key: "true" traces every request, "false" none.
 TRACING_KEY = "tracing"
 INPUT_EXAMPLE = {"messages": [{"role": "user", "content": "What is the capital of France?"}], "max_tokens": 16}
-
-
-@contextlib.contextmanager
-def without_type_hint_advice() -> Iterator[None]:
-    """Silence MLflow's advice to add type hints to `predict` while the wrapper is logged: its
-    explicit chat signature, not type hints, governs the input (README: bad input)."""
-    with warnings.catch_warnings():
-        # MLflow colours the message, so it starts with an escape sequence.
-        warnings.filterwarnings("ignore", message=".*Add type hints to the `predict` method", category=UserWarning)
-        yield
 
 
 def seal_onnx_folder(onnx_dir: Path, origin: str, revision: str) -> dict[str, Any]:

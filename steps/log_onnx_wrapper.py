@@ -48,7 +48,7 @@ from slmkit.lineage import (
     writing_artifacts,
 )
 from slmkit.onnx_build import AUTO, build_onnx, check_quantization, fetch_ready_variant
-from slmkit.onnx_wrapper_model import ONNX_ARTIFACT, seal_onnx_folder, without_type_hint_advice, wrapper_model_arguments
+from slmkit.onnx_wrapper_model import ONNX_ARTIFACT, seal_onnx_folder, wrapper_model_arguments
 from slmkit.pipeline import MODEL_URI_TAG, SOURCE_KEY_TAG, STEPS, namespace_values
 from slmkit.pipeline_model import generation_config
 from slmkit.presets import ModelSpec, check_execution_provider, default_quantization, load_presets, resolve_model
@@ -147,7 +147,7 @@ def main(args: argparse.Namespace) -> None:
         mlflow.log_params({"onnx_origin": origin, "onnx_revision": revision, "onnx_quantization": quantization})
         mlflow.log_metric("build_seconds", time.perf_counter() - started)
         started = time.perf_counter()
-        with writing_artifacts("the ONNX wrapper model"), without_type_hint_advice():
+        with writing_artifacts("the ONNX wrapper model"):
             info = mlflow.pyfunc.log_model(
                 name="model",
                 **wrapper_model_arguments(onnx_dir, model_name, generation, args.execution_provider, tracing),

@@ -24,13 +24,15 @@ from slmkit.chat_models import load_chat_model
 class BatchChatModel(mlflow.pyfunc.PythonModel):
     """Answers a batch of chat requests, one output row per input row."""
 
+    # Its signature governs the input: no type-hint wrapping (see wrappers/onnx_chat_model.py).
+    _skip_type_hint_validation = True
+
     def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
         # A trace per row of a large table would cost more than the answers: batch rows are untraced.
         self._chat = load_chat_model(context.artifacts["chat_model"], traced=False)
         configured = int((context.model_config or {}).get("concurrency", 0))
         self._concurrency = configured or default_concurrency(self._chat)
 
-    # No type hints on predict: MLflow would derive a second, conflicting schema from them.
     def predict(self, context, model_input, params=None):
         """A DataFrame with column `request` (JSON) in; per row, a JSON object with answer,
         finish_reason, prompt_tokens, completion_tokens and error out (column `answer_json`)."""

@@ -115,6 +115,11 @@ def server_deadline() -> float | None:
 class OnnxChatModel(mlflow.pyfunc.PythonModel):
     """Chat completions from an onnxruntime-genai model folder."""
 
+    # The explicit chat signature governs the input, not type hints on `predict` (which would
+    # derive a second, conflicting schema): skip MLflow's type-hint wrapping and its advice to add
+    # them, printed on every load. MLflow's own ChatModel sets the same attribute for this reason.
+    _skip_type_hint_validation = True
+
     def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
         """Load the model and tokenizer once; generators are made per request."""
         folder = Path(context.artifacts[ONNX_ARTIFACT])
