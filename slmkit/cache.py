@@ -149,7 +149,7 @@ def handed_on(step: str, run_id: str) -> str:
 
 
 class StepRunner:
-    """Runs or reuses steps by their cache key, and records which and why in `runs` and `notes`.
+    """Runs or reuses steps by their cache key; `runs` holds the run id each step settled on.
 
     `run(step, given)` first fills each empty upstream param of `step` the same way (so a step's
     key is the same whether `main` or a step run alone asks for it), then reuses the newest
@@ -179,8 +179,7 @@ class StepRunner:
     def run(self, step: str, given: dict[str, Any]) -> str:
         if step in self.runs:
             return self.runs[step]
-        values = {**self.fill_inputs(step, given), "env_manager": self.env_manager}
-        values = STEPS[step].values(values)
+        values = STEPS[step].values({**self.fill_inputs(step, given), "env_manager": self.env_manager})
         key = step_key(step, values)
         with step_lock(key):
             found = None if step in self.forced else finished_run_with_key(key, self.experiment_id)
