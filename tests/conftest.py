@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
@@ -213,6 +214,19 @@ def wrapper_dir(trained_tiny_phi3: Path, tmp_path_factory: pytest.TempPathFactor
     return save_wrapper(trained_tiny_phi3, tmp_path_factory.mktemp("wrapper") / "model")
 
 
+@contextlib.contextmanager
+def hub_offline() -> Iterator[None]:
+    """What log_pipeline's HF_HUB_OFFLINE=1 does, for code in this process, where huggingface_hub
+    read the variable at import: MLflow's license lookup fails at once instead of timing out."""
+    from huggingface_hub import constants
+
+    before, constants.HF_HUB_OFFLINE = constants.HF_HUB_OFFLINE, True
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = before
+
+
 @pytest.fixture(scope="session")
 def pipeline_dir(trained_tiny_phi3: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The pipeline model of the trained tiny Phi-3, saved as log_pipeline logs it, from a copy
@@ -222,9 +236,10 @@ def pipeline_dir(trained_tiny_phi3: Path, tmp_path_factory: pytest.TempPathFacto
     root = tmp_path_factory.mktemp("pipeline")
     scratch = Path(shutil.copytree(trained_tiny_phi3, root / "scratch-checkpoint"))
     pipeline = build_pipeline(scratch, "auto", "tiny-phi3")
-    mlflow.transformers.save_model(
-        path=str(root / "model"), **pipeline_model_arguments(pipeline, generation_config(0, 16), "apache-2.0")
-    )
+    with hub_offline():
+        mlflow.transformers.save_model(
+            path=str(root / "model"), **pipeline_model_arguments(pipeline, generation_config(0, 16))
+        )
     shutil.rmtree(scratch)
     return root / "model"
 

@@ -15,6 +15,7 @@ from slmkit.presets import (
     offline_presets,
     resolve_model,
 )
+from tests.conftest import hub_offline
 
 
 def test_phi3_preset_pins_the_hub_repo_and_its_ready_onnx_variants():
@@ -101,6 +102,14 @@ def test_presets_declare_their_license_and_other_sources_leave_it_unknown(tmp_pa
     assert resolve_model(str(tmp_path)).license == ""
 
 
-def test_the_logged_pipeline_carries_the_license_it_was_given_without_asking_the_hub(pipeline_dir: Path):
-    assert "The declared license type is: 'apache-2.0'" in (pipeline_dir / "LICENSE.txt").read_text()
-    assert "license: apache-2.0" in (pipeline_dir / "model_card_data.yaml").read_text()
+def test_the_logged_pipeline_carries_the_license_it_was_given_without_asking_the_hub(tiny_phi3: Path, tmp_path: Path):
+    import mlflow
+
+    from slmkit.pipeline_model import build_pipeline, generation_config, pipeline_model_arguments
+
+    pipeline = build_pipeline(tiny_phi3, "auto", "smollm2-135m")
+    arguments = pipeline_model_arguments(pipeline, generation_config(0, 4), "apache-2.0")
+    with hub_offline():
+        mlflow.transformers.save_model(path=str(tmp_path / "model"), **arguments)
+    assert "The declared license type is: 'apache-2.0'" in (tmp_path / "model" / "LICENSE.txt").read_text()
+    assert "license: apache-2.0" in (tmp_path / "model" / "model_card_data.yaml").read_text()
