@@ -71,11 +71,9 @@ class Step:
     def cached(self) -> bool:
         return bool(self.code)
 
-    def param(self, name: str) -> Param:
-        return next(p for p in self.params if p.name == name)
-
     def values(self, given: dict[str, Any]) -> dict[str, str]:
-        """This step's params as `mlflow run` strings: the given value, else the declared default."""
+        """This step's params as `mlflow run` strings: the given value, else the declared default
+        (`given` may be a parsed command line, `vars(args)`)."""
         return {p.name: str(given.get(p.name, p.default)) for p in self.params}
 
     def build_parser(self, description: str | None) -> argparse.ArgumentParser:
@@ -185,8 +183,3 @@ MAIN = Step("main", _main_params(), tags=(STEP_TAG, "cache.<step>"), artifacts=(
 STEPS = {declared.name: declared for declared in (*CACHED_STEPS, BATCH_INFER, MAIN)}
 # The order `main` runs the cached steps in, and `force=<step>` reruns from.
 ORDER = tuple(declared.name for declared in CACHED_STEPS)
-
-
-def namespace_values(args: argparse.Namespace, declared: Step) -> dict[str, str]:
-    """A parsed command line back as `mlflow run` param strings, for logging and cache keys."""
-    return {p.name: str(getattr(args, p.name)) for p in declared.params}

@@ -40,7 +40,7 @@ from slmkit.cache import step_run
 from slmkit.errors import UserError
 from slmkit.evaluation import is_artifact_uri
 from slmkit.lineage import scratch_dir
-from slmkit.pipeline import OUTPUT_TAG, STEPS, namespace_values
+from slmkit.pipeline import OUTPUT_TAG, STEPS
 from slmkit.spark_batch import (
     answer_locally,
     answer_with_spark,
@@ -142,7 +142,7 @@ def main(args: argparse.Namespace) -> None:
         raise UserError("output is empty: pass a folder for the Parquet output, or a table name")
     if args.engine == "local" and is_table_name(args.output):
         raise UserError(f"output={args.output}: tables need engine=spark; pass a folder for engine=local")
-    values = namespace_values(args, STEPS["batch_infer"])
+    values = STEPS["batch_infer"].values(vars(args))
     with step_run("batch_infer", values, args.model_uri), scratch_dir("batch") as scratch:
         source = local_input(args.input, Path(scratch))
         spark = spark_session(args.partitions) if args.engine == "spark" else None  # no Java: one line, now

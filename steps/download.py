@@ -30,7 +30,7 @@ from slmkit.checkpoint import fetch_checkpoint
 from slmkit.databricks import DOWNLOAD_RUN_ID, publish_task_value
 from slmkit.lineage import CHECKPOINT_ARTIFACT, GGUF_ARTIFACT, scratch_dir, source_key, writing_artifacts
 from slmkit.manifest import MANIFEST_NAME, build_manifest, describe_files, file_sha256, write_manifest
-from slmkit.pipeline import MANIFEST_SHA_TAG, REVISION_TAG, SOURCE_KEY_TAG, STEPS, namespace_values
+from slmkit.pipeline import MANIFEST_SHA_TAG, REVISION_TAG, SOURCE_KEY_TAG, STEPS
 from slmkit.presets import resolve_model, source_params
 from slmkit.step_cli import parse_bool, run_cli
 
@@ -38,7 +38,7 @@ from slmkit.step_cli import parse_bool, run_cli
 def main(args: argparse.Namespace) -> None:
     spec = resolve_model(args.model, args.revision)
     allow_pickle = parse_bool("allow_pickle", args.allow_pickle)
-    values = namespace_values(args, STEPS["download"])
+    values = STEPS["download"].values(vars(args))
     with step_run("download", values, spec.name) as run, scratch_dir("download") as scratch:
         mlflow.set_tag(SOURCE_KEY_TAG, source_key(spec))
         mlflow.log_params({"model_name": spec.name, "license": spec.license, **source_params(spec.source)})

@@ -54,7 +54,7 @@ from slmkit.evaluation import (
 )
 from slmkit.lineage import logged_model_name, scratch_dir
 from slmkit.measure import Measurement, measure_in_subprocess
-from slmkit.pipeline import STEPS, namespace_values
+from slmkit.pipeline import STEPS
 from slmkit.promotion import GatePolicy, check_registered_name, gate_model
 from slmkit.report import comparison_markdown, latency_figure, overview_figure
 from slmkit.scorers import record_scores
@@ -113,7 +113,7 @@ def main(args: argparse.Namespace) -> None:
     with scratch_dir("evaluate") as scratch_name:
         scratch = Path(scratch_name)
         rows = load_eval_set(eval_set_file(args.eval_set, scratch), args.max_rows)
-        values = StepRunner(args.env_manager).fill_inputs("evaluate", namespace_values(args, STEPS["evaluate"]))
+        values = StepRunner(args.env_manager).fill_inputs("evaluate", STEPS["evaluate"].values(vars(args)))
         uris = {name: values[f"{name}_model_uri"] for name in MODELS}
         dataset = eval_dataset(rows, args.eval_set)
         fingerprint = f"{dataset.digest}:rows={len(rows)}:max_tokens={args.max_tokens}"

@@ -49,7 +49,7 @@ from slmkit.lineage import (
 )
 from slmkit.onnx_build import AUTO, build_onnx, check_quantization, fetch_ready_variant
 from slmkit.onnx_wrapper_model import ONNX_ARTIFACT, seal_onnx_folder, wrapper_model_arguments
-from slmkit.pipeline import MODEL_URI_TAG, SOURCE_KEY_TAG, STEPS, namespace_values
+from slmkit.pipeline import MODEL_URI_TAG, SOURCE_KEY_TAG, STEPS
 from slmkit.pipeline_model import generation_config
 from slmkit.presets import ModelSpec, check_execution_provider, default_quantization, load_presets, resolve_model
 from slmkit.quantization_choice import AutoChoice, auto_quantization, good_enough
@@ -105,7 +105,7 @@ def main(args: argparse.Namespace) -> None:
     from_gguf = spec is None or default_quantization(spec.source) == "gguf"
     check_quantization(quantization, args.execution_provider, from_gguf)
     from_hub = use_hub_variant(spec if preset else None, args.onnx_source, args.execution_provider, quantization)
-    values = namespace_values(args, STEPS["log_onnx_wrapper"])
+    values = STEPS["log_onnx_wrapper"].values(vars(args))
     if not from_hub:
         values = StepRunner(args.env_manager).fill_inputs("log_onnx_wrapper", values)
     download = None if from_hub else get_download_run(values["download_run_id"])

@@ -29,7 +29,7 @@ import mlflow
 from slmkit.cache import StepRunner, step_run
 from slmkit.databricks import PIPELINE_MODEL_URI, publish_task_value
 from slmkit.lineage import download_checkpoint, get_download_run, scratch_dir, writing_artifacts
-from slmkit.pipeline import MODEL_URI_TAG, STEPS, namespace_values
+from slmkit.pipeline import MODEL_URI_TAG, STEPS
 from slmkit.pipeline_model import build_pipeline, check_dtype, generation_config, pipeline_model_arguments
 from slmkit.step_cli import run_cli
 
@@ -39,7 +39,7 @@ MODEL_NAME = "model"
 def main(args: argparse.Namespace) -> None:
     check_dtype(args.torch_dtype)
     generation = generation_config(args.temperature, args.max_new_tokens)
-    values = StepRunner(args.env_manager).fill_inputs("log_pipeline", namespace_values(args, STEPS["log_pipeline"]))
+    values = StepRunner(args.env_manager).fill_inputs("log_pipeline", STEPS["log_pipeline"].values(vars(args)))
     download = get_download_run(values["download_run_id"])
     with step_run("log_pipeline", values, download.model_name), scratch_dir("pipeline") as scratch:
         mlflow.set_tags(download.lineage_tags())

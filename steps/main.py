@@ -18,7 +18,7 @@ import argparse
 import mlflow
 
 from slmkit.cache import StepRunner, forced_steps, handed_on, step_run
-from slmkit.pipeline import ORDER, STEPS, namespace_values
+from slmkit.pipeline import ORDER, STEPS
 from slmkit.presets import resolve_model
 from slmkit.step_cli import parse_bool, run_cli
 from slmkit.summary import format_summary
@@ -35,7 +35,7 @@ def main(args: argparse.Namespace) -> None:
     forced = forced_steps(args.force)
     spec = resolve_model(args.model, args.revision)
     parse_bool("allow_pickle", args.allow_pickle)
-    given = namespace_values(args, STEPS["main"])
+    given = STEPS["main"].values(vars(args))
     with step_run("main", given, spec.name) as parent:
         runner = StepRunner(args.env_manager, parent.info.experiment_id, forced, record_step)
         for step in ORDER:
