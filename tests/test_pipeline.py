@@ -3,12 +3,14 @@ MLproject and the Databricks job files must name the same params with the same d
 
 from __future__ import annotations
 
+import importlib
 import re
 
 import pytest
 import yaml
 
 from slmkit import PROJECT_ROOT
+from slmkit.errors import UserError
 from slmkit.pipeline import CACHED_STEPS, ORDER, STEPS, Param
 
 MLPROJECT = yaml.safe_load((PROJECT_ROOT / "MLproject").read_text())["entry_points"]
@@ -103,3 +105,31 @@ def test_parsers_are_built_from_the_declaration():
     assert args.calibration_rows == 3
     assert args.max_quality_drop == 0.05
     assert args.tracing == "true"
+
+
+# Each step refuses a bad parameter with a UserError before any work; through `mlflow run`, that
+# is one `error:` line and a FAILED run (test_pipeline_e2e checks that frame on two of them).
+BAD_PARAMETERS = [
+    ("log_onnx_wrapper", ["--model", "smollm2-135m", "--execution-provider", "tpu"], "execution_provider='tpu'"),
+    ("log_pipeline", ["--download-run-id", "0123", "--max-new-tokens", "0"], "max_new_tokens=0"),
+    (
+        "log_onnx_wrapper",
+        ["--model", "smollm2-135m", "--quantization", "int3"],
+        "quantization='int3' is not available: use one of gguf, int4, int4-kquant, int8, fp32, auto",
+    ),
+    (
+        "log_onnx_wrapper",
+        ["--model", "smollm2-135m", "--quantization", "fp16"],
+        "quantization='fp16' is not available on execution_provider=cpu",
+    ),
+    ("log_onnx_wrapper", ["--model", "./data", "--quantization", "gguf"], "quantization='gguf' needs a GGUF source"),
+]
+
+
+@pytest.mark.parametrize(("step", "argv", "message"), BAD_PARAMETERS)
+def test_steps_refuse_bad_parameters_before_any_work_naming_the_parameter(step: str, argv: list[str], message: str):
+    module = importlib.import_module(f"steps.{step}")
+    args = STEPS[step].build_parser(module.__doc__).parse_args(argv)
+    with pytest.raises(UserError) as refused:
+        module.main(args)
+    assert message in str(refused.value)
