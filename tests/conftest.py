@@ -13,6 +13,7 @@ from pathlib import Path
 
 import mlflow
 import pytest
+from mlflow import MlflowClient
 from mlflow.entities import Run
 
 from slmkit import PROJECT_ROOT
@@ -30,7 +31,7 @@ HF_TOKEN_CANARY = "hf_canaryTOKEN0123456789abcdefSECRET"
 
 # Fixtures that start a process (the int4 builder, `mlflow server`, `mlflow run`): a test using
 # one is marked `integration`, so `make test-fast` (-m "not integration") starts no process.
-PROCESS_FIXTURES = frozenset({"tracking_server", "wrapper_dir", "wrapper", "pipeline_run", "built"})
+PROCESS_FIXTURES = frozenset({"tracking_server", "wrapper_dir", "wrapper", "pipeline_run", "untrained_mains", "built"})
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -175,9 +176,15 @@ def run_main(server: TrackingServer, experiment: str, *params: str) -> PipelineR
     return PipelineRun(parent, children, result.stdout + result.stderr)
 
 
-# Tests that run `main` on the untrained tiny Phi-3 share one experiment, so its builds are reused.
+# Tests that build from the trained tiny Phi-3 log into `pipeline_run`'s experiment, and those
+# that run `main` on the untrained one share another, so the step cache reuses their builds.
+TRAINED_EXPERIMENT = "e2e-tiny"
 UNTRAINED_EXPERIMENT = "e2e-untrained"
 E2E_REGISTERED = ("pipeline_registered_model=e2e-pipeline", "onnx_registered_model=e2e-onnx")
+E2E_NAMES = ("e2e-pipeline", "e2e-onnx")
+# The SmolLM2 end-to-end test and the killed-download test share one experiment: main reuses the
+# download the killed test completed last.
+SMOLLM2_EXPERIMENT = "smollm2"
 
 
 @pytest.fixture(scope="session")
@@ -185,11 +192,72 @@ def pipeline_run(tracking_server: TrackingServer, trained_tiny_phi3: Path) -> Pi
     """`main` on the trained tiny Phi-3, registering into `e2e-pipeline` and `e2e-onnx`."""
     return run_main(
         tracking_server,
-        "e2e-tiny",
+        TRAINED_EXPERIMENT,
         f"model={trained_tiny_phi3}",
         f"max_rows={TRAINED_ROWS}",
         "max_tokens=8",
         *E2E_REGISTERED,
+    )
+
+
+@dataclass(frozen=True)
+class ConcurrentMains:
+    """Two `main`s started at the same moment, and what the store holds once both have ended."""
+
+    returncodes: list[int]
+    outputs: list[str]
+    runs: list[Run]  # the experiment's runs started since, oldest first
+    new_versions: dict[str, int]  # model versions registered meanwhile, per registered name
+
+    @property
+    def parents(self) -> list[Run]:
+        return [r for r in self.runs if r.data.tags.get(STEP_TAG) == "main"]
+
+    def used(self, step: str) -> set[str]:
+        """The run ids of `step` the two mains recorded (one, if neither did the work twice)."""
+        return {parent.data.params[f"{step}_run_id"] for parent in self.parents}
+
+    def output_of(self, run_id: str) -> str:
+        """The output of the main whose `mlflow run` printed `run_id`."""
+        return next(output for output in self.outputs if run_id in output)
+
+
+@pytest.fixture(scope="session")
+def untrained_mains(
+    pipeline_run: PipelineRun,
+    tracking_server: TrackingServer,
+    tiny_phi3: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> ConcurrentMains:
+    """Two `main`s of the untrained tiny Phi-3 started at once into UNTRAINED_EXPERIMENT and
+    registering into `pipeline_run`'s models, whose champion is the trained tiny Phi-3.
+
+    One pair of runs serves two tests: each step done once under the race (test_reruns), and a
+    worse candidate that the gate keeps from `champion` (test_evaluate_gate). Later `main`s of
+    this model in the experiment reuse its builds.
+    """
+    params = project_params(f"model={tiny_phi3}", f"max_rows={TRAINED_ROWS}", "max_tokens=8", *E2E_REGISTERED)
+    command = mlflow_run_command("--experiment-name", UNTRAINED_EXPERIMENT, *params)
+    env = tracking_server.env(SLMKIT_LOCK_DIR=str(tmp_path_factory.mktemp("locks")))
+    client = MlflowClient()
+    versions_before = {name: len(client.search_model_versions(f"name='{name}'")) for name in E2E_NAMES}
+    # Two `mlflow run --experiment-name` racing to create the same experiment is MLflow's own
+    # race (one gets RESOURCE_ALREADY_EXISTS); scheduled runs log to an existing experiment.
+    if mlflow.get_experiment_by_name(UNTRAINED_EXPERIMENT) is None:
+        mlflow.create_experiment(UNTRAINED_EXPERIMENT)
+    runs_before = {run.info.run_id for run in runs_of(UNTRAINED_EXPERIMENT)}
+    both = [
+        subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for _ in range(2)
+    ]
+    outputs = [process.communicate(timeout=600)[0] for process in both]
+    return ConcurrentMains(
+        returncodes=[process.returncode for process in both],
+        outputs=outputs,
+        runs=[run for run in runs_of(UNTRAINED_EXPERIMENT) if run.info.run_id not in runs_before],
+        new_versions={
+            name: len(client.search_model_versions(f"name='{name}'")) - versions_before[name] for name in E2E_NAMES
+        },
     )
 
 

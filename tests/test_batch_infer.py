@@ -142,16 +142,24 @@ def test_without_java_spark_fails_in_one_line_and_says_how_to_install_it(tmp_pat
     assert "apt-get install openjdk-17-jre-headless" in last
 
 
-def test_evaluate_on_spark_scores_as_the_in_process_evaluation(pipeline_run, tracking_server: TrackingServer):
-    """Same models, rows and settings as `main`'s evaluate: the quality metrics are equal."""
+def test_evaluate_on_spark_scores_as_in_process_and_a_failed_gate_fails_the_run(
+    pipeline_run, tracking_server: TrackingServer
+):
+    """A CI job's evaluate: on Spark, with a floor no model reaches and fail_on_gate=true. Same
+    models, rows and settings as `main`'s evaluate, so the quality metrics are equal; the run
+    then fails naming the gate, with its metrics and gate tags logged."""
     uris = {step: pipeline_run.model_uri(step) for step in ("log_pipeline", "log_onnx_wrapper")}
     params = project_params(
         f"pipeline_model_uri={uris['log_pipeline']}", f"onnx_model_uri={uris['log_onnx_wrapper']}",
-        "max_rows=3", "max_tokens=8", "pipeline_registered_model=", "onnx_registered_model=", "engine=spark",
+        "max_rows=3", "max_tokens=8", "pipeline_registered_model=", "onnx_registered_model=e2e-ci-gate",
+        "engine=spark", "min_correct_rate=1.1", "fail_on_gate=true",
     )  # fmt: skip
     result = mlflow_run(tracking_server, "-e", "evaluate", "--experiment-name", "evaluate-spark", *params)
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode != 0
+    assert "error: promotion gate failed for onnx and fail_on_gate=true" in result.stderr
     [run] = [r for r in runs_of("evaluate-spark") if r.data.tags.get(STEP_TAG) == "evaluate"]
+    assert run.info.status == "FAILED"
+    assert run.data.tags["gate.onnx.passed"] == "false"
     on_spark, in_process = run.data.metrics, pipeline_run.children["evaluate"].data.metrics
     for name in ("pipeline", "onnx"):
         assert on_spark[f"{name}/engine_agreement_rate"] == 1.0

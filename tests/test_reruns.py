@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import subprocess
 from pathlib import Path
 
-import mlflow
 import pytest
 from mlflow import MlflowClient
 from mlflow.entities import Run
@@ -13,13 +11,13 @@ from mlflow.entities import Run
 from slmkit.pipeline import CACHE_KEY_TAG, ORDER, STEP_TAG
 from tests.conftest import (
     E2E_REGISTERED,
+    TRAINED_EXPERIMENT,
     TRAINED_ROWS,
     UNTRAINED_EXPERIMENT,
+    ConcurrentMains,
     PipelineRun,
     TrackingServer,
     mlflow_run,
-    mlflow_run_command,
-    project_params,
     run_main,
     runs_of,
 )
@@ -38,7 +36,7 @@ def test_second_main_reuses_all_four_steps(
     versions_before = len(MlflowClient().search_model_versions("name='e2e-onnx'"))
     again = run_main(
         tracking_server,
-        "e2e-tiny",
+        TRAINED_EXPERIMENT,
         f"model={trained_tiny_phi3}",
         f"max_rows={TRAINED_ROWS}",
         "max_tokens=8",
@@ -93,33 +91,19 @@ def test_failed_step_is_rerun_alone_after_the_fix_and_stays_failed(tracking_serv
     assert forced.parent.data.params["evaluate_run_id"] != fixed.parent.data.params["evaluate_run_id"]
 
 
-def test_two_mains_at_once_do_each_step_once_and_register_once(
-    tracking_server: TrackingServer, tiny_phi3: Path, tmp_path: Path
-):
-    params = [
-        f"model={tiny_phi3}",
-        "max_rows=2",
-        "max_tokens=4",
-        "pipeline_registered_model=",
-        "onnx_registered_model=concurrent-onnx",
-    ]
-    command = mlflow_run_command("--experiment-name", "concurrent", *project_params(*params))
-    env = tracking_server.env(SLMKIT_LOCK_DIR=str(tmp_path / "locks"))
-    # Two `mlflow run --experiment-name` racing to create the same experiment is MLflow's own
-    # race (one gets RESOURCE_ALREADY_EXISTS); scheduled runs log to an existing experiment.
-    mlflow.create_experiment("concurrent")
-    both = [
-        subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        for _ in range(2)
-    ]
-    outputs = [process.communicate(timeout=600)[0] for process in both]
-    assert [process.returncode for process in both] == [0, 0], outputs[0][-2000:] + outputs[1][-2000:]
-    runs = runs_of("concurrent")
-    parents = [r for r in runs if r.data.tags.get(STEP_TAG) == "main"]
+def test_two_mains_at_once_do_each_step_once_and_register_once(untrained_mains: ConcurrentMains):
+    assert untrained_mains.returncodes == [0, 0], "\n".join(o[-2000:] for o in untrained_mains.outputs)
+    parents = untrained_mains.parents
     assert len(parents) == 2
     for step in ORDER:
-        keyed = [r for r in runs if r.data.tags.get(STEP_TAG) == step and CACHE_KEY_TAG in r.data.tags]
-        assert len(keyed) == 1, step
-        assert {p.data.params[f"{step}_run_id"] for p in parents} == {keyed[0].info.run_id}
+        # Both mains name one run per step, and no cache key was built twice meanwhile.
+        assert len(untrained_mains.used(step)) == 1, step
+        keys = [
+            r.data.tags[CACHE_KEY_TAG]
+            for r in untrained_mains.runs
+            if r.data.tags.get(STEP_TAG) == step and CACHE_KEY_TAG in r.data.tags
+        ]
+        assert len(keys) <= 1, step
+    # Nothing evaluated these rows before: one main evaluated, the other waited and took its run.
     assert sorted(cache_notes(p)["evaluate"] for p in parents) == ["ran", "reused"]
-    assert len(MlflowClient().search_model_versions("name='concurrent-onnx'")) == 1
+    assert untrained_mains.new_versions == {"e2e-pipeline": 1, "e2e-onnx": 1}

@@ -12,7 +12,7 @@ import pytest
 from slmkit import PROJECT_ROOT
 from slmkit.cache import StepRunner
 from slmkit.pipeline import CACHE_KEY_TAG, STEP_TAG
-from tests.conftest import PipelineRun, TrackingServer, mlflow_run, project_params, runs_of
+from tests.conftest import TRAINED_EXPERIMENT, PipelineRun, TrackingServer, mlflow_run, project_params, runs_of
 from tests.test_step_isolation import IGNORED
 
 pytestmark = pytest.mark.integration
@@ -28,9 +28,9 @@ def test_evaluate_alone_reuses_mains_models_and_rebuilds_only_what_changed_code_
     pipeline_run: PipelineRun, tracking_server: TrackingServer, trained_tiny_phi3: Path, tmp_path: Path
 ):
     built_by_main = {step: pipeline_run.model_uri(step) for step in ("log_pipeline", "log_onnx_wrapper")}
-    runs_before = len(runs_of("e2e-tiny"))
+    runs_before = len(runs_of(TRAINED_EXPERIMENT))
     assert upstream_as_evaluate_alone_finds_it(pipeline_run, trained_tiny_phi3) == built_by_main
-    assert len(runs_of("e2e-tiny")) == runs_before  # nothing changed: nothing ran
+    assert len(runs_of(TRAINED_EXPERIMENT)) == runs_before  # nothing changed: nothing ran
 
     # The same project with one changed line in a file of log_onnx_wrapper's key.
     copy = Path(shutil.copytree(PROJECT_ROOT, tmp_path / "changed", ignore=IGNORED))
@@ -39,11 +39,11 @@ def test_evaluate_alone_reuses_mains_models_and_rebuilds_only_what_changed_code_
     params = (f"model={trained_tiny_phi3}", "max_rows=1", "max_tokens=4")
     registered = ("pipeline_registered_model=", "onnx_registered_model=")
     result = mlflow_run(
-        tracking_server, "-e", "evaluate", "--experiment-name", "e2e-tiny", *project_params(*params, *registered),
+        tracking_server, "-e", "evaluate", "--experiment-name", TRAINED_EXPERIMENT, *project_params(*params, *registered),
         project=copy,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
-    runs = runs_of("e2e-tiny")
+    runs = runs_of(TRAINED_EXPERIMENT)
     evaluation = [r for r in runs if r.data.tags.get(STEP_TAG) == "evaluate"][-1]
     assert evaluation.data.params["pipeline_model_uri_used"] == built_by_main["log_pipeline"]
     assert evaluation.data.params["onnx_model_uri_used"] != built_by_main["log_onnx_wrapper"]

@@ -20,7 +20,7 @@ import requests
 from slmkit.gguf_carry import node_parts, node_weights
 from slmkit.onnx_wrapper_model import ONNX_ARTIFACT
 from slmkit.pipeline import MODEL_URI_TAG, STEP_TAG
-from tests.conftest import TrackingServer, mlflow_run, runs_of
+from tests.conftest import SMOLLM2_EXPERIMENT, TrackingServer, mlflow_run, runs_of
 from tests.test_gguf_carry import checkpoint_names, gguf_reference, gguf_weights
 from tests.test_serving import ROUTES, serve
 
@@ -32,11 +32,11 @@ GGUF_MEMBER = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 def test_smollm2_preset_runs_end_to_end_and_answers(tracking_server: TrackingServer, tmp_path: Path):
     result = mlflow_run(
-        tracking_server, "--experiment-name", "smollm2", "-P", "model=smollm2-135m", "-P", "max_rows=4", "-P", "max_tokens=24",
+        tracking_server, "--experiment-name", SMOLLM2_EXPERIMENT, "-P", "model=smollm2-135m", "-P", "max_rows=4", "-P", "max_tokens=24",
         timeout_s=1200,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
-    runs = {r.data.tags.get(STEP_TAG): r for r in runs_of("smollm2")}
+    runs = {r.data.tags.get(STEP_TAG): r for r in runs_of(SMOLLM2_EXPERIMENT)}  # the newest run per step
     assert all(
         runs[step].info.status == "FINISHED"
         for step in ("main", "download", "log_pipeline", "log_onnx_wrapper", "evaluate")
