@@ -12,7 +12,8 @@ A FINISHED step run is reused only when its cache key matches. The key covers:
 `StepRunner` applies the rule: `main` runs each step through it, and a step run alone with an
 empty upstream param (`download_run_id`, `*_model_uri`) asks it for that upstream: the newest
 FINISHED run with the upstream's key, computed as `main` would, or a new run of it. Every step
-tags its own run with its key (`step_run`), whoever started it, so any run can be reused.
+tags its own run with its key (`step_run`; `download` once it has resolved its revision,
+`tag_download_key`), whoever started it, so any run can be reused.
 
 `step_lock` serialises work on one key among processes on one machine, so two `main` runs
 started together do the step once; the second waits and then reuses it.
@@ -91,11 +92,16 @@ def cache_key(step: str, values: dict[str, str], inputs: dict[str, str], root: P
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
+def download_key_inputs(revision: str) -> dict[str, str]:
+    """What decides a download beyond its params and code: the source's resolved revision."""
+    return {"source_revision": revision}
+
+
 def key_inputs(step: str, values: dict[str, str]) -> dict[str, str]:
     """What decides a step's result beyond its params and code (see the module docstring)."""
     if step == "download":
         spec = resolve_model(values["model"], values["revision"])
-        return {"source_revision": source_revision(spec.source, values["allow_pickle"] == "true")}
+        return download_key_inputs(source_revision(spec.source, values["allow_pickle"] == "true"))
     if step == "evaluate":
         return {"eval_set": eval_set_digest(values["eval_set"])}
     return {}
@@ -196,6 +202,14 @@ class StepRunner:
         return run_id
 
 
+def tag_download_key(values: dict[str, str], revision: str) -> None:
+    """Tag the active download run with its cache key, from the revision its fetch resolved.
+
+    Resolving it again when the run starts would cost a second hub call, or a second hash of
+    every file of a local folder (7.6 GB for Phi-3-mini) beside the manifest's own."""
+    mlflow.set_tag(CACHE_KEY_TAG, cache_key("download", values, download_key_inputs(revision)))
+
+
 @contextlib.contextmanager
 def step_run(step: str, values: dict[str, str], subject: str) -> Iterator[mlflow.ActiveRun]:
     """The run of a step, opened by the step itself whoever started it (`mlflow run`, `main`,
@@ -206,7 +220,7 @@ def step_run(step: str, values: dict[str, str], subject: str) -> Iterator[mlflow
     declared = STEPS[step]
     with mlflow.start_run(run_name=run_name(step, subject)) as run:
         tags = {STEP_TAG: step}
-        if declared.cached:
+        if declared.cached and step != "download":  # download tags its key once fetched: tag_download_key
             tags[CACHE_KEY_TAG] = step_key(step, values)
         mlflow.set_tags(tags)
         logged = mlflow.get_run(run.info.run_id).data.params

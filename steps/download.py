@@ -25,7 +25,7 @@ from pathlib import Path
 
 import mlflow
 
-from slmkit.cache import step_run
+from slmkit.cache import step_run, tag_download_key
 from slmkit.checkpoint import fetch_checkpoint
 from slmkit.databricks import DOWNLOAD_RUN_ID, publish_task_value
 from slmkit.lineage import CHECKPOINT_ARTIFACT, GGUF_ARTIFACT, scratch_dir, source_key, writing_artifacts
@@ -46,6 +46,7 @@ def main(args: argparse.Namespace) -> None:
         checkpoint.mkdir()
         started = time.perf_counter()
         revision = fetch_checkpoint(spec.source, checkpoint, allow_pickle, gguf)
+        tag_download_key(values, revision)
         manifest = build_manifest(checkpoint, source_params(spec.source), revision)
         if gguf.is_dir():
             manifest[GGUF_ARTIFACT] = describe_files(gguf)
