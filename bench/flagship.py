@@ -14,7 +14,7 @@ run decodes as many tokens as it asks for, whatever the runtime (on top of the s
 
 The checkpoint is built once into the bench's cache folder (about 7.6 GB) and reused:
 
-    python -m bench.flagship [--dest DIR] [--seed 0]
+    python -m bench.flagship [--dest DIR] [--seed 0] [--layers 32]
 """
 
 from __future__ import annotations
@@ -182,11 +182,13 @@ def save_random_weights(config, dest: Path, seed: int, silent_rows: list[int]) -
     return total // 2
 
 
-def build_phi3_mini(dest: Path, seed: int = 0) -> Path:
+def build_phi3_mini(dest: Path, seed: int = 0, layers: int = PHI3_MINI_CONFIG["num_hidden_layers"]) -> Path:
     """The flagship-shaped checkpoint in `dest`, built unless a complete one is there already.
 
-    Built in a sibling folder and renamed when complete, so an interrupted build never passes for
-    a checkpoint."""
+    `layers` below 32 cuts the model to its first layers, every other size kept: the largest part
+    that fits where a tool cannot hold the whole model (onnxruntime-genai's int4 builder needs
+    more than 24 GiB at 32). Built in a sibling folder and renamed when complete, so an
+    interrupted build never passes for a checkpoint."""
     from transformers import GenerationConfig, Phi3Config
 
     if (dest / COMPLETE).is_file():
@@ -196,12 +198,14 @@ def build_phi3_mini(dest: Path, seed: int = 0) -> Path:
     partial.mkdir(parents=True)
     started = time.perf_counter()
     end_ids = save_tokenizer(partial, seed)
-    config = Phi3Config(**{k: v for k, v in PHI3_MINI_CONFIG.items() if k != "architectures"})
+    values = {**PHI3_MINI_CONFIG, "num_hidden_layers": layers}
+    config = Phi3Config(**{k: v for k, v in values.items() if k != "architectures"})
     config.architectures = PHI3_MINI_CONFIG["architectures"]
     config.save_pretrained(partial)
     GenerationConfig(bos_token_id=1, eos_token_id=end_ids, pad_token_id=32000).save_pretrained(partial)
     parameters = save_random_weights(config, partial, seed, end_ids)
-    facts = {"seed": seed, "parameters": parameters, "build_seconds": round(time.perf_counter() - started, 1)}
+    facts = {"seed": seed, "layers": layers, "parameters": parameters}
+    facts["build_seconds"] = round(time.perf_counter() - started, 1)
     (partial / COMPLETE).write_text(json.dumps(facts))
     shutil.rmtree(dest, ignore_errors=True)
     partial.rename(dest)
@@ -210,10 +214,13 @@ def build_phi3_mini(dest: Path, seed: int = 0) -> Path:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dest", type=Path, default=bench_cache() / "phi3-mini-random")
+    parser.add_argument("--dest", type=Path, help="default: the bench cache's phi3-mini-random[-<layers>l]")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--layers", type=int, default=PHI3_MINI_CONFIG["num_hidden_layers"])
     args = parser.parse_args()
-    folder = build_phi3_mini(args.dest, args.seed)
+    full = args.layers == PHI3_MINI_CONFIG["num_hidden_layers"]
+    dest = args.dest or bench_cache() / ("phi3-mini-random" if full else f"phi3-mini-random-{args.layers}l")
+    folder = build_phi3_mini(dest, args.seed, args.layers)
     print(folder, (folder / COMPLETE).read_text())
 
 
