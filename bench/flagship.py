@@ -6,7 +6,7 @@ the real `Phi3Config` (3.8B parameters, 4k context), bf16 weights, and a tokeniz
 shape: a SentencePiece BPE model of 32,000 pieces with byte fallback (llama.cpp's Phi-3 converter
 reads `tokenizer.model`), Phi-3's eleven added tokens at 32000-32010 and its chat template. The
 config's vocabulary is 32,064 rows, as Phi-3's; the rows past the added tokens get tokens of their
-own, so every id a random model emits decodes in transformers, onnxruntime-genai and llama.cpp.
+own (`<|unused32011|>`…), so every id a random model emits is a token of the tokenizer.
 
 The end-of-turn rows of the output layer are zero, so greedy decoding never ends a turn: every
 run decodes as many tokens as it asks for, whatever the runtime (on top of the search options'
