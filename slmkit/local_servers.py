@@ -52,7 +52,7 @@ def wait_for_http(url: str, process: subprocess.Popen, timeout_s: float) -> None
         try:
             if requests.get(url, timeout=1).status_code == 200:
                 return
-        except requests.ConnectionError:
+        except (requests.ConnectionError, requests.Timeout):  # not listening yet, or still starting
             pass
         time.sleep(0.5)
     raise TimeoutError(f"{url} did not answer within {timeout_s} s")
