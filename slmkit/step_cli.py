@@ -29,8 +29,9 @@ def run_cli(main: Callable[[argparse.Namespace], None], parser: argparse.Argumen
     try:
         main(args)
     except Exception as error:  # anything but a UserError or a lost server is re-raised below
-        # A step that failed because its tracking server went away says so, not with a traceback.
-        user_error = _user_error_in(error) or lost_tracking_server()
+        # A step that failed because its tracking server went away says so, not with a traceback,
+        # also where the failed call was wrapped in a UserError (a child step that could not start).
+        user_error = lost_tracking_server() or _user_error_in(error)
         if user_error is None:
             raise
         print(f"error: {user_error}", file=sys.stderr)  # noqa: T201 - the CLI's one-line error
