@@ -8,7 +8,7 @@ import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import mlflow
@@ -47,10 +47,25 @@ def use_experiment(experiment_id: str) -> None:
     os.environ.pop("MLFLOW_EXPERIMENT_ID", None)
 
 
-@dataclass(frozen=True)
+@dataclass
 class TrackingServer:
+    """A real `mlflow server` on 127.0.0.1, which a fault test may stop and start again on the
+    same port and store."""
+
     uri: str
     root: Path
+    process: subprocess.Popen | None = field(default=None, repr=False)
+
+    def start(self) -> None:
+        self.process = start_tracking_server(self.root, int(self.uri.rsplit(":", 1)[1]))
+
+    def stop(self) -> None:
+        # Traces this process still has queued for the server go first: queued past its stop,
+        # they would be retried for minutes.
+        mlflow.flush_trace_async_logging()
+        if self.process is not None:
+            stop_process(self.process)
+            self.process = None
 
     def env(self, **extra: str) -> dict[str, str]:
         """The environment a user's shell would have: venv first on PATH, this server's URI."""
@@ -83,18 +98,14 @@ def start_tracking_server(root: Path, port: int) -> subprocess.Popen:
 @pytest.fixture(scope="session")
 def tracking_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TrackingServer]:
     """`mlflow server` on 127.0.0.1: SQLite backend, artifacts served through the server."""
-    root = tmp_path_factory.mktemp("tracking")
-    port = free_port()
-    process = start_tracking_server(root, port)
+    server = TrackingServer(uri=f"http://127.0.0.1:{free_port()}", root=tmp_path_factory.mktemp("tracking"))
+    server.start()
     try:
-        mlflow.set_tracking_uri(f"http://127.0.0.1:{port}")
+        mlflow.set_tracking_uri(server.uri)
         use_experiment("0")  # the server's Default experiment
-        yield TrackingServer(uri=f"http://127.0.0.1:{port}", root=root)
+        yield server
     finally:
-        # Traces still queued for this server go now: queued past its stop, they would be retried
-        # at exit for minutes.
-        mlflow.flush_trace_async_logging()
-        stop_process(process)
+        server.stop()
 
 
 @pytest.fixture(scope="session", autouse=True)

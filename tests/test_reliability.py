@@ -18,20 +18,20 @@ from mlflow.entities import Run
 
 from slmkit.errors import UserError
 from slmkit.lineage import get_download_run
-from slmkit.local_servers import free_port, stop_process
 from slmkit.manifest import verify_folder
 from slmkit.pipeline import MODEL_URI_TAG, STEP_TAG
 from slmkit.tracking_server import BOUNDED_RETRIES
 from tests.conftest import (
     HF_TOKEN_CANARY,
     SMOLLM2_EXPERIMENT,
+    UNTRAINED_EXPERIMENT,
+    ConcurrentMains,
     PipelineRun,
     TrackingServer,
     mlflow_run,
     mlflow_run_command,
     project_params,
     runs_of,
-    start_tracking_server,
 )
 
 ONNX_FOLDER = Path("artifacts") / "onnx_model"
@@ -167,52 +167,54 @@ def test_download_stopped_mid_fetch_or_killed_mid_upload_then_the_rerun_complete
 
 @pytest.mark.integration
 def test_a_tracking_server_stopped_between_steps_fails_main_fast_and_main_resumes_after_a_restart(
-    tiny_phi3: Path, tmp_path: Path
+    tracking_server: TrackingServer, untrained_mains: ConcurrentMains, tiny_phi3: Path
 ):
-    root, port = tmp_path / "server", free_port()
-    root.mkdir()
-    server = TrackingServer(uri=f"http://127.0.0.1:{port}", root=root)
-    client = MlflowClient(server.uri)
-    args = ["--experiment-name", "lost", *project_params(f"model={tiny_phi3}", "max_rows=1", "max_tokens=4")]
+    # In the untrained mains' experiment: their download and models are reused, and evaluate,
+    # on rows of its own, is the step left to run when the session's server is stopped.
+    params = ("max_rows=1", "max_tokens=4", "pipeline_registered_model=", "onnx_registered_model=")
+    args = ["--experiment-name", UNTRAINED_EXPERIMENT, *project_params(f"model={tiny_phi3}", *params)]
+    runs_before = {run.info.run_id for run in runs_of(UNTRAINED_EXPERIMENT)}
 
-    def finished(step: str) -> list[Run]:
-        experiment = client.get_experiment_by_name("lost")
-        if experiment is None:
-            return []
-        query = f"tags.`{STEP_TAG}` = '{step}' and attributes.status = 'FINISHED'"
-        return client.search_runs([experiment.experiment_id], query)
+    def new_main() -> Run | None:
+        started = [r for r in runs_of(UNTRAINED_EXPERIMENT) if r.info.run_id not in runs_before]
+        return next((r for r in started if r.data.tags.get(STEP_TAG) == "main"), None)
 
-    process = start_tracking_server(root, port)
+    def between_steps() -> bool:
+        parent = new_main()
+        return parent is not None and "log_onnx_wrapper_run_id" in parent.data.params
+
+    main = subprocess.Popen(
+        mlflow_run_command(*args),
+        env=tracking_server.env(**BOUNDED_RETRIES),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
-        main = subprocess.Popen(
-            mlflow_run_command(*args),
-            env=server.env(**BOUNDED_RETRIES),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        wait_until(lambda: bool(finished("download")), main)
-        stop_process(process)
+        wait_until(between_steps, main)
+        stopped_main = new_main()
+        tracking_server.stop()
         stopped = time.monotonic()
         output = main.communicate(timeout=300)[0]
         assert main.returncode != 0
         assert time.monotonic() - stopped < 90, output[-3000:]
-        assert f"error: the tracking server at {server.uri} does not answer" in output, output[-3000:]
-
-        process = start_tracking_server(root, port)  # same store, same artifact root
-        downloaded = finished("download")
-        assert len(downloaded) == 1
-        client.download_artifacts(downloaded[0].info.run_id, "manifest.json", str(tmp_path))
-        manifest = json.loads((tmp_path / "manifest.json").read_text())
-        assert manifest["files"]  # what was logged before the stop is still there
-
-        rerun = mlflow_run(server, *args, **BOUNDED_RETRIES)
-        assert rerun.returncode == 0, rerun.stderr[-3000:]
-        parent = finished("main")[0]
-        assert parent.data.tags["cache.download"].startswith(f"reused run {downloaded[0].info.run_id}")
-        assert all(parent.data.tags[f"cache.{step}"].startswith("ran run") for step in ("log_pipeline", "evaluate"))
+        assert f"error: the tracking server at {tracking_server.uri} does not answer" in output, output[-3000:]
     finally:
-        stop_process(process)
+        main.kill()
+        tracking_server.start()  # same port, same store, same artifact root
+    # What was logged before the stop is still there: the steps main had recorded, and their models.
+    recorded = MlflowClient().get_run(stopped_main.info.run_id).data.params
+    assert {f"{step}_run_id" for step in ("download", "log_pipeline", "log_onnx_wrapper")} <= set(recorded)
+    mlflow.pyfunc.load_model(f"runs:/{recorded['log_onnx_wrapper_run_id']}/model", model_config={"tracing": "false"})
+
+    rerun = mlflow_run(tracking_server, *args, **BOUNDED_RETRIES)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    parent = [r for r in runs_of(UNTRAINED_EXPERIMENT) if r.data.tags.get(STEP_TAG) == "main"][-1]
+    assert parent.info.run_id != stopped_main.info.run_id
+    assert parent.info.status == "FINISHED"
+    for step in ("download", "log_pipeline", "log_onnx_wrapper"):
+        assert parent.data.tags[f"cache.{step}"].startswith(f"reused run {recorded[f'{step}_run_id']}")
+    assert parent.data.tags["cache.evaluate"].startswith("ran run")
 
 
 @pytest.mark.integration
