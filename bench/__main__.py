@@ -6,7 +6,12 @@ predict, a plain file copy, the machine's memory bandwidth. Prints a table with 
 marked met or not met and writes bench/results/<date>-<host>.json; a missed target gets a
 pyinstrument profile beside the JSON, named in it. Nothing here asserts a time.
 
+`--scale phi3-mini` measures the same figures at the flagship's size instead, on a checkpoint of
+Phi-3-mini's shape with random weights, against llama.cpp (bench/scale.py), into
+bench/results/<date>-<host>-phi3-mini.json.
+
     python -m bench [--model smollm2-135m] [--reps 5] [--max-tokens 64]
+    python -m bench --scale phi3-mini [--layers 32,24] [--reps 2] [--max-tokens 32]
 """
 
 from __future__ import annotations
@@ -21,29 +26,34 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import requests
 
 from bench.batch import batch_figures
 from bench.batching import engine_batch, prompt_and_step_ms, static_batch
 from bench.figures import (
     PROMPTS,
+    RESULTS,
     Figure,
     aggregate_rate,
+    bare_generate,
+    cold_start_figures,
     decode_rates,
     median_time,
+    memory_bandwidth,
     profile_to,
     relative,
     served_generate,
     timed,
+    wrapper_generate,
+    wrapper_over_bare,
 )
 from bench.front import front_figures
 from bench.quality import peer_figures, quantization_figures
+from bench.scale import phi3_mini_figures
 from slmkit import PROJECT_ROOT
 from slmkit.evaluation import load_eval_set
 from slmkit.local_servers import BIN, SLMKIT_SERVE, served
@@ -55,8 +65,6 @@ from slmkit.onnx_wrapper_model import ONNX_ARTIFACT, wrapper_model_arguments
 from slmkit.pipeline import STEP_TAG
 from slmkit.pipeline_model import build_pipeline, generation_config, pipeline_model_arguments
 
-RESULTS = PROJECT_ROOT / "bench" / "results"
-
 
 def mlflow_run(env: dict[str, str], model: str, *params: str) -> float:
     """Seconds for one `mlflow run .` of the whole pipeline."""
@@ -64,64 +72,6 @@ def mlflow_run(env: dict[str, str], model: str, *params: str) -> float:
     command += ["-P", f"model={model}", "-P", "max_rows=4", "-P", "max_tokens=16", *params]
     _, seconds = timed(lambda: subprocess.run(command, env=env, check=True, capture_output=True))
     return seconds
-
-
-def wrapper_generate(model):
-    return lambda messages, k: model.predict({"messages": messages, "max_tokens": k})[0]["usage"]["completion_tokens"]
-
-
-def bare_generate(model, tokenizer):
-    return lambda messages, k: len(bare_greedy(model, tokenizer, messages, k)[0])
-
-
-def cold_start(script: str, folder: Path, env: dict[str, str], reps: int) -> float:
-    """Median seconds from load to first token, each in a fresh process (imports not counted)."""
-    times = []
-    for _ in range(reps):
-        out = subprocess.run(
-            [sys.executable, "-c", script, str(folder)], env=env, check=True, capture_output=True, text=True
-        )
-        times.append(float(out.stdout.strip().splitlines()[-1]))
-    return statistics.median(times)
-
-
-BARE_COLD = """
-import sys, time, json
-import onnxruntime_genai as og
-start = time.perf_counter()
-model = og.Model(sys.argv[1]); tok = og.Tokenizer(model)
-ids = tok.encode(tok.apply_chat_template(json.dumps([{"role": "user", "content": "Hi"}]), add_generation_prompt=True))
-params = og.GeneratorParams(model); params.set_search_options(max_length=len(ids) + 1, do_sample=False)
-gen = og.Generator(model, params); gen.append_tokens(ids); gen.generate_next_token()
-print(time.perf_counter() - start)
-"""
-WRAPPER_COLD = """
-import sys, time
-import mlflow
-start = time.perf_counter()
-model = mlflow.pyfunc.load_model(sys.argv[1])
-model.predict({"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1})
-print(time.perf_counter() - start)
-"""
-
-
-def memory_bandwidth(reps: int) -> float:
-    """Bytes/s of large numpy reductions, one per core at once: the memory read bandwidth.
-
-    numpy releases the GIL in reductions, so the threads read in parallel as the model's
-    matmuls do; one thread alone stays below the bandwidth on most machines.
-    """
-    cores = os.cpu_count() or 1
-    chunks = [np.ones(64 * 2**20 // cores, dtype=np.float64) for _ in range(cores)]  # 512 MiB in all
-
-    def read_all() -> None:
-        threads = [threading.Thread(target=chunk.sum) for chunk in chunks]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-
-    return sum(chunk.nbytes for chunk in chunks) / median_time(read_all, reps)
 
 
 def batching_alternatives(folder: Path, max_tokens: int, reps: int) -> dict[str, float | bool]:
@@ -243,52 +193,13 @@ def bench_of_main_run(work: Path, env: dict[str, str], stamp: str, args: argpars
 
 
 def wrapper_overhead(bench: Bench) -> list[Figure]:
-    """1. The logged wrapper in process over a bare loop on the same folder, with tracing off, so
-    it is the wrapper's own cost; 1b is what per-request tracing adds to it."""
-    import mlflow
-
-    traced = mlflow.pyfunc.load_model(str(bench.onnx_model_dir))
-    untraced = mlflow.pyfunc.load_model(str(bench.onnx_model_dir), model_config={"tracing": "false"})
-    bare_model, bare_tokenizer = load(bench.onnx_dir)
-    generators = {
-        "bare": bare_generate(bare_model, bare_tokenizer),
-        "untraced": wrapper_generate(untraced),
-        "traced": wrapper_generate(traced),
-    }
-    rates = decode_rates(generators, bench.max_tokens, bench.reps)
-    overhead = Figure(
-        "wrapper decode tok/s / bare loop (tracing off)",
-        rates["untraced"] / rates["bare"],
-        {"wrapper_tok_s": rates["untraced"], "bare_tok_s": rates["bare"]},
-    )
-    if not overhead.met:
-        overhead.profile = profile_to(
-            RESULTS / f"{bench.stamp}-wrapper.txt",
-            lambda: [wrapper_generate(untraced)(m, bench.max_tokens) for m in PROMPTS],
-        )
-    tracing = Figure(
-        "wrapper decode tok/s: tracing on / off",
-        rates["traced"] / rates["untraced"],
-        {"traced_tok_s": rates["traced"], "untraced_tok_s": rates["untraced"]},
-    )
-    return [overhead, tracing]
+    """1. The logged wrapper in process over a bare loop on the same folder (bench/figures.py)."""
+    return wrapper_over_bare(bench.onnx_model_dir, bench.max_tokens, bench.reps, PROMPTS, RESULTS / bench.stamp)
 
 
 def cold_start_figure(bench: Bench) -> list[Figure]:
-    """6. Load to first token, wrapper over bare, each in fresh processes."""
-    bare_cold = cold_start(BARE_COLD, bench.onnx_dir, bench.env, bench.reps)
-    wrapper_cold = cold_start(WRAPPER_COLD, bench.onnx_model_dir, bench.env, bench.reps)
-    figure = Figure(
-        "cold start: wrapper / bare", wrapper_cold / bare_cold, {"wrapper_s": wrapper_cold, "bare_s": bare_cold}
-    )
-    if not figure.met:
-        # In a fresh process, as measured: the lazy imports load_model triggers are part of it.
-        script, report = bench.work / "cold_start.py", RESULTS / f"{bench.stamp}-cold-start.txt"
-        script.write_text(WRAPPER_COLD)
-        profiler = [sys.executable, "-m", "pyinstrument", "-r", "text", "-o", str(report), str(script)]
-        subprocess.run([*profiler, str(bench.onnx_model_dir)], env=bench.env, check=True, capture_output=True)
-        figure.profile = relative(report)
-    return [figure]
+    """6. Load to first token, wrapper over bare, each in fresh processes (bench/figures.py)."""
+    return cold_start_figures(bench.onnx_model_dir, bench.env, bench.work, bench.reps, RESULTS / bench.stamp)
 
 
 def serving(bench: Bench) -> list[Figure]:
@@ -473,10 +384,25 @@ FIGURES: tuple[Callable[[Bench], list[Figure]], ...] = (
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--reps", type=int, default=5)
-    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument(
+        "--scale",
+        choices=("small", "phi3-mini"),
+        default="small",
+        help="small: the pipeline on --model; phi3-mini: a Phi-3-mini-shaped random checkpoint (bench/scale.py)",
+    )
+    parser.add_argument("--model", default="smollm2-135m", help="--scale small only")
+    parser.add_argument(
+        "--layers",
+        type=lambda text: [int(n) for n in text.split(",")],
+        default=[32, 24],
+        help="--scale phi3-mini only: layer counts to try, largest first, until one's int4 build fits in memory",
+    )
+    parser.add_argument("--reps", type=int, help="default: 5 (small), 2 (phi3-mini)")
+    parser.add_argument("--max-tokens", type=int, help="default: 64 (small), 32 (phi3-mini)")
     args = parser.parse_args()
+    small = args.scale == "small"
+    args.reps = args.reps or (5 if small else 2)
+    args.max_tokens = args.max_tokens or (64 if small else 32)
     with tempfile.TemporaryDirectory(prefix="slmkit-bench-") as scratch:  # removed on every exit
         run(args, Path(scratch))
 
@@ -489,34 +415,50 @@ def run(args: argparse.Namespace, work: Path) -> None:
         "MLFLOW_TRACKING_URI": f"sqlite:///{work / 'mlflow.db'}",
         "SLMKIT_LOCK_DIR": str(work / "locks"),
         "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"),
+        "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
     }
-    os.environ.update({key: env[key] for key in ("MLFLOW_TRACKING_URI", "SLMKIT_LOCK_DIR", "HF_HUB_OFFLINE")})
+    os.environ.update({key: env[key] for key in env if key != "PATH"})
     os.chdir(work)  # `./mlruns` of the scratch store lands here
-    figures = [cached_rerun(env, args.model, args.reps, stamp)]
-    bench = bench_of_main_run(work, env, stamp, args)
-    for measure in FIGURES:
-        figures += measure(bench)
-    write_results(figures, args, stamp)
+    if args.scale == "phi3-mini":
+        figures = list_as_measured(phi3_mini_figures(args, work, env, stamp), args, f"{stamp}-phi3-mini")
+    else:
+        figures = [cached_rerun(env, args.model, args.reps, stamp)]
+        bench = bench_of_main_run(work, env, stamp, args)
+        for measure in FIGURES:
+            figures += measure(bench)
+            write_results(figures, args, stamp)
+    print("| figure | value | target | verdict |\n|---|---:|---|---|")
+    for figure in figures:
+        print(figure.row())
 
 
-def write_results(figures: list[Figure], args: argparse.Namespace, stamp: str) -> None:
+def list_as_measured(measured: Iterator[Figure], args: argparse.Namespace, name: str) -> list[Figure]:
+    """Every figure `measured` yields, the results file rewritten after each."""
+    figures = []
+    for figure in measured:
+        figures.append(figure)
+        print(figure.row(), flush=True)
+        write_results(figures, args, name)
+    return figures
+
+
+def write_results(figures: list[Figure], args: argparse.Namespace, name: str) -> None:
+    """bench/results/<name>.json, with what was measured on which machine and how."""
     RESULTS.mkdir(parents=True, exist_ok=True)
     result = {
         "date": datetime.datetime.now(datetime.UTC).isoformat(),
         "host": platform.node(),
         "machine": f"{os.cpu_count()} CPU cores, {platform.machine()}, {platform.processor() or 'unknown CPU'}",
-        "model": args.model,
+        "scale": args.scale,
+        "model": args.model if args.scale == "small" else "phi3-mini-random",
         "reps": args.reps,
         "max_tokens": args.max_tokens,
-        "command": "make bench",
+        "command": "make bench" if args.scale == "small" else "python -m bench --scale phi3-mini",
         "figures": [figure.as_dict() for figure in figures],
     }
-    out = RESULTS / f"{stamp}.json"
+    out = RESULTS / f"{name}.json"
     out.write_text(json.dumps(result, indent=2))
-    print("| figure | value | target | verdict |\n|---|---:|---|---|")
-    for figure in figures:
-        print(figure.row())
-    print(f"\nwritten {out}")
+    print(f"written {out}", flush=True)
 
 
 if __name__ == "__main__":

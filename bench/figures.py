@@ -1,8 +1,14 @@
-"""Small measuring tools shared by the benchmark figures: timers, rates, profiles, a server."""
+"""Measuring tools shared by the benchmark figures: timers, rates, cold starts, peak memory,
+profiles, and the figures both scales measure the same way (wrapper against bare loop, cold start)."""
 
 from __future__ import annotations
 
+import contextlib
+import os
 import statistics
+import subprocess
+import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -10,7 +16,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import requests
+
+from slmkit import PROJECT_ROOT
+from slmkit.onnx_greedy import bare_greedy, load
+from slmkit.onnx_wrapper_model import ONNX_ARTIFACT
+
+RESULTS = PROJECT_ROOT / "bench" / "results"
 
 # Open-ended prompts, so both models write the full token budget and decode dominates.
 PROMPTS = [
@@ -125,17 +138,29 @@ def decode_rates(
     return {name: statistics.median(values) for name, values in rates.items()}
 
 
-def chat_completion(url: str, messages: list[dict[str, str]], max_tokens: int) -> dict[str, Any]:
+def chat_completion(url: str, messages: list[dict[str, str]], max_tokens: int, **fields: Any) -> dict[str, Any]:
     """One greedy chat request to `/invocations` (a one-element list back, mlflow#14429) or to
-    an OpenAI route (the object itself)."""
-    answer = requests.post(url, json={"messages": messages, "max_tokens": max_tokens, "temperature": 0}, timeout=300)
+    an OpenAI route (the object itself); `fields` are more request fields, such as llama-server's
+    `ignore_eos`."""
+    request = {"messages": messages, "max_tokens": max_tokens, "temperature": 0, **fields}
+    answer = requests.post(url, json=request, timeout=600)
     answer.raise_for_status()
     body = answer.json()
     return body[0] if isinstance(body, list) else body
 
 
-def served_generate(url: str) -> Generate:
-    return lambda messages, max_tokens: chat_completion(url, messages, max_tokens)["usage"]["completion_tokens"]
+def served_generate(url: str, **fields: Any) -> Generate:
+    return lambda messages, max_tokens: chat_completion(url, messages, max_tokens, **fields)["usage"][
+        "completion_tokens"
+    ]
+
+
+def wrapper_generate(model) -> Generate:
+    return lambda messages, k: model.predict({"messages": messages, "max_tokens": k})[0]["usage"]["completion_tokens"]
+
+
+def bare_generate(model, tokenizer) -> Generate:
+    return lambda messages, k: len(bare_greedy(model, tokenizer, messages, k)[0])
 
 
 def aggregate_rate(generate: Generate, clients: int, requests_each: int, max_tokens: int) -> float:
@@ -155,9 +180,10 @@ def aggregate_rate(generate: Generate, clients: int, requests_each: int, max_tok
     return sum(counts) / (time.perf_counter() - started)
 
 
-def profile_to(path: Path, fn: Callable[[], Any]) -> str:
+def profile_to(path: Path, fn: Callable[[], Any], libraries: bool = False) -> str:
     """Run `fn` under pyinstrument, write its text report to `path`, return the path as named
-    in the result file (relative to the project)."""
+    in the result file (relative to the project). `libraries` shows MLflow's and the other
+    libraries' own frames, which pyinstrument hides, for a cost that lies inside a library call."""
     from pyinstrument import Profiler
 
     profiler = Profiler()
@@ -166,11 +192,207 @@ def profile_to(path: Path, fn: Callable[[], Any]) -> str:
         fn()
     finally:
         profiler.stop()
-    path.write_text(profiler.output_text(unicode=False, color=False, show_all=False))
+    options = {"show_regex": ".*"} if libraries else None  # pyinstrument still drops frames under 1%
+    path.write_text(profiler.output_text(unicode=False, color=False, processor_options=options))
     return relative(path)
 
 
 def relative(path: Path) -> str:
-    from slmkit import PROJECT_ROOT
-
     return path.relative_to(PROJECT_ROOT).as_posix()
+
+
+def memory_bandwidth(reps: int) -> float:
+    """Bytes/s of large numpy reductions, one per core at once: the memory read bandwidth.
+
+    numpy releases the GIL in reductions, so the threads read in parallel as the model's
+    matmuls do; one thread alone stays below the bandwidth on most machines.
+    """
+    cores = os.cpu_count() or 1
+    chunks = [np.ones(64 * 2**20 // cores, dtype=np.float64) for _ in range(cores)]  # 512 MiB in all
+
+    def read_all() -> None:
+        threads = [threading.Thread(target=chunk.sum) for chunk in chunks]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+
+    return sum(chunk.nbytes for chunk in chunks) / median_time(read_all, reps)
+
+
+def onnx_bytes_per_token(folder: Path) -> int:
+    """Bytes of weights one decode step reads in an ONNX model: every initializer but those only
+    a Gather reads (the embedding table, of which a step reads one row)."""
+    import onnx
+    from onnx.external_data_helper import ExternalDataInfo, uses_external_data
+
+    model = onnx.load(str(folder / "model.onnx"), load_external_data=False)
+    sizes = {
+        t.name: ExternalDataInfo(t).length if uses_external_data(t) else len(t.raw_data)
+        for t in model.graph.initializer
+    }
+    read_whole = {name for node in model.graph.node if not node.op_type.startswith("Gather") for name in node.input}
+    return sum(size for name, size in sizes.items() if name in read_whole)
+
+
+def gguf_bytes_per_token(file: Path) -> int:
+    """The same for a GGUF file: every tensor but the token embedding, unless the output layer is
+    tied to it (no `output.weight`)."""
+    from gguf import GGUFReader
+
+    tensors = {t.name: int(t.n_bytes) for t in GGUFReader(str(file)).tensors}
+    gathered = {"token_embd.weight"} if "output.weight" in tensors else set()
+    return sum(size for name, size in tensors.items() if name not in gathered)
+
+
+# A command stops once the machine has less than this available: measured, never swapped or OOM-killed.
+MEMORY_RESERVE_BYTES = 3 * 2**29
+
+
+@dataclass(frozen=True)
+class Watched:
+    """What one command took: wall seconds, the peak resident memory of its process tree (sampled
+    every 0.1 s, so a shorter spike can pass unseen), and whether it was stopped for memory."""
+
+    seconds: float
+    peak_rss_bytes: int
+    returncode: int
+    out_of_memory: bool
+    output_tail: str
+
+    @property
+    def ok(self) -> bool:
+        return self.returncode == 0 and not self.out_of_memory
+
+    def why_not(self) -> str:
+        if self.out_of_memory:
+            gib = self.peak_rss_bytes / 2**30
+            return f"stopped for memory at {gib:.1f} GiB resident, with under 1.5 GiB of the machine left"
+        if self.returncode == -9:
+            return f"killed (SIGKILL, the kernel's out-of-memory killer?) at {self.peak_rss_bytes / 2**30:.1f} GiB"
+        return (
+            f"exit {self.returncode}: {self.output_tail.strip().splitlines()[-1] if self.output_tail.strip() else ''}"
+        )
+
+
+def tree_rss(root) -> int:
+    """Resident bytes of a process and all its descendants (psutil)."""
+    import psutil
+
+    total = 0
+    for process in [root, *root.children(recursive=True)]:
+        with contextlib.suppress(psutil.Error):  # exited between listing and reading
+            total += process.memory_info().rss
+    return total
+
+
+def watched(command: list[str], env: dict[str, str], cwd: Path | None = None) -> Watched:
+    """Run `command`, sampling its process tree's resident memory; stop it (and say so) when the
+    machine runs short, so a build too large for it reports its peak instead of being OOM-killed."""
+    import psutil
+
+    started = time.perf_counter()
+    peak, out_of_memory = 0, False
+    with tempfile.TemporaryFile() as output:
+        process = subprocess.Popen(command, env=env, cwd=cwd, stdout=output, stderr=subprocess.STDOUT)
+        root = psutil.Process(process.pid)
+        while process.poll() is None:
+            try:
+                peak = max(peak, tree_rss(root))
+            except psutil.Error:  # the root itself exited meanwhile
+                break
+            if psutil.virtual_memory().available < MEMORY_RESERVE_BYTES:
+                out_of_memory = True
+                for child in [*root.children(recursive=True), root]:
+                    child.kill()
+                break
+            time.sleep(0.1)
+        returncode = process.wait()
+        output.seek(0)
+        tail = output.read()[-4000:].decode(errors="replace")
+    return Watched(time.perf_counter() - started, peak, returncode, out_of_memory, tail)
+
+
+def cold_start(script: str, folder: Path, env: dict[str, str], reps: int) -> tuple[float, int]:
+    """Median seconds from load to first token, each in a fresh process (imports not counted),
+    and the largest peak resident memory of those processes (their own `ru_maxrss`)."""
+    times, peaks = [], []
+    for _ in range(reps):
+        out = subprocess.run(
+            [sys.executable, "-c", script, str(folder)], env=env, check=True, capture_output=True, text=True
+        )
+        seconds, peak_kib = out.stdout.strip().splitlines()[-1].split()
+        times.append(float(seconds))
+        peaks.append(int(peak_kib) * 1024)
+    return statistics.median(times), max(peaks)
+
+
+BARE_COLD = """
+import sys, time, json, resource
+import onnxruntime_genai as og
+start = time.perf_counter()
+model = og.Model(sys.argv[1]); tok = og.Tokenizer(model)
+ids = tok.encode(tok.apply_chat_template(json.dumps([{"role": "user", "content": "Hi"}]), add_generation_prompt=True))
+params = og.GeneratorParams(model); params.set_search_options(max_length=len(ids) + 1, do_sample=False)
+gen = og.Generator(model, params); gen.append_tokens(ids); gen.generate_next_token()
+print(time.perf_counter() - start, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+"""
+WRAPPER_COLD = """
+import sys, time, resource
+import mlflow
+start = time.perf_counter()
+model = mlflow.pyfunc.load_model(sys.argv[1])
+model.predict({"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1})
+print(time.perf_counter() - start, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+"""
+
+
+def cold_start_figures(model_dir: Path, env: dict[str, str], work: Path, reps: int, profile_stem: Path) -> list[Figure]:
+    """Load to first token of the logged wrapper over the bare loop on its ONNX folder, each in
+    fresh processes; a miss gets a pyinstrument profile of the wrapper's cold start."""
+    bare_cold, bare_peak = cold_start(BARE_COLD, model_dir / "artifacts" / ONNX_ARTIFACT, env, reps)
+    wrapper_cold, wrapper_peak = cold_start(WRAPPER_COLD, model_dir, env, reps)
+    detail = {"wrapper_s": wrapper_cold, "bare_s": bare_cold, "wrapper_peak_rss_bytes": wrapper_peak}
+    figure = Figure(
+        "cold start: wrapper / bare", wrapper_cold / bare_cold, {**detail, "bare_peak_rss_bytes": bare_peak}
+    )
+    if not figure.met:
+        # In a fresh process, as measured: the lazy imports load_model triggers are part of it.
+        script, report = work / "cold_start.py", profile_stem.with_name(f"{profile_stem.name}-cold-start.txt")
+        script.write_text(WRAPPER_COLD)
+        profiler = [sys.executable, "-m", "pyinstrument", "-r", "text", "-o", str(report), str(script)]
+        subprocess.run([*profiler, str(model_dir)], env=env, check=True, capture_output=True)
+        figure.profile = relative(report)
+    return [figure]
+
+
+def wrapper_over_bare(model_dir: Path, max_tokens: int, reps: int, prompts: list, profile_stem: Path) -> list[Figure]:
+    """The logged wrapper in process over a bare loop on the same folder, with tracing off, so it
+    is the wrapper's own cost, and what per-request tracing adds to it; a miss gets a profile."""
+    import mlflow
+
+    traced = mlflow.pyfunc.load_model(str(model_dir))
+    untraced = mlflow.pyfunc.load_model(str(model_dir), model_config={"tracing": "false"})
+    bare_model, bare_tokenizer = load(model_dir / "artifacts" / ONNX_ARTIFACT)
+    generators = {
+        "bare": bare_generate(bare_model, bare_tokenizer),
+        "untraced": wrapper_generate(untraced),
+        "traced": wrapper_generate(traced),
+    }
+    rates = decode_rates(generators, max_tokens, reps, prompts)
+    overhead = Figure(
+        "wrapper decode tok/s / bare loop (tracing off)",
+        rates["untraced"] / rates["bare"],
+        {"wrapper_tok_s": rates["untraced"], "bare_tok_s": rates["bare"]},
+    )
+    if not overhead.met:
+        overhead.profile = profile_to(
+            profile_stem.with_name(f"{profile_stem.name}-wrapper.txt"),
+            lambda: [wrapper_generate(untraced)(m, max_tokens) for m in prompts],
+        )
+    tracing = Figure(
+        "wrapper decode tok/s: tracing on / off",
+        rates["traced"] / rates["untraced"],
+        {"traced_tok_s": rates["traced"], "untraced_tok_s": rates["untraced"]},
+    )
+    return [overhead, tracing]

@@ -1,0 +1,393 @@
+"""`python -m bench --scale phi3-mini`: the figures at the flagship's size (issue 16).
+
+SmolLM2's int4 build is 86 MB, so fixed costs dominate its figures. Here the same measurements
+run on a checkpoint of Phi-3-mini-4k-instruct's shape with seeded random weights
+(bench/flagship.py, built once into the bench cache): speed, memory and overheads do not depend
+on the weights' values. In one run, side by side:
+
+- our ONNX builds through the `log_onnx_wrapper` step itself (each quantization of
+  slmkit.onnx_build that fits in memory, the GGUF carry-over of llama.cpp's Q4_0 and Q4_1 files
+  among them), with the step's own build and log times against a plain copy, and each
+  process tree's peak resident memory;
+- the GGUF files made by llama.cpp's own `convert_hf_to_gguf.py` and `llama-quantize`;
+- cold start of the wrapper against the bare loop, decode of the wrapper against the bare loop,
+  our served model against `llama-server` at 1 and at 4 clients, prompt processing of a
+  1,000-token prompt, and decode against the memory-bandwidth limit.
+
+A command that would need more memory than the machine has is stopped before it runs out
+(bench.figures.watched) and reported with its measured peak; `--layers` cuts the model to its
+first layers, every other size kept, to run the largest part that fits.
+
+`LLAMA_SERVER` names llama.cpp's `llama-server` binary, built in llama.cpp's source tree (README:
+building llama-server); `llama-quantize` and `convert_hf_to_gguf.py` are found in the same tree.
+Without it the llama.cpp figures and the GGUF carry-over are skipped, and the run says so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import requests
+
+from bench.figures import (
+    PROMPTS,
+    RESULTS,
+    Figure,
+    Watched,
+    aggregate_rate,
+    bare_generate,
+    cold_start_figures,
+    decode_rates,
+    gguf_bytes_per_token,
+    memory_bandwidth,
+    onnx_bytes_per_token,
+    profile_to,
+    served_generate,
+    timed,
+    watched,
+    wrapper_generate,
+    wrapper_over_bare,
+)
+from bench.flagship import COMPLETE, PHI3_MINI_CONFIG, bench_cache, build_phi3_mini, synthetic_corpus
+from bench.quality import LLAMA_SERVER_ENV, llama_server
+from slmkit import PROJECT_ROOT
+from slmkit.local_servers import SLMKIT_SERVE, served, stop_process
+from slmkit.onnx_greedy import load
+from slmkit.onnx_wrapper_model import ONNX_ARTIFACT
+from slmkit.pipeline import MODEL_URI_TAG, STEP_TAG
+
+EXPERIMENT = "bench-phi3-mini"
+# Builds from the bf16 checkpoint besides int4, the slowest last (k-quant searches each block's
+# scales: ~4x int4's builder time at 2 layers). fp32 (4 bytes a weight) is left out: its graph
+# alone is twice the int4 builder's float graph, which already takes most of the machine.
+QUANTIZATIONS = ("int8", "int4-kquant")
+GGUF_TYPES = ("Q4_0", "Q4_1")
+PROMPT_TOKENS = 1000
+
+
+@dataclass(frozen=True)
+class Build:
+    """One ONNX model that `log_onnx_wrapper` logged, or why it could not."""
+
+    label: str
+    run: Watched
+    model_dir: Path | None = None
+    build_seconds: float = 0.0
+    log_seconds: float = 0.0
+    size_bytes: int = 0
+
+    @property
+    def onnx_dir(self) -> Path:
+        assert self.model_dir is not None
+        return self.model_dir / "artifacts" / ONNX_ARTIFACT
+
+    def row(self) -> dict[str, Any]:
+        facts: dict[str, Any] = {"step_seconds": self.run.seconds, "peak_rss_bytes": self.run.peak_rss_bytes}
+        if self.model_dir is None:
+            return {**facts, "failed": self.run.why_not()}
+        return {**facts, "build_s": self.build_seconds, "log_s": self.log_seconds, "size_bytes": self.size_bytes}
+
+
+@dataclass(frozen=True)
+class Scale:
+    """What the figures share: settings, the scratch store's environment, the checkpoint."""
+
+    work: Path
+    env: dict[str, str]
+    stamp: str
+    reps: int
+    max_tokens: int
+    checkpoint: Path
+
+    @property
+    def profile_stem(self) -> Path:
+        return RESULTS / f"{self.stamp}-phi3-mini"
+
+
+def step(scale: Scale, name: str, *args: str) -> Watched:
+    """One step of the project as `mlflow run` starts it (`python -m steps.<name>`), watched."""
+    command = [sys.executable, "-m", f"steps.{name}", *args]
+    return watched(command, {**scale.env, "MLFLOW_EXPERIMENT_NAME": EXPERIMENT}, cwd=PROJECT_ROOT)
+
+
+def newest_step_run(name: str):
+    import mlflow
+
+    [run] = mlflow.search_runs(
+        experiment_names=[EXPERIMENT],
+        filter_string=f"tags.`{STEP_TAG}` = '{name}' and attributes.status = 'FINISHED'",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+        output_format="list",
+    )
+    return run
+
+
+def log_onnx(scale: Scale, label: str, source: Path, quantization: str) -> Build:
+    """`download` (reused when its key matches) then `log_onnx_wrapper` of `source`, each watched;
+    the logged model is fetched into the scratch folder."""
+    import mlflow
+
+    fetched = step(scale, "download", "--model", str(source))
+    if not fetched.ok:
+        return Build(label, fetched)
+    logged = step(
+        scale, "log_onnx_wrapper", "--model", str(source), "--onnx-source", "build", "--quantization", quantization
+    )
+    if not logged.ok:
+        return Build(label, logged)
+    run = newest_step_run("log_onnx_wrapper")
+    model_dir = scale.work / f"onnx-model-{label}"
+    mlflow.artifacts.download_artifacts(run.data.tags[MODEL_URI_TAG], dst_path=str(model_dir))
+    metrics = run.data.metrics
+    return Build(
+        label, logged, model_dir, metrics["build_seconds"], metrics["log_seconds"], int(metrics["model_size_bytes"])
+    )
+
+
+@dataclass(frozen=True)
+class LlamaCpp:
+    """llama.cpp's tools in one built source tree."""
+
+    server: Path
+    quantize: Path
+    converter: Path
+
+    @classmethod
+    def from_env(cls) -> LlamaCpp | None:
+        binary = os.environ.get(LLAMA_SERVER_ENV, "")
+        if not binary:
+            return None
+        server = Path(binary).resolve()
+        tree = next((p for p in server.parents if (p / "convert_hf_to_gguf.py").is_file()), None)
+        if tree is None:
+            raise SystemExit(f"{LLAMA_SERVER_ENV}={binary} is not inside a llama.cpp source tree")
+        return cls(server, server.with_name("llama-quantize"), tree / "convert_hf_to_gguf.py")
+
+    def gguf_files(self, scale: Scale) -> tuple[dict[str, Path], dict[str, Any]]:
+        """llama.cpp's own bf16 conversion of the checkpoint, quantized to each of GGUF_TYPES."""
+        folder = scale.work / "gguf"
+        folder.mkdir()
+        bf16 = folder / "model-bf16.gguf"
+        env = {**scale.env, "PYTHONPATH": str(self.converter.parent / "gguf-py")}
+        command = [
+            sys.executable,
+            str(self.converter),
+            str(scale.checkpoint),
+            "--outtype",
+            "bf16",
+            "--outfile",
+            str(bf16),
+        ]
+        converted = watched(command, env)
+        facts: dict[str, Any] = {
+            "convert_bf16": {"seconds": converted.seconds, "peak_rss_bytes": converted.peak_rss_bytes}
+        }
+        if not converted.ok:
+            facts["convert_bf16"]["failed"] = converted.why_not()
+            return {}, facts
+        files = {}
+        threads = str(len(os.sched_getaffinity(0)))
+        for kind in GGUF_TYPES:
+            out = folder / f"model-{kind.lower()}.gguf"
+            quantized = watched([str(self.quantize), str(bf16), str(out), kind, threads], scale.env)
+            facts[f"quantize_{kind}"] = {
+                "seconds": quantized.seconds,
+                "size_bytes": out.stat().st_size if quantized.ok else 0,
+            }
+            if quantized.ok:
+                files[kind] = out
+            else:
+                facts[f"quantize_{kind}"]["failed"] = quantized.why_not()
+        bf16.unlink()
+        return files, facts
+
+
+def prompt_ids(folder: Path, count: int) -> list[int]:
+    """`count` token ids of made-up text, the same ids for every runtime (one tokenizer.model)."""
+    _, tokenizer = load(folder)
+    text, ids = "", []
+    for line in synthetic_corpus(seed=1):
+        text += line + " "
+        if len(text) > 8 * count:
+            ids = [int(i) for i in tokenizer.encode(text)]
+            if len(ids) >= count:
+                return ids[:count]
+    raise RuntimeError(f"the corpus gave {len(ids)} tokens, fewer than {count}")
+
+
+def bare_prompt_rate(folder: Path, ids: list[int]) -> float:
+    """Prompt tokens/s of the bare loop: appending `ids` (one pass, which fills the KV cache)."""
+    import numpy as np
+    import onnxruntime_genai as og
+
+    model, _ = load(folder)
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=len(ids) + 1, do_sample=False)
+    generator = og.Generator(model, params)
+    _, seconds = timed(lambda: generator.append_tokens(np.asarray(ids, dtype=np.int32)))
+    return len(ids) / seconds
+
+
+def llama_prompt_rate(chat_url: str, ids: list[int]) -> float:
+    """llama-server's own prompt tokens/s for `ids`, from its timings (no cached prefix)."""
+    base = chat_url.removesuffix("/v1/chat/completions")
+    body = {"prompt": ids, "n_predict": 1, "cache_prompt": False}
+    answer = requests.post(f"{base}/completion", json=body, timeout=600)
+    answer.raise_for_status()
+    return answer.json()["timings"]["prompt_per_second"]
+
+
+def serving_rates(url: str, max_tokens: int, **fields: Any) -> dict[int, float]:
+    """Completion tokens/s of 1 client (4 requests) and of 4 clients together (2 requests each)."""
+    generate = served_generate(url, **fields)
+    generate(PROMPTS[0], 2)  # warm-up
+    return {1: aggregate_rate(generate, 1, 4, max_tokens), 4: aggregate_rate(generate, 4, 2, max_tokens)}
+
+
+def logging_figure(scale: Scale, build: Build, model_name: str) -> Figure:
+    """`log_onnx_wrapper`'s own log time over a plain copy of the ONNX folder it logged."""
+    import mlflow
+
+    from slmkit.onnx_wrapper_model import wrapper_model_arguments
+    from slmkit.pipeline_model import generation_config
+
+    _, copied = timed(lambda: shutil.copytree(build.onnx_dir, scale.work / "copy-onnx"))
+    shutil.rmtree(scale.work / "copy-onnx")
+    detail = {"log_s": build.log_seconds, "copy_s": copied, "build_s": build.build_seconds}
+    figure = Figure("log ONNX wrapper / plain copy", build.log_seconds / copied, detail)
+    if not figure.met:
+        arguments = wrapper_model_arguments(build.onnx_dir, model_name, generation_config(0, 16))
+        with mlflow.start_run(run_name="bench-logging-profile"):
+            figure.profile = profile_to(
+                scale.profile_stem.with_name(f"{scale.profile_stem.name}-logging.txt"),
+                lambda: mlflow.pyfunc.log_model(name="onnx", **arguments),
+                libraries=True,
+            )
+    return figure
+
+
+def served_figures(scale: Scale, build: Build, llama: LlamaCpp | None, gguf: dict[str, Path]) -> list[Figure]:
+    """Ours served (`python -m slmkit.serve`) against llama-server on each GGUF file, at 1 and 4
+    clients, with prompt processing of a 1,000-token prompt and decode against the bandwidth."""
+    ids = prompt_ids(build.onnx_dir, PROMPT_TOKENS)
+    with served(build.model_dir, scale.env, scale.work / "server.log", front=SLMKIT_SERVE) as server:
+        ours = serving_rates(server.chat_url, scale.max_tokens)
+    bandwidth = memory_bandwidth(scale.reps)
+    onnx_bytes = onnx_bytes_per_token(build.onnx_dir)
+    bare_model, bare_tokenizer = load(build.onnx_dir)
+    bare = decode_rates({"bare": bare_generate(bare_model, bare_tokenizer)}, scale.max_tokens, scale.reps, PROMPTS[:2])
+    del bare_model, bare_tokenizer
+    prompt = {"bare_int4": bare_prompt_rate(build.onnx_dir, ids)}
+    limits = {"onnx_int4": bandwidth / onnx_bytes}
+    decode = {"onnx_int4_bare": bare["bare"]}
+    theirs: dict[str, dict[int, float]] = {}
+    for kind, file in gguf.items():
+        assert llama is not None
+        process, url = llama_server(str(llama.server), file, scale.work / f"llama-server-{kind}.log")
+        try:
+            theirs[kind] = serving_rates(url, scale.max_tokens, ignore_eos=True)
+            prompt[f"llama_server_{kind}"] = llama_prompt_rate(url, ids)
+        finally:
+            stop_process(process)
+        limits[f"gguf_{kind}"] = bandwidth / gguf_bytes_per_token(file)
+        decode[f"llama_server_{kind}_1_client"] = theirs[kind][1]
+    figures = [
+        Figure(
+            "decode tok/s / memory-bandwidth limit",
+            bare["bare"] / limits["onnx_int4"],
+            {
+                "bandwidth_gb_s": bandwidth / 1e9,
+                "weight_bytes": onnx_bytes,
+                "limit_tok_s": limits,
+                "decode_tok_s": decode,
+            },
+        )
+    ]
+    if not theirs:
+        print(f"llama-server figures skipped: {LLAMA_SERVER_ENV} is not set (README: building llama-server)")
+        return figures
+    peer = "Q4_0" if "Q4_0" in theirs else next(iter(theirs))
+    detail = {"onnx_int4_tok_s": ours, "llama_server_tok_s": theirs, "peer": peer}
+    for k in (1, 4):
+        name = f"served ONNX / llama-server tok/s, {k} client{'s' * (k > 1)}"
+        figure = Figure(name, ours[k] / theirs[peer][k], detail)
+        if not figure.met:
+            # Where one served request's time goes, in process: the wrapper's decode loop.
+            import mlflow
+
+            wrapper = mlflow.pyfunc.load_model(str(build.model_dir), model_config={"tracing": "false"})
+            figure.profile = profile_to(
+                scale.profile_stem.with_name(f"{scale.profile_stem.name}-served-{k}.txt"),
+                lambda w=wrapper: wrapper_generate(w)(PROMPTS[0], scale.max_tokens),
+            )
+        figures.append(figure)
+    figures.append(
+        Figure(
+            f"prompt tok/s on {PROMPT_TOKENS:,} tokens: bare int4 / llama-server {peer}",
+            prompt["bare_int4"] / prompt[f"llama_server_{peer}"],
+            {"prompt_tok_s": prompt},
+        )
+    )
+    return figures
+
+
+def build_figure(builds: list[Build], machine_bytes: int) -> Figure:
+    """Every build's step time, peak memory and size, with its decode rate; the figure is the
+    int4 build's peak resident memory over the machine's."""
+    rows = {build.label: build.row() for build in builds}
+    for build in builds:
+        if build.model_dir is not None and build.label != "int4":
+            model, tokenizer = load(build.onnx_dir)
+            rows[build.label]["bare_decode_tok_s"] = decode_rates(
+                {"bare": bare_generate(model, tokenizer)}, 16, 1, PROMPTS[:2]
+            )["bare"]
+            del model, tokenizer
+            shutil.rmtree(build.model_dir)  # only the int4 model is served later
+    int4 = next(build for build in builds if build.label == "int4")
+    return Figure("int4 build peak memory / machine memory", int4.run.peak_rss_bytes / machine_bytes, {"builds": rows})
+
+
+def phi3_mini_figures(args: argparse.Namespace, work: Path, env: dict[str, str], stamp: str) -> Iterator[Figure]:
+    """Every figure of the flagship's scale, yielded as measured so a late failure keeps the rest."""
+    import psutil
+
+    machine_bytes = psutil.virtual_memory().total
+    llama = LlamaCpp.from_env()
+    for layers in args.layers:  # the largest cut of the model whose int4 build fits in memory
+        full = layers == PHI3_MINI_CONFIG["num_hidden_layers"]
+        cache = bench_cache() / ("phi3-mini-random" if full else f"phi3-mini-random-{layers}l")
+        checkpoint, made = timed(lambda c=cache, n=layers: build_phi3_mini(c, seed=0, layers=n))
+        print(f"checkpoint {checkpoint} ({made:.0f} s; {(checkpoint / COMPLETE).read_text()})", flush=True)
+        scale = Scale(work, env, stamp, args.reps, args.max_tokens, checkpoint)
+        int4 = log_onnx(scale, "int4", checkpoint, "int4")
+        if int4.model_dir is not None:
+            break
+        print(f"int4 build of {layers} layers: {int4.run.why_not()}", flush=True)
+        yield Figure(
+            f"int4 build of {layers} layers: peak memory / machine memory",
+            int4.run.peak_rss_bytes / machine_bytes,
+            {"layers": layers, "failed": int4.run.why_not(), "step_seconds": int4.run.seconds},
+        )
+    else:
+        raise SystemExit(f"no cut of the model ({args.layers} layers) built its int4 model within memory")
+    model_name = checkpoint.name
+    yield logging_figure(scale, int4, model_name)
+    yield from cold_start_figures(int4.model_dir, env, work, scale.reps, scale.profile_stem)
+    yield from wrapper_over_bare(int4.model_dir, scale.max_tokens, scale.reps, PROMPTS[:2], scale.profile_stem)
+    gguf, gguf_facts = llama.gguf_files(scale) if llama else ({}, {})
+    yield from served_figures(scale, int4, llama, gguf)
+    builds = [int4, *(log_onnx(scale, f"gguf-{kind}", file, "gguf") for kind, file in gguf.items())]
+    builds += [log_onnx(scale, q, checkpoint, q) for q in QUANTIZATIONS]
+    figure = build_figure(builds, machine_bytes)
+    figure.detail["llama_cpp"] = gguf_facts
+    figure.detail["layers"] = layers
+    figure.detail["checkpoint_build_s"] = made
+    yield figure
