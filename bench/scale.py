@@ -26,16 +26,18 @@ Without it the llama.cpp figures and the GGUF carry-over are skipped, and the ru
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shutil
 import sys
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import requests
 
+from bench.batching import prompt_and_step_ms
 from bench.figures import (
     PROMPTS,
     RESULTS,
@@ -52,7 +54,6 @@ from bench.figures import (
     served_generate,
     timed,
     watched,
-    wrapper_generate,
     wrapper_over_bare,
 )
 from bench.flagship import COMPLETE, PHI3_MINI_CONFIG, bench_cache, build_phi3_mini, synthetic_corpus
@@ -60,6 +61,7 @@ from bench.quality import LLAMA_SERVER_ENV, llama_server
 from slmkit import PROJECT_ROOT
 from slmkit.local_servers import SLMKIT_SERVE, served, stop_process
 from slmkit.onnx_greedy import load
+from slmkit.onnx_session import model_tokens
 from slmkit.onnx_wrapper_model import ONNX_ARTIFACT
 from slmkit.pipeline import MODEL_URI_TAG, STEP_TAG
 
@@ -79,9 +81,12 @@ class Build:
     label: str
     run: Watched
     model_dir: Path | None = None
+    model_uri: str = ""
+    download_run_id: str = ""
     build_seconds: float = 0.0
     log_seconds: float = 0.0
     size_bytes: int = 0
+    bare_decode_tok_s: float | None = None
 
     @property
     def onnx_dir(self) -> Path:
@@ -92,7 +97,8 @@ class Build:
         facts: dict[str, Any] = {"step_seconds": self.run.seconds, "peak_rss_bytes": self.run.peak_rss_bytes}
         if self.model_dir is None:
             return {**facts, "failed": self.run.why_not()}
-        return {**facts, "build_s": self.build_seconds, "log_s": self.log_seconds, "size_bytes": self.size_bytes}
+        facts |= {"build_s": self.build_seconds, "log_s": self.log_seconds, "size_bytes": self.size_bytes}
+        return facts if self.bare_decode_tok_s is None else {**facts, "bare_decode_tok_s": self.bare_decode_tok_s}
 
 
 @dataclass(frozen=True)
@@ -144,12 +150,46 @@ def log_onnx(scale: Scale, label: str, source: Path, quantization: str) -> Build
     if not logged.ok:
         return Build(label, logged)
     run = newest_step_run("log_onnx_wrapper")
-    model_dir = scale.work / f"onnx-model-{label}"
-    mlflow.artifacts.download_artifacts(run.data.tags[MODEL_URI_TAG], dst_path=str(model_dir))
+    model_dir, model_uri = scale.work / f"onnx-model-{label}", run.data.tags[MODEL_URI_TAG]
+    mlflow.artifacts.download_artifacts(model_uri, dst_path=str(model_dir))
     metrics = run.data.metrics
     return Build(
-        label, logged, model_dir, metrics["build_seconds"], metrics["log_seconds"], int(metrics["model_size_bytes"])
+        label,
+        logged,
+        model_dir,
+        model_uri,
+        run.data.params["download_run_id"],
+        metrics["build_seconds"],
+        metrics["log_seconds"],
+        int(metrics["model_size_bytes"]),
     )
+
+
+def drop(build: Build, download_too: bool) -> None:
+    """Free the scratch disk of a measured build: its fetched folder, the logged model's
+    artifacts, and with `download_too` its download run's checkpoint (a GGUF source's is float32,
+    15 GB at 32 layers)."""
+    import mlflow
+    from mlflow.utils.file_utils import local_file_uri_to_path
+
+    if build.model_dir is None:
+        return
+    shutil.rmtree(build.model_dir)
+    logged = mlflow.get_logged_model(build.model_uri.removeprefix("models:/"))
+    shutil.rmtree(local_file_uri_to_path(logged.artifact_location), ignore_errors=True)
+    if download_too:
+        artifacts = mlflow.get_run(build.download_run_id).info.artifact_uri
+        shutil.rmtree(local_file_uri_to_path(artifacts), ignore_errors=True)
+
+
+def release_memory() -> None:
+    """Hand freed memory back to the OS between figures, so the next build has the machine."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):  # not glibc
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 @dataclass(frozen=True)
@@ -210,25 +250,26 @@ class LlamaCpp:
         return files, facts
 
 
-def prompt_ids(folder: Path, count: int) -> list[int]:
-    """`count` token ids of made-up text, the same ids for every runtime (one tokenizer.model)."""
-    _, tokenizer = load(folder)
+def prompt_ids(checkpoint: Path, count: int) -> list[int]:
+    """`count` token ids of made-up text, fed as ids to every runtime (one vocabulary)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
     text, ids = "", []
     for line in synthetic_corpus(seed=1):
         text += line + " "
         if len(text) > 8 * count:
-            ids = [int(i) for i in tokenizer.encode(text)]
+            ids = tokenizer.encode(text, add_special_tokens=False)
             if len(ids) >= count:
                 return ids[:count]
     raise RuntimeError(f"the corpus gave {len(ids)} tokens, fewer than {count}")
 
 
-def bare_prompt_rate(folder: Path, ids: list[int]) -> float:
+def bare_prompt_rate(model, ids: list[int]) -> float:
     """Prompt tokens/s of the bare loop: appending `ids` (one pass, which fills the KV cache)."""
     import numpy as np
     import onnxruntime_genai as og
 
-    model, _ = load(folder)
     params = og.GeneratorParams(model)
     params.set_search_options(max_length=len(ids) + 1, do_sample=False)
     generator = og.Generator(model, params)
@@ -250,6 +291,16 @@ def serving_rates(url: str, max_tokens: int, **fields: Any) -> dict[int, float]:
     generate = served_generate(url, **fields)
     generate(PROMPTS[0], 2)  # warm-up
     return {1: aggregate_rate(generate, 1, 4, max_tokens), 4: aggregate_rate(generate, 4, 2, max_tokens)}
+
+
+def batch_step_ms(decode_batch: Callable[[int, int], tuple[float, float]], max_tokens: int) -> dict[str, float]:
+    """Prompt and decode-step milliseconds of a batch of 1 and of 4 as the served wrapper
+    decodes them (`decode_batch(rows, max_tokens)`): what batching can gain."""
+    timings = {}
+    for rows in (1, 4):
+        decode_batch(rows, 4)  # warm-up
+        timings[f"batch_{rows}_prompt_ms"], timings[f"batch_{rows}_decode_step_ms"] = decode_batch(rows, max_tokens)
+    return timings
 
 
 def logging_figure(scale: Scale, build: Build, model_name: str) -> Figure:
@@ -277,15 +328,19 @@ def logging_figure(scale: Scale, build: Build, model_name: str) -> Figure:
 def served_figures(scale: Scale, build: Build, llama: LlamaCpp | None, gguf: dict[str, Path]) -> list[Figure]:
     """Ours served (`python -m slmkit.serve`) against llama-server on each GGUF file, at 1 and 4
     clients, with prompt processing of a 1,000-token prompt and decode against the bandwidth."""
-    ids = prompt_ids(build.onnx_dir, PROMPT_TOKENS)
+    ids = prompt_ids(scale.checkpoint, PROMPT_TOKENS)
     with served(build.model_dir, scale.env, scale.work / "server.log", front=SLMKIT_SERVE) as server:
         ours = serving_rates(server.chat_url, scale.max_tokens)
     bandwidth = memory_bandwidth(scale.reps)
     onnx_bytes = onnx_bytes_per_token(build.onnx_dir)
     bare_model, bare_tokenizer = load(build.onnx_dir)
     bare = decode_rates({"bare": bare_generate(bare_model, bare_tokenizer)}, scale.max_tokens, scale.reps, PROMPTS[:2])
-    del bare_model, bare_tokenizer
-    prompt = {"bare_int4": bare_prompt_rate(build.onnx_dir, ids)}
+    prompt = {"bare_int4": bare_prompt_rate(bare_model, ids)}
+    pad = model_tokens(build.onnx_dir).pad_id
+
+    def decode_batch(rows: int, max_tokens: int) -> tuple[float, float]:
+        return prompt_and_step_ms(bare_model, bare_tokenizer, PROMPTS[:rows], max_tokens, pad)
+
     limits = {"onnx_int4": bandwidth / onnx_bytes}
     decode = {"onnx_int4_bare": bare["bare"]}
     theirs: dict[str, dict[int, float]] = {}
@@ -305,7 +360,7 @@ def served_figures(scale: Scale, build: Build, llama: LlamaCpp | None, gguf: dic
             bare["bare"] / limits["onnx_int4"],
             {
                 "bandwidth_gb_s": bandwidth / 1e9,
-                "weight_bytes": onnx_bytes,
+                "weight_bytes_per_token": onnx_bytes,
                 "limit_tok_s": limits,
                 "decode_tok_s": decode,
             },
@@ -316,17 +371,14 @@ def served_figures(scale: Scale, build: Build, llama: LlamaCpp | None, gguf: dic
         return figures
     peer = "Q4_0" if "Q4_0" in theirs else next(iter(theirs))
     detail = {"onnx_int4_tok_s": ours, "llama_server_tok_s": theirs, "peer": peer}
+    detail["batch_step_ms"] = batch_step_ms(decode_batch, scale.max_tokens)
     for k in (1, 4):
         name = f"served ONNX / llama-server tok/s, {k} client{'s' * (k > 1)}"
         figure = Figure(name, ours[k] / theirs[peer][k], detail)
         if not figure.met:
-            # Where one served request's time goes, in process: the wrapper's decode loop.
-            import mlflow
-
-            wrapper = mlflow.pyfunc.load_model(str(build.model_dir), model_config={"tracing": "false"})
             figure.profile = profile_to(
                 scale.profile_stem.with_name(f"{scale.profile_stem.name}-served-{k}.txt"),
-                lambda w=wrapper: wrapper_generate(w)(PROMPTS[0], scale.max_tokens),
+                lambda k=k: decode_batch(k, scale.max_tokens),
             )
         figures.append(figure)
     figures.append(
@@ -339,27 +391,36 @@ def served_figures(scale: Scale, build: Build, llama: LlamaCpp | None, gguf: dic
     return figures
 
 
-def build_figure(builds: list[Build], machine_bytes: int) -> Figure:
-    """Every build's step time, peak memory and size, with its decode rate; the figure is the
-    int4 build's peak resident memory over the machine's."""
-    rows = {build.label: build.row() for build in builds}
-    for build in builds:
-        if build.model_dir is not None and build.label != "int4":
+def other_builds(scale: Scale, gguf: dict[str, Path]) -> list[Build]:
+    """The GGUF carry-over of each of llama.cpp's files, then QUANTIZATIONS, each through the
+    steps, measured (bare decode) and dropped at once, so disk and memory hold one at a time."""
+    builds = []
+    sources = [(f"gguf-{kind}", file, "gguf") for kind, file in gguf.items()]
+    for label, source, quantization in [*sources, *((q, scale.checkpoint, q) for q in QUANTIZATIONS)]:
+        build = log_onnx(scale, label, source, quantization)
+        if build.model_dir is not None:
             model, tokenizer = load(build.onnx_dir)
-            rows[build.label]["bare_decode_tok_s"] = decode_rates(
-                {"bare": bare_generate(model, tokenizer)}, 16, 1, PROMPTS[:2]
-            )["bare"]
+            rates = decode_rates({"bare": bare_generate(model, tokenizer)}, scale.max_tokens, 1, PROMPTS[:2])
+            build = replace(build, bare_decode_tok_s=rates["bare"])
             del model, tokenizer
-            shutil.rmtree(build.model_dir)  # only the int4 model is served later
-    int4 = next(build for build in builds if build.label == "int4")
-    return Figure("int4 build peak memory / machine memory", int4.run.peak_rss_bytes / machine_bytes, {"builds": rows})
+            drop(build, download_too=quantization == "gguf")
+        release_memory()
+        print(f"{label}: {build.row()}", flush=True)
+        builds.append(build)
+    return builds
 
 
 def phi3_mini_figures(args: argparse.Namespace, work: Path, env: dict[str, str], stamp: str) -> Iterator[Figure]:
-    """Every figure of the flagship's scale, yielded as measured so a late failure keeps the rest."""
+    """Every figure of the flagship's scale, yielded as measured so a late failure keeps the rest.
+
+    The builds come first, while this process holds no model: the builder needs most of the
+    machine. Then the figures that load models here, each releasing its memory after."""
+    import mlflow
     import psutil
 
     machine_bytes = psutil.virtual_memory().total
+    # The steps start in the project folder: their artifacts go to the scratch folder all the same.
+    mlflow.create_experiment(EXPERIMENT, artifact_location=(work / "artifacts").as_uri())
     llama = LlamaCpp.from_env()
     for layers in args.layers:  # the largest cut of the model whose int4 build fits in memory
         full = layers == PHI3_MINI_CONFIG["num_hidden_layers"]
@@ -378,16 +439,19 @@ def phi3_mini_figures(args: argparse.Namespace, work: Path, env: dict[str, str],
         )
     else:
         raise SystemExit(f"no cut of the model ({args.layers} layers) built its int4 model within memory")
-    model_name = checkpoint.name
-    yield logging_figure(scale, int4, model_name)
-    yield from cold_start_figures(int4.model_dir, env, work, scale.reps, scale.profile_stem)
-    yield from wrapper_over_bare(int4.model_dir, scale.max_tokens, scale.reps, PROMPTS[:2], scale.profile_stem)
     gguf, gguf_facts = llama.gguf_files(scale) if llama else ({}, {})
-    yield from served_figures(scale, int4, llama, gguf)
-    builds = [int4, *(log_onnx(scale, f"gguf-{kind}", file, "gguf") for kind, file in gguf.items())]
-    builds += [log_onnx(scale, q, checkpoint, q) for q in QUANTIZATIONS]
-    figure = build_figure(builds, machine_bytes)
-    figure.detail["llama_cpp"] = gguf_facts
-    figure.detail["layers"] = layers
-    figure.detail["checkpoint_build_s"] = made
-    yield figure
+    builds = [int4, *other_builds(scale, gguf)]
+    rows = {build.label: build.row() for build in builds}
+    yield Figure(
+        "int4 build peak memory / machine memory",
+        int4.run.peak_rss_bytes / machine_bytes,
+        {"layers": layers, "checkpoint_build_s": made, "builds": rows, "llama_cpp": gguf_facts},
+    )
+    for measure in (
+        lambda: [logging_figure(scale, int4, checkpoint.name)],
+        lambda: cold_start_figures(int4.model_dir, env, work, scale.reps, scale.profile_stem),
+        lambda: wrapper_over_bare(int4.model_dir, scale.max_tokens, scale.reps, PROMPTS[:2], scale.profile_stem),
+        lambda: served_figures(scale, int4, llama, gguf),
+    ):
+        yield from measure()
+        release_memory()
