@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 import tempfile
 from pathlib import Path
@@ -70,6 +71,9 @@ def main(argv: list[str] | None = None) -> int:
             MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT.name: str(args.timeout),
         }
     )
+    # uvicorn stops on SIGTERM, then raises the signal again to the handler it found: made an
+    # exit here, so the metrics folder below is removed instead of left behind in /tmp.
+    signal.signal(signal.SIGTERM, lambda signum, _frame: sys.exit(128 + signum))
     # In this process, so a SIGTERM reaches uvicorn's own handling (workers stop with it).
     with tempfile.TemporaryDirectory(prefix="slmkit-metrics-") as metrics_dir:
         if args.workers > 1:  # every worker writes its metrics here; /metrics sums them

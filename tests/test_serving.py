@@ -78,8 +78,10 @@ class Server:
 
 
 def bare_env(home: Path) -> dict[str, str]:
-    """A bare environment with the hub unreachable: nothing the model needs may come from it."""
-    return {"PATH": f"{BIN}:/usr/bin:/bin", "HOME": str(home), "HF_HUB_OFFLINE": "1"}
+    """A bare environment with the hub unreachable: nothing the model needs may come from it.
+    Its temporary files go to `home`/tmp, where a test can see what a server left behind."""
+    (home / "tmp").mkdir(exist_ok=True)
+    return {"PATH": f"{BIN}:/usr/bin:/bin", "HOME": str(home), "HF_HUB_OFFLINE": "1", "TMPDIR": str(home / "tmp")}
 
 
 def serve(model: Path | str, log: Path, *extra: str, kind: str = "onnx", front: str = SLMKIT_SERVE) -> Iterator[Server]:
@@ -270,6 +272,8 @@ def test_invocations_answer_as_under_mlflow_models_serve(wrapper_dir: Path, tmp_
             chat = running.answer(VALID, "invocations")
             assert chat["choices"][0]["message"]["content"] == "Paris."
     assert answers[SLMKIT_SERVE] == answers[MLFLOW_SERVE]
+    # Stopped with SIGTERM, as systemd or docker stop it: the front removed its metrics folder.
+    assert not list((tmp_path / "tmp").glob("slmkit-*"))
 
 
 def test_serve_refuses_a_model_it_cannot_fetch_in_one_line(tmp_path: Path):
