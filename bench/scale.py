@@ -118,9 +118,14 @@ class Scale:
 
 
 def step(scale: Scale, name: str, *args: str) -> Watched:
-    """One step of the project as `mlflow run` starts it (`python -m steps.<name>`), watched."""
+    """One step of the project as `mlflow run` starts it (`python -m steps.<name>`), watched.
+    Its temporary folders go under the scratch folder, which is removed with it: a step stopped
+    for memory cannot remove its own (7 GB of checkpoint copy at 32 layers)."""
     command = [sys.executable, "-m", f"steps.{name}", *args]
-    return watched(command, {**scale.env, "MLFLOW_EXPERIMENT_NAME": EXPERIMENT}, cwd=PROJECT_ROOT)
+    scratch = scale.work / "tmp"
+    scratch.mkdir(exist_ok=True)
+    env = {**scale.env, "MLFLOW_EXPERIMENT_NAME": EXPERIMENT, "TMPDIR": str(scratch)}
+    return watched(command, env, cwd=PROJECT_ROOT)
 
 
 def newest_step_run(name: str):
@@ -391,20 +396,27 @@ def served_figures(scale: Scale, build: Build, llama: LlamaCpp | None, gguf: dic
     return figures
 
 
+def with_bare_decode(scale: Scale, build: Build) -> Build:
+    """The build with its bare loop's decode tok/s (one repetition, two prompts), as every
+    build of the table is measured."""
+    if build.model_dir is None:
+        return build
+    model, tokenizer = load(build.onnx_dir)
+    rates = decode_rates({"bare": bare_generate(model, tokenizer)}, scale.max_tokens, 1, PROMPTS[:2])
+    del model, tokenizer
+    release_memory()
+    return replace(build, bare_decode_tok_s=rates["bare"])
+
+
 def other_builds(scale: Scale, gguf: dict[str, Path]) -> list[Build]:
     """The GGUF carry-over of each of llama.cpp's files, then QUANTIZATIONS, each through the
     steps, measured (bare decode) and dropped at once, so disk and memory hold one at a time."""
     builds = []
     sources = [(f"gguf-{kind}", file, "gguf") for kind, file in gguf.items()]
     for label, source, quantization in [*sources, *((q, scale.checkpoint, q) for q in QUANTIZATIONS)]:
-        build = log_onnx(scale, label, source, quantization)
+        build = with_bare_decode(scale, log_onnx(scale, label, source, quantization))
         if build.model_dir is not None:
-            model, tokenizer = load(build.onnx_dir)
-            rates = decode_rates({"bare": bare_generate(model, tokenizer)}, scale.max_tokens, 1, PROMPTS[:2])
-            build = replace(build, bare_decode_tok_s=rates["bare"])
-            del model, tokenizer
             drop(build, download_too=quantization == "gguf")
-        release_memory()
         print(f"{label}: {build.row()}", flush=True)
         builds.append(build)
     return builds
@@ -440,13 +452,17 @@ def phi3_mini_figures(args: argparse.Namespace, work: Path, env: dict[str, str],
     else:
         raise SystemExit(f"no cut of the model ({args.layers} layers) built its int4 model within memory")
     gguf, gguf_facts = llama.gguf_files(scale) if llama else ({}, {})
-    builds = [int4, *other_builds(scale, gguf)]
+    builds = [with_bare_decode(scale, int4), *other_builds(scale, gguf)]
     rows = {build.label: build.row() for build in builds}
     yield Figure(
         "int4 build peak memory / machine memory",
         int4.run.peak_rss_bytes / machine_bytes,
         {"layers": layers, "checkpoint_build_s": made, "builds": rows, "llama_cpp": gguf_facts},
     )
+    for build in builds[1:]:
+        if build.label.startswith("gguf-") and build.bare_decode_tok_s:
+            ratio = build.bare_decode_tok_s / builds[0].bare_decode_tok_s
+            yield Figure(f"{build.label} carry-over / int4 decode tok/s (bare loop)", ratio, rows[build.label])
     for measure in (
         lambda: [logging_figure(scale, int4, checkpoint.name)],
         lambda: cold_start_figures(int4.model_dir, env, work, scale.reps, scale.profile_stem),
