@@ -138,10 +138,11 @@ def leave_mid_stream(server) -> None:
     noticed_s = time.monotonic() - left
     stopped = re.search(r"left mid-stream; generation stopped after (\d+) tokens", server.log.read_text())
     assert stopped, server.log.read_text()[-2000:]
-    # Stopped when the client left (SmolLM2 decodes ~90 tokens/s here), far from its 1,500-token
-    # budget. Counted from the close, not from the first chunk: a run once took 1.8 s to get from the
-    # first chunk to the close (the 503 request in between), 167 tokens in.
-    assert noticed_s < 2, f"{noticed_s:.1f} s after the client left"
+    # Stopped when the client left, far from its 1,500-token budget, which at SmolLM2's ~90 tokens/s
+    # here would run on for 15 s or more. Counted from the close, not from the first chunk: a run
+    # once took 1.8 s to get from the first chunk to the close (the 503 request in between), 167
+    # tokens in; and on a slow day the server noticed the close 2.3 and 2.4 s after it.
+    assert noticed_s < 5, f"{noticed_s:.1f} s after the client left"
     assert int(stopped.group(1)) < 1500
     assert "passed the server timeout" not in server.log.read_text()
     assert server.answer({"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4}, "openai")
