@@ -38,6 +38,7 @@ from bench.figures import (
     PROMPTS,
     RESULTS,
     Figure,
+    Sitting,
     aggregate_rate,
     bare_generate,
     cold_start_figures,
@@ -122,14 +123,9 @@ def greedy_outputs(folder: Path, max_tokens: int) -> list[list[int]]:
 
 
 @dataclass(frozen=True)
-class Bench:
-    """What every figure measures on: the settings, the scratch store, and the models `main` logged."""
+class Bench(Sitting):
+    """What every figure measures on: the sitting, and the models `main` logged."""
 
-    work: Path
-    env: dict[str, str]
-    stamp: str
-    reps: int
-    max_tokens: int
     pipeline_uri: str
     onnx_model_dir: Path
     checkpoint: Path

@@ -36,6 +36,18 @@ PROMPTS = [
 
 
 @dataclass(frozen=True)
+class Sitting:
+    """What every figure of one bench run shares: its scratch folder, the environment that points
+    at its scratch store, the stamp its results are named by, and its settings."""
+
+    work: Path
+    env: dict[str, str]
+    stamp: str
+    reps: int
+    max_tokens: int
+
+
+@dataclass(frozen=True)
 class Target:
     """A bound a figure must meet: `value <op> bound`."""
 

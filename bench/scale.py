@@ -42,6 +42,7 @@ from bench.figures import (
     PROMPTS,
     RESULTS,
     Figure,
+    Sitting,
     Watched,
     aggregate_rate,
     bare_generate,
@@ -101,14 +102,9 @@ class Build:
 
 
 @dataclass(frozen=True)
-class Scale:
-    """What the figures share: settings, the scratch store's environment, the checkpoint."""
+class Scale(Sitting):
+    """What the figures share: the sitting, and the checkpoint they are measured on."""
 
-    work: Path
-    env: dict[str, str]
-    stamp: str
-    reps: int
-    max_tokens: int
     checkpoint: Path
 
     @property
