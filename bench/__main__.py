@@ -418,14 +418,18 @@ def run(args: argparse.Namespace, work: Path) -> None:
     if args.scale == "phi3-mini":
         figures = list_as_measured(phi3_mini_figures(args, work, env, stamp), args, f"{stamp}-phi3-mini")
     else:
-        figures = [cached_rerun(env, args.model, args.reps, stamp)]
-        bench = bench_of_main_run(work, env, stamp, args)
-        for measure in FIGURES:
-            figures += measure(bench)
-            write_results(figures, args, stamp)
+        figures = list_as_measured(small_figures(args, work, env, stamp), args, stamp)
     print("| figure | value | target | verdict |\n|---|---:|---|---|")
     for figure in figures:
         print(figure.row())
+
+
+def small_figures(args: argparse.Namespace, work: Path, env: dict[str, str], stamp: str) -> Iterator[Figure]:
+    """The cold and cached pipeline runs, then every figure of FIGURES on the models they logged."""
+    yield cached_rerun(env, args.model, args.reps, stamp)
+    bench = bench_of_main_run(work, env, stamp, args)
+    for measure in FIGURES:
+        yield from measure(bench)
 
 
 def list_as_measured(measured: Iterator[Figure], args: argparse.Namespace, name: str) -> list[Figure]:

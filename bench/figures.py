@@ -278,8 +278,8 @@ class Watched:
 
     def why_not(self) -> str:
         if self.out_of_memory:
-            gib = self.peak_rss_bytes / 2**30
-            return f"stopped for memory at {gib:.1f} GiB resident, with under 1.5 GiB of the machine left"
+            gib, reserve = self.peak_rss_bytes / 2**30, MEMORY_RESERVE_BYTES / 2**30
+            return f"stopped for memory at {gib:.1f} GiB resident, with under {reserve:g} GiB of the machine left"
         if self.returncode == -9:
             return f"killed (SIGKILL, the kernel's out-of-memory killer?) at {self.peak_rss_bytes / 2**30:.1f} GiB"
         return (
@@ -341,24 +341,25 @@ def cold_start(script: str, folder: Path, env: dict[str, str], reps: int) -> tup
 
 
 # Each prints its seconds and its peak resident KiB since its exec (VmHWM, Linux).
-BARE_COLD = """
+PEAK_KIB = "PEAK_KIB = lambda: next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmHWM:'))"
+BARE_COLD = f"""
 import sys, time, json
 import onnxruntime_genai as og
-PEAK_KIB = lambda: next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmHWM:'))
+{PEAK_KIB}
 start = time.perf_counter()
 model = og.Model(sys.argv[1]); tok = og.Tokenizer(model)
-ids = tok.encode(tok.apply_chat_template(json.dumps([{"role": "user", "content": "Hi"}]), add_generation_prompt=True))
+ids = tok.encode(tok.apply_chat_template(json.dumps([{{"role": "user", "content": "Hi"}}]), add_generation_prompt=True))
 params = og.GeneratorParams(model); params.set_search_options(max_length=len(ids) + 1, do_sample=False)
 gen = og.Generator(model, params); gen.append_tokens(ids); gen.generate_next_token()
 print(time.perf_counter() - start, PEAK_KIB())
 """
-WRAPPER_COLD = """
+WRAPPER_COLD = f"""
 import sys, time
 import mlflow
-PEAK_KIB = lambda: next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmHWM:'))
+{PEAK_KIB}
 start = time.perf_counter()
 model = mlflow.pyfunc.load_model(sys.argv[1])
-model.predict({"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1})
+model.predict({{"messages": [{{"role": "user", "content": "Hi"}}], "max_tokens": 1}})
 print(time.perf_counter() - start, PEAK_KIB())
 """
 
@@ -368,10 +369,13 @@ def cold_start_figures(model_dir: Path, env: dict[str, str], work: Path, reps: i
     fresh processes; a miss gets a pyinstrument profile of the wrapper's cold start."""
     bare_cold, bare_peak = cold_start(BARE_COLD, model_dir / "artifacts" / ONNX_ARTIFACT, env, reps)
     wrapper_cold, wrapper_peak = cold_start(WRAPPER_COLD, model_dir, env, reps)
-    detail = {"wrapper_s": wrapper_cold, "bare_s": bare_cold, "wrapper_peak_rss_bytes": wrapper_peak}
-    figure = Figure(
-        "cold start: wrapper / bare", wrapper_cold / bare_cold, {**detail, "bare_peak_rss_bytes": bare_peak}
-    )
+    detail = {
+        "wrapper_s": wrapper_cold,
+        "bare_s": bare_cold,
+        "wrapper_peak_rss_bytes": wrapper_peak,
+        "bare_peak_rss_bytes": bare_peak,
+    }
+    figure = Figure("cold start: wrapper / bare", wrapper_cold / bare_cold, detail)
     if not figure.met:
         # In a fresh process, as measured: the lazy imports load_model triggers are part of it.
         script, report = work / "cold_start.py", profile_stem.with_name(f"{profile_stem.name}-cold-start.txt")

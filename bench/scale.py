@@ -327,14 +327,14 @@ def logging_figure(scale: Scale, build: Build, model_name: str) -> Figure:
 
 def served_figures(scale: Scale, build: Build, llama: LlamaCpp | None, gguf: dict[str, Path]) -> list[Figure]:
     """Ours served (`python -m slmkit.serve`) against llama-server on each GGUF file, at 1 and 4
-    clients, with prompt processing of a 1,000-token prompt and decode against the bandwidth."""
+    clients, with prompt processing of a 1,000-token prompt, and the build's bare decode (measured
+    with the builds) against the bandwidth."""
     ids = prompt_ids(scale.checkpoint, PROMPT_TOKENS)
     with served(build.model_dir, scale.env, scale.work / "server.log", front=SLMKIT_SERVE) as server:
         ours = serving_rates(server.chat_url, scale.max_tokens)
     bandwidth = memory_bandwidth(scale.reps)
     onnx_bytes = onnx_bytes_per_token(build.onnx_dir)
     bare_model, bare_tokenizer = load(build.onnx_dir)
-    bare = decode_rates({"bare": bare_generate(bare_model, bare_tokenizer)}, scale.max_tokens, scale.reps, PROMPTS[:2])
     prompt = {"bare_int4": bare_prompt_rate(bare_model, ids)}
     pad = model_tokens(build.onnx_dir).pad_id
 
@@ -342,7 +342,7 @@ def served_figures(scale: Scale, build: Build, llama: LlamaCpp | None, gguf: dic
         return prompt_and_step_ms(bare_model, bare_tokenizer, PROMPTS[:rows], max_tokens, pad)
 
     limits = {"onnx_int4": bandwidth / onnx_bytes}
-    decode = {"onnx_int4_bare": bare["bare"]}
+    decode = {"onnx_int4_bare": build.bare_decode_tok_s}
     theirs: dict[str, dict[int, float]] = {}
     for kind, file in gguf.items():
         assert llama is not None
@@ -357,7 +357,7 @@ def served_figures(scale: Scale, build: Build, llama: LlamaCpp | None, gguf: dic
     figures = [
         Figure(
             "decode tok/s / memory-bandwidth limit",
-            bare["bare"] / limits["onnx_int4"],
+            build.bare_decode_tok_s / limits["onnx_int4"],
             {
                 "bandwidth_gb_s": bandwidth / 1e9,
                 "weight_bytes_per_token": onnx_bytes,
@@ -370,8 +370,12 @@ def served_figures(scale: Scale, build: Build, llama: LlamaCpp | None, gguf: dic
         print(f"llama-server figures skipped: {LLAMA_SERVER_ENV} is not set (README: building llama-server)")
         return figures
     peer = "Q4_0" if "Q4_0" in theirs else next(iter(theirs))
-    detail = {"onnx_int4_tok_s": ours, "llama_server_tok_s": theirs, "peer": peer}
-    detail["batch_step_ms"] = batch_step_ms(decode_batch, scale.max_tokens)
+    detail = {
+        "onnx_int4_tok_s": ours,
+        "llama_server_tok_s": theirs,
+        "peer": peer,
+        "batch_step_ms": batch_step_ms(decode_batch, scale.max_tokens),
+    }
     for k in (1, 4):
         name = f"served ONNX / llama-server tok/s, {k} client{'s' * (k > 1)}"
         figure = Figure(name, ours[k] / theirs[peer][k], detail)
@@ -391,13 +395,13 @@ def served_figures(scale: Scale, build: Build, llama: LlamaCpp | None, gguf: dic
     return figures
 
 
-def with_bare_decode(scale: Scale, build: Build) -> Build:
-    """The build with its bare loop's decode tok/s (one repetition, two prompts), as every
+def with_bare_decode(scale: Scale, build: Build, reps: int = 1) -> Build:
+    """The build with its bare loop's decode tok/s (two prompts, `reps` repetitions), as every
     build of the table is measured."""
     if build.model_dir is None:
         return build
     model, tokenizer = load(build.onnx_dir)
-    rates = decode_rates({"bare": bare_generate(model, tokenizer)}, scale.max_tokens, 1, PROMPTS[:2])
+    rates = decode_rates({"bare": bare_generate(model, tokenizer)}, scale.max_tokens, reps, PROMPTS[:2])
     del model, tokenizer
     release_memory()
     return replace(build, bare_decode_tok_s=rates["bare"])
@@ -447,7 +451,9 @@ def phi3_mini_figures(args: argparse.Namespace, work: Path, env: dict[str, str],
     else:
         raise SystemExit(f"no cut of the model ({args.layers} layers) built its int4 model within memory")
     gguf, gguf_facts = llama.gguf_files(scale) if llama else ({}, {})
-    builds = [with_bare_decode(scale, int4), *other_builds(scale, gguf)]
+    # int4, the one served and measured against the bandwidth below, with the sitting's repetitions.
+    int4 = with_bare_decode(scale, int4, scale.reps)
+    builds = [int4, *other_builds(scale, gguf)]
     rows = {build.label: build.row() for build in builds}
     yield Figure(
         "int4 build peak memory / machine memory",
@@ -456,7 +462,7 @@ def phi3_mini_figures(args: argparse.Namespace, work: Path, env: dict[str, str],
     )
     for build in builds[1:]:
         if build.label.startswith("gguf-") and build.bare_decode_tok_s:
-            ratio = build.bare_decode_tok_s / builds[0].bare_decode_tok_s
+            ratio = build.bare_decode_tok_s / int4.bare_decode_tok_s
             yield Figure(f"{build.label} carry-over / int4 decode tok/s (bare loop)", ratio, rows[build.label])
     for measure in (
         lambda: [logging_figure(scale, int4, checkpoint.name)],
