@@ -21,7 +21,7 @@ from slmkit.evaluation import load_eval_set
 from slmkit.local_servers import free_port, stop_process, wait_for_http
 from slmkit.onnx_build import build_onnx
 from slmkit.onnx_wrapper_model import ONNX_ARTIFACT, seal_onnx_folder, wrapper_model_arguments
-from slmkit.pipeline import MODEL_URI_TAG, STEP_TAG
+from slmkit.pipeline import MODEL_URI_TAG, ORDER, STEP_TAG
 from tests.tiny_models import build_tiny_phi3, train_tiny_phi3
 
 BIN = Path(sys.executable).parent
@@ -175,6 +175,11 @@ def runs_of(experiment_name: str) -> list[Run]:
     if experiment is None:
         return []
     return mlflow.search_runs([experiment.experiment_id], output_format="list", order_by=["attributes.start_time ASC"])
+
+
+def cache_notes(parent: Run) -> dict[str, str]:
+    """'ran' or 'reused' per step, from the main run's `cache.<step>` tags."""
+    return {step: parent.data.tags[f"cache.{step}"].split(" ")[0] for step in ORDER}
 
 
 def run_main(server: TrackingServer, experiment: str, *params: str) -> PipelineRun:

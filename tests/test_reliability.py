@@ -19,7 +19,7 @@ from mlflow.entities import Run
 from slmkit.errors import UserError
 from slmkit.lineage import get_download_run
 from slmkit.manifest import verify_folder
-from slmkit.pipeline import MODEL_URI_TAG, STEP_TAG
+from slmkit.pipeline import MODEL_URI_TAG, ORDER, STEP_TAG
 from slmkit.tracking_server import BOUNDED_RETRIES
 from tests.conftest import (
     HF_TOKEN_CANARY,
@@ -28,9 +28,11 @@ from tests.conftest import (
     ConcurrentMains,
     PipelineRun,
     TrackingServer,
+    cache_notes,
     mlflow_run,
     mlflow_run_command,
     project_params,
+    run_main,
     runs_of,
 )
 
@@ -166,18 +168,28 @@ def test_download_stopped_mid_fetch_or_killed_mid_upload_then_the_rerun_complete
 
 
 @pytest.mark.integration
-def test_a_tracking_server_stopped_between_steps_fails_main_fast_and_main_resumes_after_a_restart(
+def test_main_resumes_after_a_failed_step_and_a_lost_server_then_force_reruns_the_step(
     tracking_server: TrackingServer, untrained_mains: ConcurrentMains, tiny_phi3: Path
 ):
-    # In the untrained mains' experiment: their download and models are reused, and evaluate,
-    # on rows of its own, is the step left to run when the session's server is stopped.
+    """One chain of `main`s in the untrained mains' experiment, whose download and models are
+    reused: evaluate, on rows of its own, is the step left to run each time. First it fails (no
+    such eval set); then the session's server is stopped between steps; the rerun after the
+    restart runs evaluate alone and the failed run stays FAILED; `force=evaluate` runs it again."""
     params = ("max_rows=1", "max_tokens=4", "pipeline_registered_model=", "onnx_registered_model=")
     args = ["--experiment-name", UNTRAINED_EXPERIMENT, *project_params(f"model={tiny_phi3}", *params)]
     runs_before = {run.info.run_id for run in runs_of(UNTRAINED_EXPERIMENT)}
 
+    def new_runs() -> list[Run]:
+        return [r for r in runs_of(UNTRAINED_EXPERIMENT) if r.info.run_id not in runs_before]
+
+    broken = mlflow_run(tracking_server, *args, "-P", "eval_set=data/no-such-set.jsonl")
+    assert broken.returncode != 0
+    [failed] = [r for r in new_runs() if r.data.tags.get("mlflow.project.entryPoint") == "evaluate"]
+    assert failed.info.status == "FAILED"
+    runs_before |= {run.info.run_id for run in new_runs()}
+
     def new_main() -> Run | None:
-        started = [r for r in runs_of(UNTRAINED_EXPERIMENT) if r.info.run_id not in runs_before]
-        return next((r for r in started if r.data.tags.get(STEP_TAG) == "main"), None)
+        return next((r for r in new_runs() if r.data.tags.get(STEP_TAG) == "main"), None)
 
     def between_steps() -> bool:
         parent = new_main()
@@ -208,14 +220,18 @@ def test_a_tracking_server_stopped_between_steps_fails_main_fast_and_main_resume
     assert {f"{step}_run_id" for step in ("download", "log_pipeline", "log_onnx_wrapper")} <= set(recorded)
     mlflow.pyfunc.load_model(f"runs:/{recorded['log_onnx_wrapper_run_id']}/model", model_config={"tracing": "false"})
 
-    rerun = mlflow_run(tracking_server, *args, **BOUNDED_RETRIES)
-    assert rerun.returncode == 0, rerun.stderr[-3000:]
-    parent = [r for r in runs_of(UNTRAINED_EXPERIMENT) if r.data.tags.get(STEP_TAG) == "main"][-1]
-    assert parent.info.run_id != stopped_main.info.run_id
-    assert parent.info.status == "FINISHED"
+    resumed = run_main(tracking_server, UNTRAINED_EXPERIMENT, f"model={tiny_phi3}", *params)
+    assert resumed.parent.info.run_id != stopped_main.info.run_id
+    assert resumed.parent.info.status == "FINISHED"
     for step in ("download", "log_pipeline", "log_onnx_wrapper"):
-        assert parent.data.tags[f"cache.{step}"].startswith(f"reused run {recorded[f'{step}_run_id']}")
-    assert parent.data.tags["cache.evaluate"].startswith("ran run")
+        assert resumed.parent.data.tags[f"cache.{step}"].startswith(f"reused run {recorded[f'{step}_run_id']}")
+    assert resumed.parent.data.tags["cache.evaluate"].startswith("ran run")
+    assert MlflowClient().get_run(failed.info.run_id).info.status == "FAILED"
+
+    forced = run_main(tracking_server, UNTRAINED_EXPERIMENT, f"model={tiny_phi3}", *params, "force=evaluate")
+    assert cache_notes(forced.parent) == {**dict.fromkeys(ORDER, "reused"), "evaluate": "ran"}
+    assert "forced" in forced.parent.data.tags["cache.evaluate"]
+    assert forced.parent.data.params["evaluate_run_id"] != resumed.parent.data.params["evaluate_run_id"]
 
 
 @pytest.mark.integration
