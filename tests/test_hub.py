@@ -51,8 +51,12 @@ def assert_logged_files_match_the_hub(run_id: str, hub: FakeHub) -> None:
         assert entry["sha256"] == expected[entry["path"]], entry["path"]
 
 
-def test_a_pinned_revision_resolves_to_its_commit(tracking_server: TrackingServer, hub: FakeHub, tmp_path: Path):
-    result = download(tracking_server, hub, tmp_path / "hf", "hub-pinned", "revision=v1")
+def test_a_pinned_revision_is_fetched_at_its_commit_through_a_dropped_connection_then_offline_from_the_cache(
+    tracking_server: TrackingServer, hub: FakeHub, tmp_path: Path
+):
+    weights, cache = "model.safetensors", tmp_path / "hf"
+    hub.drop_after_bytes[weights] = len(hub.files[weights]) // 2
+    result = download(tracking_server, hub, cache, "hub-pinned", "revision=v1")
     assert result.returncode == 0, result.stderr[-3000:]
     run = runs_of("hub-pinned")[-1]
     assert run.data.tags[REVISION_TAG] == hub.commit
@@ -60,16 +64,19 @@ def test_a_pinned_revision_resolves_to_its_commit(tracking_server: TrackingServe
     assert_logged_files_match_the_hub(run.info.run_id, hub)
     # Files were fetched at the commit, not at the moving tag.
     assert any(request.startswith(f"GET /{REPO_ID}/resolve/{hub.commit}/") for request in hub.requests)
+    # The connection dropped mid-file did fire, and the file was resumed once.
+    assert weights not in hub.drop_after_bytes
+    assert hub.requests.count(f"GET /{REPO_ID}/resolve/{hub.commit}/{weights}") == 2
 
-
-def test_a_connection_dropped_mid_file_is_recovered(tracking_server: TrackingServer, hub: FakeHub, tmp_path: Path):
-    weights = "model.safetensors"
-    hub.drop_after_bytes[weights] = len(hub.files[weights]) // 2
-    result = download(tracking_server, hub, tmp_path / "hf", "hub-dropped")
+    # The warm cache downloads offline with zero requests.
+    hub.requests.clear()
+    result = download(tracking_server, hub, cache, "hub-pinned", "revision=v1", HF_HUB_OFFLINE="1")
     assert result.returncode == 0, result.stderr[-3000:]
-    assert weights not in hub.drop_after_bytes  # the fault did fire
-    assert hub.requests.count(f"GET /{REPO_ID}/resolve/{hub.commit}/{weights}") == 2  # resumed once
-    assert_logged_files_match_the_hub(runs_of("hub-dropped")[-1].info.run_id, hub)
+    assert hub.requests == []
+    offline = runs_of("hub-pinned")[-1]
+    assert offline.info.run_id != run.info.run_id
+    assert offline.data.tags[REVISION_TAG] == hub.commit
+    assert_logged_files_match_the_hub(offline.info.run_id, hub)
 
 
 def test_bytes_that_do_not_match_the_hubs_sha256_are_refused(
@@ -93,20 +100,6 @@ def test_bytes_that_do_not_match_the_hubs_sha256_are_refused(
     rerun = download(tracking_server, hub, cache, "hub-tampered")
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert_logged_files_match_the_hub(runs_of("hub-tampered")[-1].info.run_id, hub)
-
-
-def test_a_warm_cache_downloads_offline_with_zero_requests(
-    tracking_server: TrackingServer, hub: FakeHub, tmp_path: Path
-):
-    cache = tmp_path / "hf"
-    assert download(tracking_server, hub, cache, "hub-warm").returncode == 0
-    hub.requests.clear()
-    result = download(tracking_server, hub, cache, "hub-warm", HF_HUB_OFFLINE="1")
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert hub.requests == []
-    offline = runs_of("hub-warm")[-1]
-    assert offline.data.tags[REVISION_TAG] == hub.commit
-    assert_logged_files_match_the_hub(offline.info.run_id, hub)
 
 
 def test_a_cold_cache_without_the_hub_fails_fast_and_the_run_is_failed(
