@@ -12,6 +12,7 @@ import json
 import re
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -71,10 +72,24 @@ class Server:
     def metrics(self) -> str:
         return requests.get(f"{self.running.base}/metrics", timeout=10).text
 
+    def wait_until_idle(self, timeout_s: float = 30) -> None:
+        """Until no chat request is being answered: a timed-out request's generation holds its
+        admission slot until it stops, and under load that can take longer than a fixed pause."""
+        deadline = time.monotonic() + timeout_s
+        while metric_value(self.metrics(), "slmkit_requests_in_flight") > 0:
+            assert time.monotonic() < deadline, f"a request still held the server after {timeout_s} s"
+            time.sleep(0.1)
+
     def resident_bytes(self) -> int:
         """Resident memory of the server and its workers together."""
         root = psutil.Process(self.process.pid)
         return sum(p.memory_info().rss for p in [root, *root.children(recursive=True)])
+
+
+def metric_value(text: str, name: str) -> float:
+    """One sample of a /metrics text, by its exact name and labels; 0 where it is absent."""
+    match = re.search(rf"^{re.escape(name)} (\S+)$", text, re.MULTILINE)
+    return float(match.group(1)) if match else 0.0
 
 
 def bare_env(home: Path) -> dict[str, str]:
@@ -240,20 +255,19 @@ def test_metrics_count_requests_tokens_latency_and_batches(server: Server):
     server.post({"messages": []}, "openai")
     after = server.metrics()
 
-    def value(text: str, name: str) -> float:
-        match = re.search(rf"^{re.escape(name)} (\S+)$", text, re.MULTILINE)
-        return float(match.group(1)) if match else 0.0
-
-    assert value(after, 'slmkit_requests_total{route="/v1/chat/completions",status="200"}') >= 2 + value(
+    assert metric_value(after, 'slmkit_requests_total{route="/v1/chat/completions",status="200"}') >= 2 + metric_value(
         before, 'slmkit_requests_total{route="/v1/chat/completions",status="200"}'
     )
-    assert value(after, 'slmkit_requests_total{route="/v1/chat/completions",status="400"}') >= 1
-    assert value(after, "slmkit_completion_tokens_total") >= value(before, "slmkit_completion_tokens_total") + 4
-    assert value(after, "slmkit_prompt_tokens_total") > value(before, "slmkit_prompt_tokens_total")
-    assert value(after, "slmkit_time_to_first_token_seconds_count") >= 1
-    assert value(after, 'slmkit_request_seconds_count{route="/v1/chat/completions"}') >= 3
-    assert value(after, "slmkit_batch_size_count") >= 2
-    assert value(after, "slmkit_requests_in_flight") == 0
+    assert metric_value(after, 'slmkit_requests_total{route="/v1/chat/completions",status="400"}') >= 1
+    assert (
+        metric_value(after, "slmkit_completion_tokens_total")
+        >= metric_value(before, "slmkit_completion_tokens_total") + 4
+    )
+    assert metric_value(after, "slmkit_prompt_tokens_total") > metric_value(before, "slmkit_prompt_tokens_total")
+    assert metric_value(after, "slmkit_time_to_first_token_seconds_count") >= 1
+    assert metric_value(after, 'slmkit_request_seconds_count{route="/v1/chat/completions"}') >= 3
+    assert metric_value(after, "slmkit_batch_size_count") >= 2
+    assert metric_value(after, "slmkit_requests_in_flight") == 0
 
 
 def test_invocations_answer_as_under_mlflow_models_serve(wrapper_dir: Path, tmp_path: Path):
