@@ -259,6 +259,8 @@ def gguf_bytes_per_token(file: Path) -> int:
 
 # A command stops once the machine has less than this available: measured, never swapped or OOM-killed.
 MEMORY_RESERVE_BYTES = 3 * 2**29
+# How long a step stopped for memory has to end its run FAILED before it is killed.
+STOP_GRACE_S = 60
 
 
 @dataclass(frozen=True)
@@ -287,14 +289,16 @@ class Watched:
         )
 
 
-def tree_rss(root) -> int:
-    """Resident bytes of a process and all its descendants (psutil)."""
+def tree_resident_bytes(root) -> int:
+    """Resident bytes of a process and all its descendants, each shared page counted once: the
+    sum of their proportional set sizes (PSS). A sum of RSS counts a page every process maps
+    once per process, and a 2026-12-02 run put a 24 GiB machine's builds at 43 GiB that way."""
     import psutil
 
     total = 0
     for process in [root, *root.children(recursive=True)]:
         with contextlib.suppress(psutil.Error):  # exited between listing and reading
-            total += process.memory_info().rss
+            total += process.memory_full_info().pss
     return total
 
 
@@ -310,16 +314,24 @@ def watched(command: list[str], env: dict[str, str], cwd: Path | None = None) ->
         root = psutil.Process(process.pid)
         while process.poll() is None:
             try:
-                peak = max(peak, tree_rss(root))
+                peak = max(peak, tree_resident_bytes(root))
             except psutil.Error:  # the root itself exited meanwhile
                 break
             if psutil.virtual_memory().available < MEMORY_RESERVE_BYTES:
                 out_of_memory = True
-                for child in [*root.children(recursive=True), root]:
+                # Its children (the builder, which holds the memory) at once; the step itself
+                # gets SIGTERM, which it handles like an error, so its run ends FAILED instead
+                # of being left RUNNING in the store.
+                for child in root.children(recursive=True):
                     child.kill()
+                root.terminate()
                 break
             time.sleep(0.1)
-        returncode = process.wait()
+        try:
+            returncode = process.wait(timeout=STOP_GRACE_S if out_of_memory else None)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            returncode = process.wait()
         output.seek(0)
         tail = output.read()[-4000:].decode(errors="replace")
     return Watched(time.perf_counter() - started, peak, returncode, out_of_memory, tail)
