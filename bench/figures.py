@@ -302,6 +302,19 @@ def tree_resident_bytes(root) -> int:
     return total
 
 
+def stop_for_memory(root) -> None:
+    """Kill the children of `root` at once (the builder, which holds the memory) and send `root`,
+    the step, SIGTERM, which it handles like an error: its run ends FAILED instead of being left
+    RUNNING in the store, and its temporary folders go. Any of them may have exited meanwhile."""
+    import psutil
+
+    with contextlib.suppress(psutil.NoSuchProcess):
+        for child in root.children(recursive=True):
+            with contextlib.suppress(psutil.NoSuchProcess):
+                child.kill()
+        root.terminate()
+
+
 def watched(command: list[str], env: dict[str, str], cwd: Path | None = None) -> Watched:
     """Run `command`, sampling its process tree's resident memory; stop it (and say so) when the
     machine runs short, so a build too large for it reports its peak instead of being OOM-killed."""
@@ -319,12 +332,7 @@ def watched(command: list[str], env: dict[str, str], cwd: Path | None = None) ->
                 break
             if psutil.virtual_memory().available < MEMORY_RESERVE_BYTES:
                 out_of_memory = True
-                # Its children (the builder, which holds the memory) at once; the step itself
-                # gets SIGTERM, which it handles like an error, so its run ends FAILED instead
-                # of being left RUNNING in the store.
-                for child in root.children(recursive=True):
-                    child.kill()
-                root.terminate()
+                stop_for_memory(root)
                 break
             time.sleep(0.1)
         try:
