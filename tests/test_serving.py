@@ -73,8 +73,8 @@ class Server:
         return requests.get(f"{self.running.base}/metrics", timeout=10).text
 
     def wait_until_idle(self, timeout_s: float = 30) -> None:
-        """Until no chat request is being answered: a timed-out request's generation holds its
-        admission slot until it stops, and under load that can take longer than a fixed pause."""
+        """Until /metrics shows no chat request in flight, the count admission control refuses by
+        (503): a check that needs the only slot free waits for it instead of a fixed pause."""
         deadline = time.monotonic() + timeout_s
         while metric_value(self.metrics(), "slmkit_requests_in_flight") > 0:
             assert time.monotonic() < deadline, f"a request still held the server after {timeout_s} s"

@@ -97,7 +97,7 @@ def check_generation_stops_at_the_server_timeout(model: Path, kind: str, tmp_pat
     for server in serve(model, tmp_path / f"{kind}.log", "-t", "2", "--max-in-flight", "1", kind=kind):
         # Warm-up: the first request also opens the trace store (about a second), so it may time out.
         server.post({"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}, "openai")
-        server.wait_until_idle()  # a fixed 1.5 s once left it holding the only slot: a 503, not a 504
+        server.wait_until_idle()  # after a fixed 1.5 s the only slot was once still taken: a 503, not a 504
         for route in ROUTES:
             started = time.monotonic()
             timed_out = server.post(long_request, route)
