@@ -168,9 +168,9 @@ class RowResult:
         return (self.completion_tokens - 1) / decode_time
 
     @property
-    def prompt_tokens_per_s(self) -> float:
+    def prompt_tokens_per_s(self) -> float | None:
         """Prompt processing speed: the prompt's tokens over the time to the first token."""
-        return self.prompt_tokens / self.ttft_s if self.ttft_s > 0 else 0.0
+        return self.prompt_tokens / self.ttft_s if self.ttft_s > 0 else None
 
 
 Predict = Callable[[dict[str, Any]], Any]
@@ -243,11 +243,18 @@ def _percentile(values: list[float], fraction: float) -> float:
     return ordered[min(len(ordered) - 1, round(fraction * (len(ordered) - 1)))]
 
 
+def _median_or_nan(values: list[float | None]) -> float:
+    """The median of the rows that could be timed; NaN, not 0.0, when none could: on a model
+    whose every answer takes a few milliseconds the decode time is below the timing noise, and a
+    0.0 would read as measured."""
+    measured = [v for v in values if v is not None]
+    return statistics.median(measured) if measured else math.nan
+
+
 def summarize(results: list[RowResult]) -> dict[str, float]:
     """Aggregate metrics of one model: quality rates, latency percentiles, median speeds."""
     timed = timed_results(results)
     latencies = [r.latency_s for r in timed]
-    decode_speeds = [s for r in timed if (s := r.decode_tokens_per_s) is not None]
     return {
         "answer_correct_rate": statistics.fmean(r.correct for r in results),
         "token_f1_mean": statistics.fmean(r.token_f1 for r in results),
@@ -256,8 +263,8 @@ def summarize(results: list[RowResult]) -> dict[str, float]:
         "latency_p50_s": _percentile(latencies, 0.5),
         "latency_p95_s": _percentile(latencies, 0.95),
         "ttft_median_s": statistics.median(r.ttft_s for r in timed),
-        "prompt_tokens_per_s_median": statistics.median(r.prompt_tokens_per_s for r in timed),
-        "decode_tokens_per_s_median": statistics.median(decode_speeds) if decode_speeds else 0.0,
+        "prompt_tokens_per_s_median": _median_or_nan([r.prompt_tokens_per_s for r in timed]),
+        "decode_tokens_per_s_median": _median_or_nan([r.decode_tokens_per_s for r in timed]),
         "completion_tokens_mean": statistics.fmean(r.completion_tokens for r in results),
     }
 

@@ -5,6 +5,7 @@ The same table goes into the evaluate run as `comparison.md` and into `main`'s s
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 # (metric key, label, format) in the order a reader compares them.
@@ -23,7 +24,7 @@ TABLE_METRICS = (
 
 
 def _format(value: float | None, style: str) -> str:
-    if value is None:
+    if value is None or math.isnan(value):  # not logged, or too fast to time (evaluation.summarize)
         return "-"
     if style == "mib":
         return f"{value / 2**20:.0f}"

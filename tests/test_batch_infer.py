@@ -165,5 +165,8 @@ def test_evaluate_on_spark_scores_as_in_process_and_a_failed_gate_fails_the_run(
         assert on_spark[f"{name}/engine_agreement_rate"] == 1.0
         for metric in ("answer_correct_rate", "token_f1_mean", "well_formed_rate", "completion_tokens_mean"):
             assert on_spark[f"{name}/{metric}"] == in_process[f"{name}/{metric}"], metric
-        assert on_spark[f"{name}/decode_tokens_per_s_median"] > 0  # timed in process
+        # Timed in process. Not its decode speed: the tiny model's few-token answers take ~4 ms,
+        # and their decode time is below the timing noise (NaN, see evaluation.summarize).
+        assert on_spark[f"{name}/latency_p50_s"] > 0
+        assert on_spark[f"{name}/ttft_median_s"] > 0
     assert on_spark["parity/exact_match_rate"] == in_process["parity/exact_match_rate"]

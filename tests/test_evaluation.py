@@ -20,6 +20,7 @@ from slmkit.evaluation import (
     well_formed,
     with_timings,
 )
+from slmkit.report import comparison_table
 
 
 def test_answer_correct_normalises_case_and_punctuation():
@@ -62,6 +63,17 @@ def test_summary_and_parity_of_results():
     assert metrics["decode_tokens_per_s_median"] == pytest.approx(10.0)
     assert metrics["latency_p95_s"] == 2.1
     assert parity(a, b) == {"exact_match_rate": 0.5, "common_prefix_ratio_mean": 0.5}
+
+
+def test_speeds_too_fast_to_time_are_nan_not_zero():
+    # The one-token request took longer than the whole answer: timing noise on a ~4 ms model.
+    noisy = [RowResult("r", "x y", "stop", True, 1.0, True, 0.0041, 0.0047, 5, 3)]
+    metrics = summarize(noisy)
+    assert math.isnan(metrics["decode_tokens_per_s_median"])
+    assert metrics["prompt_tokens_per_s_median"] == pytest.approx(5 / 0.0047)
+    assert "| decode tokens/s | - |" in comparison_table(
+        {f"pipeline/{k}": v for k, v in metrics.items()}, ("pipeline",)
+    )
 
 
 def test_batch_engine_answers_count_for_quality_and_only_timed_rows_for_speed():
