@@ -60,11 +60,18 @@ def in_process_answer(model: mlflow.pyfunc.PyFuncModel, row: dict) -> dict:
     return model.predict(request)[0]
 
 
-def test_spark_answers_every_row_in_order_as_predict_does_alone(spark, models, tmp_path: Path):
+def test_spark_answers_every_row_in_order_as_the_local_engine_and_predict_alone_do(spark, models, tmp_path: Path):
+    """One Spark pass over two partitions per model: rows in equal rows out, in order, equal to
+    the local engine's column for column, and each answer equal to the chat model's own."""
     model_dir, batch_dir = models
-    frame = read_spark(spark, str(write_jsonl(ROWS, tmp_path / "rows.jsonl")))
-    answered = answer_with_spark(spark, batch_dir, frame, partitions=2, default_max_tokens=MAX_TOKENS).toPandas()
-    assert list(answered["id"]) == [row["id"] for row in ROWS]  # rows in equal rows out, in order
+    source = write_jsonl(ROWS, tmp_path / "rows.jsonl")
+    answered = answer_with_spark(spark, batch_dir, read_spark(spark, str(source)), 2, MAX_TOKENS).toPandas()
+    assert list(answered["id"]) == [row["id"] for row in ROWS]
+    local = answer_locally(mlflow.pyfunc.load_model(str(batch_dir)), pd.read_json(source, lines=True), MAX_TOKENS)
+    columns = ["id", "answer", "finish_reason", "completion_tokens", "error"]
+    assert answered[columns].astype(object).where(answered[columns].notna(), None).values.tolist() == (
+        local[columns].astype(object).where(local[columns].notna(), None).values.tolist()
+    )
     model = mlflow.pyfunc.load_model(str(model_dir))
     for row, out in zip(ROWS, answered.itertuples(), strict=True):
         if row["id"] in ERRORS:
@@ -80,17 +87,6 @@ def test_spark_answers_every_row_in_order_as_predict_does_alone(spark, models, t
     unicode = answered[answered["id"] == "unicode"].iloc[0]
     assert unicode["messages"][0]["content"] == "Привет 👋 你好 — ça va?"
     assert answered.loc[answered["id"] == "eval-0", "answer"].item() == "Paris."  # the trained rows answer
-
-
-def test_the_local_engine_gives_the_same_answers_as_spark(spark, models, tmp_path: Path):
-    _, batch_dir = models
-    source = write_jsonl(ROWS, tmp_path / "rows.jsonl")
-    on_spark = answer_with_spark(spark, batch_dir, read_spark(spark, str(source)), 1, MAX_TOKENS).toPandas()
-    local = answer_locally(mlflow.pyfunc.load_model(str(batch_dir)), pd.read_json(source, lines=True), MAX_TOKENS)
-    columns = ["id", "answer", "finish_reason", "completion_tokens", "error"]
-    assert on_spark[columns].astype(object).where(on_spark[columns].notna(), None).values.tolist() == (
-        local[columns].astype(object).where(local[columns].notna(), None).values.tolist()
-    )
 
 
 def test_batch_infer_runs_through_mlflow_run_and_logs_what_it_did(
