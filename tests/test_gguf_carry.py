@@ -5,6 +5,8 @@ embedding) built, carried and answering like transformers on the same weights.""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import gguf
@@ -25,7 +27,7 @@ from slmkit.gguf_carry import (
     node_precision,
     node_weights,
 )
-from slmkit.onnx_build import build_onnx
+from slmkit.onnx_build import QUANTIZATIONS, builder_command, copy_runtime_files
 from slmkit.onnx_greedy import bare_greedy, load
 from tests.tiny_models import build_tiny_phi3, write_tiny_phi3_gguf
 
@@ -126,20 +128,41 @@ def tiny_ggufs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path
     return files
 
 
+# Runs the builder's own command line once per argv given as JSON, in one process.
+ONE_PROCESS_BUILDER = """
+import json, runpy, sys
+for argv in json.loads(sys.argv[1]):
+    sys.argv = argv
+    runpy.run_module("onnxruntime_genai.models.builder", run_name="__main__")
+"""
+
+
 @pytest.fixture(scope="module")
-def built(tiny_ggufs: dict, tmp_path_factory: pytest.TempPathFactory):
-    """Build and carry each tiny GGUF once (float32 activations), on first use."""
-    cache = {}
+def built(tiny_ggufs: dict, tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, CarryReport]]:
+    """Each tiny GGUF built as `build_onnx` builds int4, then carried (float32 activations).
 
-    def build(name: str) -> tuple[Path, CarryReport]:
-        if name not in cache:
-            path, checkpoint = tiny_ggufs[name]
-            scratch = tmp_path_factory.mktemp(f"carried-{name}")
-            build_onnx("int4", checkpoint, scratch / "onnx", scratch, "cpu")
-            cache[name] = scratch / "onnx", carry_gguf_weights(scratch / "onnx", path, checkpoint, "float32")
-        return cache[name]
-
-    return build
+    All seven builds run in one builder process, with the command lines `build_onnx` gives the
+    builder: its imports (torch, transformers, onnx) take ten times the CPU of a tiny build."""
+    recipe, scratch = QUANTIZATIONS["int4"], tmp_path_factory.mktemp("carried")
+    commands = [
+        builder_command(checkpoint, scratch / name / "built", scratch / "builder-cache", "cpu",
+                        recipe.extra_options, recipe.precision)
+        for name, (_, checkpoint) in tiny_ggufs.items()
+    ]  # fmt: skip
+    assert {command[1:3] == ["-m", "onnxruntime_genai.models.builder"] for command in commands} == {True}
+    argvs = [["builder", *command[3:]] for command in commands]
+    result = subprocess.run(
+        [sys.executable, "-c", ONE_PROCESS_BUILDER, json.dumps(argvs)], capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    carried = {}
+    for name, (path, checkpoint) in tiny_ggufs.items():
+        copy_runtime_files(scratch / name / "built", scratch / name / "onnx")
+        carried[name] = (
+            scratch / name / "onnx",
+            carry_gguf_weights(scratch / name / "onnx", path, checkpoint, "float32"),
+        )
+    return carried
 
 
 def gguf_weights(path: Path, checkpoint: Path) -> GgufWeights:
@@ -162,7 +185,7 @@ def gguf_reference(weights: GgufWeights, parts: list[Part]) -> np.ndarray:
 
 @pytest.mark.parametrize("name", ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_1-tied"])
 def test_every_matmul_of_a_tiny_phi3_gguf_carries_the_files_own_weights(name: str, tiny_ggufs, built):
-    folder, report = built(name)
+    folder, report = built[name]
     path, checkpoint = tiny_ggufs[name]
     model = onnx.load(str(folder / "model.onnx"))
     matmuls = [node for node in model.graph.node if node.op_type == "MatMulNBits"]
@@ -192,7 +215,7 @@ def test_carried_weights_with_float_activations_answer_like_transformers_token_f
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    folder, _ = built(name)
+    folder, _ = built[name]
     checkpoint = tiny_ggufs[name][1]
     tokenizer = AutoTokenizer.from_pretrained(checkpoint)
     reference = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32)
@@ -205,7 +228,7 @@ def test_carried_weights_with_float_activations_answer_like_transformers_token_f
 
 def test_a_gguf_whose_weights_are_float_keeps_the_builders_quantization_and_says_why(built):
     """An F16 file has no quantized blocks to carry: each node is re-quantized, the reason logged."""
-    folder, report = built("F16")
+    folder, report = built["F16"]
     assert report.carried == {}
     assert len(report.requantized) == 11
     assert all(why == "GGUF type F16 has no exact MatMulNBits form" for why in report.requantized.values())
@@ -235,7 +258,7 @@ def test_8_bit_carried_weights_compute_what_transformers_computes(name: str, tin
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    folder, _ = built(name)
+    folder, _ = built[name]
     checkpoint = tiny_ggufs[name][1]
     tokenizer = AutoTokenizer.from_pretrained(checkpoint)
     reference = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32)
