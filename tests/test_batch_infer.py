@@ -19,7 +19,14 @@ import pytest
 from slmkit import PROJECT_ROOT
 from slmkit.evaluation import load_eval_set
 from slmkit.pipeline import STEP_TAG
-from slmkit.spark_batch import answer_locally, answer_with_spark, read_spark, save_batch_model, spark_session
+from slmkit.spark_batch import (
+    LOCAL_DRIVER_JAVA_OPTIONS,
+    answer_locally,
+    answer_with_spark,
+    read_spark,
+    save_batch_model,
+    spark_session,
+)
 from tests.conftest import BIN, TrackingServer, mlflow_run, project_params, runs_of
 
 pytestmark = pytest.mark.integration
@@ -87,6 +94,13 @@ def test_spark_answers_every_row_in_order_as_the_local_engine_and_predict_alone_
     unicode = answered[answered["id"] == "unicode"].iloc[0]
     assert unicode["messages"][0]["content"] == "Привет 👋 你好 — ça va?"
     assert answered.loc[answered["id"] == "eval-0", "answer"].item() == "Paris."  # the trained rows answer
+
+
+def test_the_local_driver_jvm_runs_with_the_small_machine_options(spark):
+    """The options reach the JVM itself: pyspark passes the session's conf to spark-submit,
+    which starts the driver, only when the session starts the JVM."""
+    runtime = spark.sparkContext._jvm.java.lang.management.ManagementFactory.getRuntimeMXBean()
+    assert set(LOCAL_DRIVER_JAVA_OPTIONS.split()) <= set(runtime.getInputArguments())
 
 
 def test_batch_infer_runs_through_mlflow_run_and_logs_what_it_did(
