@@ -37,7 +37,7 @@ PROCESS_FIXTURES = frozenset({"tracking_server", "wrapper_dir", "wrapper", "pipe
 # `make test` spreads the suite over the cores (pytest-xdist, --dist loadgroup). Session fixtures
 # are built once per worker, and each worker has its own tracking server, so the tests that share
 # a costly fixture or one experiment's step cache run on one worker, as one group.
-XDIST_GROUP_OF_FIXTURE = {"pipeline_run": "tiny-e2e", "spark": "spark"}
+XDIST_GROUP_OF_FIXTURE = {"pipeline_run": "tiny-e2e"}
 
 
 @pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the groups

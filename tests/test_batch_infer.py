@@ -1,14 +1,16 @@
 """`batch_infer` and `evaluate -P engine=spark` on a real local Spark session, on the tiny Phi-3.
 
-One Spark session serves the module (it takes seconds to start); the step itself runs as a user
-runs it, through `mlflow run`, which starts its own.
+Both run as a user runs them, through `mlflow run`, each starting its own session: one Spark
+pass per test, since a session costs its JVM's start (seconds of CPU) whichever process runs it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,14 +21,7 @@ import pytest
 from slmkit import PROJECT_ROOT
 from slmkit.evaluation import load_eval_set
 from slmkit.pipeline import STEP_TAG
-from slmkit.spark_batch import (
-    LOCAL_DRIVER_JAVA_OPTIONS,
-    answer_locally,
-    answer_with_spark,
-    read_spark,
-    save_batch_model,
-    spark_session,
-)
+from slmkit.spark_batch import LOCAL_DRIVER_JAVA_OPTIONS, answer_locally, save_batch_model
 from tests.conftest import BIN, TrackingServer, mlflow_run, project_params, runs_of
 
 pytestmark = pytest.mark.integration
@@ -48,18 +43,27 @@ def write_jsonl(rows: list[dict], path: Path) -> Path:
     return path
 
 
-@pytest.fixture(scope="module")
-def spark() -> Iterator:
-    session = spark_session(partitions=2)
-    yield session
-    session.stop()
+@contextlib.contextmanager
+def java_command_lines() -> Iterator[list[list[str]]]:
+    """The command lines of the `java` processes seen while the block runs (polled each 0.5 s)."""
+    seen: list[list[str]] = []
+    done = threading.Event()
 
+    def poll() -> None:
+        while not done.wait(0.5):
+            for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+                with contextlib.suppress(OSError):
+                    arguments = cmdline.read_bytes().decode(errors="replace").split("\0")
+                    if arguments[0].endswith("/java") and arguments not in seen:
+                        seen.append(arguments)
 
-@pytest.fixture(scope="module", params=["onnx", "pipeline"])
-def models(request, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """A chat model folder and the batch model holding it."""
-    model_dir = request.getfixturevalue("wrapper_dir" if request.param == "onnx" else "pipeline_dir")
-    return model_dir, save_batch_model(str(model_dir), tmp_path_factory.mktemp(f"batch-{request.param}") / "model")
+    watcher = threading.Thread(target=poll, daemon=True)
+    watcher.start()
+    try:
+        yield seen
+    finally:
+        done.set()
+        watcher.join()
 
 
 def in_process_answer(model: mlflow.pyfunc.PyFuncModel, row: dict) -> dict:
@@ -67,20 +71,33 @@ def in_process_answer(model: mlflow.pyfunc.PyFuncModel, row: dict) -> dict:
     return model.predict(request)[0]
 
 
-def test_spark_answers_every_row_in_order_as_the_local_engine_and_predict_alone_do(spark, models, tmp_path: Path):
-    """One Spark pass over two partitions per model: rows in equal rows out, in order, equal to
-    the local engine's column for column, and each answer equal to the chat model's own."""
-    model_dir, batch_dir = models
-    source = write_jsonl(ROWS, tmp_path / "rows.jsonl")
-    answered = answer_with_spark(spark, batch_dir, read_spark(spark, str(source)), 2, MAX_TOKENS).toPandas()
-    assert list(answered["id"]) == [row["id"] for row in ROWS]
-    local = answer_locally(mlflow.pyfunc.load_model(str(batch_dir)), pd.read_json(source, lines=True), MAX_TOKENS)
+def test_batch_infer_on_spark_answers_every_row_in_order_as_the_local_engine_and_predict_alone_and_logs_it(
+    tracking_server: TrackingServer, wrapper_dir: Path, tmp_path: Path
+):
+    """The step as a user runs it, through `mlflow run`, on a local Spark session over two
+    partitions: rows in equal rows out, in order; equal, column for column, to the local engine
+    in this process; each answer the chat model's own. The pipeline model's Spark answers are
+    checked against its own in test_evaluate_on_spark_scores_as_in_process (the batch model
+    around either chat model is the same code)."""
+    source, output = write_jsonl(ROWS, tmp_path / "rows.jsonl"), tmp_path / "answered"
+    params = project_params(
+        f"model_uri={wrapper_dir}", f"input={source}", f"output={output}", f"max_tokens={MAX_TOKENS}", "partitions=2"
+    )
+    with java_command_lines() as javas:
+        result = mlflow_run(tracking_server, "-e", "batch_infer", "--experiment-name", "batch", *params)
+    assert result.returncode == 0, result.stderr[-3000:]
+    # The driver JVM the step started ran with the small-machine options (slmkit.spark_batch).
+    assert any(set(LOCAL_DRIVER_JAVA_OPTIONS.split()) <= set(java) for java in javas if "pyspark" in " ".join(java))
+    written = pd.read_parquet(output)
+    assert list(written["id"]) == [row["id"] for row in ROWS]
+    batch_model = mlflow.pyfunc.load_model(str(save_batch_model(str(wrapper_dir), tmp_path / "batch-model")))
+    local = answer_locally(batch_model, pd.read_json(source, lines=True), MAX_TOKENS)
     columns = ["id", "answer", "finish_reason", "completion_tokens", "error"]
-    assert answered[columns].astype(object).where(answered[columns].notna(), None).values.tolist() == (
+    assert written[columns].astype(object).where(written[columns].notna(), None).values.tolist() == (
         local[columns].astype(object).where(local[columns].notna(), None).values.tolist()
     )
-    model = mlflow.pyfunc.load_model(str(model_dir))
-    for row, out in zip(ROWS, answered.itertuples(), strict=True):
+    model = mlflow.pyfunc.load_model(str(wrapper_dir), model_config={"tracing": "false"})
+    for row, out in zip(ROWS, written.itertuples(), strict=True):
         if row["id"] in ERRORS:
             assert ERRORS[row["id"]] in out.error
             assert pd.isna(out.answer)
@@ -91,30 +108,9 @@ def test_spark_answers_every_row_in_order_as_the_local_engine_and_predict_alone_
         assert out.answer == alone["choices"][0]["message"]["content"], row["id"]
         assert out.completion_tokens == alone["usage"]["completion_tokens"]
         assert out.finish_reason == alone["choices"][0]["finish_reason"]
-    unicode = answered[answered["id"] == "unicode"].iloc[0]
+    unicode = written[written["id"] == "unicode"].iloc[0]
     assert unicode["messages"][0]["content"] == "Привет 👋 你好 — ça va?"
-    assert answered.loc[answered["id"] == "eval-0", "answer"].item() == "Paris."  # the trained rows answer
-
-
-def test_the_local_driver_jvm_runs_with_the_small_machine_options(spark):
-    """The options reach the JVM itself: pyspark passes the session's conf to spark-submit,
-    which starts the driver, only when the session starts the JVM."""
-    runtime = spark.sparkContext._jvm.java.lang.management.ManagementFactory.getRuntimeMXBean()
-    assert set(LOCAL_DRIVER_JAVA_OPTIONS.split()) <= set(runtime.getInputArguments())
-
-
-def test_batch_infer_runs_through_mlflow_run_and_logs_what_it_did(
-    tracking_server: TrackingServer, wrapper_dir: Path, tmp_path: Path
-):
-    source, output = write_jsonl(ROWS, tmp_path / "rows.jsonl"), tmp_path / "answered"
-    params = project_params(
-        f"model_uri={wrapper_dir}", f"input={source}", f"output={output}", f"max_tokens={MAX_TOKENS}"
-    )
-    result = mlflow_run(tracking_server, "-e", "batch_infer", "--experiment-name", "batch", *params)
-    assert result.returncode == 0, result.stderr[-3000:]
-    written = pd.read_parquet(output)
-    assert list(written["id"]) == [row["id"] for row in ROWS]
-    assert written["error"].notna().sum() == len(ERRORS)
+    assert written.loc[written["id"] == "eval-0", "answer"].item() == "Paris."  # the trained rows answer
     [run] = runs_of("batch")
     assert run.data.metrics["rows"] == len(ROWS)
     assert run.data.metrics["rows_with_error"] == len(ERRORS)
