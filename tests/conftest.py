@@ -211,9 +211,6 @@ TRAINED_EXPERIMENT = "e2e-tiny"
 UNTRAINED_EXPERIMENT = "e2e-untrained"
 E2E_REGISTERED = ("pipeline_registered_model=e2e-pipeline", "onnx_registered_model=e2e-onnx")
 E2E_NAMES = ("e2e-pipeline", "e2e-onnx")
-# The SmolLM2 end-to-end test and the killed-download test share one experiment: main reuses the
-# download the killed test completed last.
-SMOLLM2_EXPERIMENT = "smollm2"
 
 
 @pytest.fixture(scope="session")

