@@ -11,7 +11,7 @@ import pytest
 
 from slmkit.manifest import file_sha256, read_manifest
 from slmkit.pipeline import DOWNLOAD_RUN_TAG, MODEL_URI_TAG, STEP_TAG
-from tests.conftest import TRAINED_EXPERIMENT, TRAINED_ROWS, TrackingServer, mlflow_run, runs_of
+from tests.conftest import TRAINED_ROWS, TrackingServer, mlflow_run, runs_of
 from tests.tiny_models import build_tiny_phi3, write_tiny_phi3_gguf
 
 pytestmark = pytest.mark.integration
@@ -55,16 +55,17 @@ def test_a_gguf_source_is_carried_over_by_default_and_logged_with_its_tensor_rep
     assert answer["model"] == "tiny-phi3"
 
 
-@pytest.mark.xdist_group("tiny-e2e")  # on pipeline_run's worker and server, to reuse its download
 def test_auto_keeps_the_smallest_build_that_keeps_the_sources_quality_and_logs_every_candidate(
     tracking_server: TrackingServer, trained_tiny_phi3: Path
 ):
+    # In an experiment of its own, off pipeline_run's worker: the step runs its download itself.
     result = mlflow_run(
-        tracking_server, "-e", "log_onnx_wrapper", "--experiment-name", TRAINED_EXPERIMENT,
+        tracking_server, "-e", "log_onnx_wrapper", "--experiment-name", "auto-quantization",
         "-P", f"model={trained_tiny_phi3}", "-P", "quantization=auto", "-P", f"calibration_rows={TRAINED_ROWS}",
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
-    run = newest(TRAINED_EXPERIMENT, "log_onnx_wrapper")
+    assert newest("auto-quantization", "download").info.status == "FINISHED"
+    run = newest("auto-quantization", "log_onnx_wrapper")
     assert run.data.params["quantization"] == "auto"
     table = json.loads(mlflow.artifacts.load_text(f"runs:/{run.info.run_id}/quantization_candidates.json"))
     rows = [dict(zip(table["columns"], values, strict=True)) for values in table["data"]]
