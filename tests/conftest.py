@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -129,21 +130,41 @@ def local_tracking_store(tmp_path_factory: pytest.TempPathFactory) -> None:
     use_experiment(mlflow.create_experiment("tests", artifact_location=str(store / "artifacts")))
 
 
+def built_once(tmp_path_factory: pytest.TempPathFactory, name: str, build: Callable[[Path], object]) -> Path:
+    """`build(folder)` once per `make test`, by whichever xdist worker asks first while the others
+    wait: the tiny models and model folders are the same files for every worker, and each build
+    costs seconds of CPU that the other worker's tests lack. Tests only read these folders."""
+    base = tmp_path_factory.getbasetemp()
+    shared = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "built-once"
+    shared.mkdir(exist_ok=True)
+    folder, done = shared / name, shared / f"{name}.done"
+    with (shared / f"{name}.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, or the worker dies
+        if not done.exists():
+            shutil.rmtree(folder, ignore_errors=True)  # what a worker that died midway left
+            build(folder)
+            done.touch()
+    return folder
+
+
 @pytest.fixture(scope="session")
 def tiny_phi3(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A random tiny Phi-3 checkpoint folder, built once per session."""
-    return build_tiny_phi3(tmp_path_factory.mktemp("models") / "tiny-phi3")
+    """A random tiny Phi-3 checkpoint folder."""
+    return built_once(tmp_path_factory, "tiny-phi3", build_tiny_phi3)
 
 
 TRAINED_ROWS = 3
 
 
+def build_trained_tiny_phi3(folder: Path) -> Path:
+    rows = load_eval_set(PROJECT_ROOT / "data" / "eval_set.jsonl", max_rows=TRAINED_ROWS)
+    return train_tiny_phi3(build_tiny_phi3(folder), [(row.messages, f"{row.answers[0]}.") for row in rows], steps=200)
+
+
 @pytest.fixture(scope="session")
 def trained_tiny_phi3(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny Phi-3 overfit to answer the first eval rows correctly, so quality is measurable."""
-    rows = load_eval_set(PROJECT_ROOT / "data" / "eval_set.jsonl", max_rows=TRAINED_ROWS)
-    folder = build_tiny_phi3(tmp_path_factory.mktemp("models") / "trained-phi3")
-    return train_tiny_phi3(folder, [(row.messages, f"{row.answers[0]}.") for row in rows], steps=200)
+    return built_once(tmp_path_factory, "trained-phi3", build_trained_tiny_phi3)
 
 
 def project_params(*params: str) -> list[str]:
@@ -293,7 +314,7 @@ GREEDY_DEFAULTS = {"do_sample": False, "max_new_tokens": 16}
 def save_wrapper(checkpoint: Path, dest: Path) -> Path:
     """Build an int4 ONNX model of `checkpoint` and save it as the ONNX chat wrapper at `dest`."""
     scratch = dest.parent / f"{dest.name}-build"
-    scratch.mkdir(parents=True)
+    scratch.mkdir(parents=True, exist_ok=True)
     build_onnx("int4", checkpoint, scratch / ONNX_ARTIFACT, scratch, "cpu")
     seal_onnx_folder(scratch / ONNX_ARTIFACT, f"test-build:{checkpoint.name}", "test")
     mlflow.pyfunc.save_model(
@@ -305,7 +326,7 @@ def save_wrapper(checkpoint: Path, dest: Path) -> Path:
 @pytest.fixture(scope="session")
 def wrapper_dir(trained_tiny_phi3: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The ONNX chat wrapper of the trained tiny Phi-3, saved as an MLflow model folder."""
-    return save_wrapper(trained_tiny_phi3, tmp_path_factory.mktemp("wrapper") / "model")
+    return built_once(tmp_path_factory, "wrapper", lambda folder: save_wrapper(trained_tiny_phi3, folder))
 
 
 @contextlib.contextmanager
@@ -327,15 +348,16 @@ def pipeline_dir(trained_tiny_phi3: Path, tmp_path_factory: pytest.TempPathFacto
     of the checkpoint that is gone once saved: the model must not need the folder it came from."""
     from slmkit.pipeline_model import build_pipeline, generation_config, pipeline_model_arguments
 
-    root = tmp_path_factory.mktemp("pipeline")
-    scratch = Path(shutil.copytree(trained_tiny_phi3, root / "scratch-checkpoint"))
-    pipeline = build_pipeline(scratch, "auto", "tiny-phi3")
-    with hub_offline():
-        mlflow.transformers.save_model(
-            path=str(root / "model"), **pipeline_model_arguments(pipeline, generation_config(0, 16))
-        )
-    shutil.rmtree(scratch)
-    return root / "model"
+    def save(folder: Path) -> None:
+        scratch = Path(shutil.copytree(trained_tiny_phi3, folder.parent / f"{folder.name}-scratch-checkpoint"))
+        pipeline = build_pipeline(scratch, "auto", "tiny-phi3")
+        with hub_offline():
+            mlflow.transformers.save_model(
+                path=str(folder), **pipeline_model_arguments(pipeline, generation_config(0, 16))
+            )
+        shutil.rmtree(scratch)
+
+    return built_once(tmp_path_factory, "pipeline", save)
 
 
 @pytest.fixture(scope="session")
