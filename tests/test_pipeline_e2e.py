@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import re
 from pathlib import Path
 
 import mlflow
@@ -188,38 +189,57 @@ def test_logged_models_pin_the_conda_yaml_versions(pipeline_run: PipelineRun, tm
             assert "python_model.pkl" not in {p.name for p in folder.rglob("*")}
 
 
-@pytest.mark.parametrize("front", [MLFLOW_SERVE, SLMKIT_SERVE])
+# Routes MLflow's own handler answers under both fronts: health, version, its input checks.
+MLFLOW_PROBES = [("get", "/ping", None), ("get", "/version", None), ("post", "/invocations", {"max_tokens": 4}),
+                 ("post", "/invocations", {"dataframe_records": [{"prompt": 5}]})]  # fmt: skip
+
+
 @pytest.mark.parametrize("step", ["log_pipeline", "log_onnx_wrapper"])
-def test_both_models_serve_chat_over_http_with_pickle_deserialization_disabled(
-    pipeline_run: PipelineRun, tracking_server: TrackingServer, tmp_path: Path, step: str, front: str
+def test_both_models_serve_chat_over_http_as_under_mlflow_models_serve_with_pickle_deserialization_disabled(
+    pipeline_run: PipelineRun, tracking_server: TrackingServer, tmp_path: Path, step: str
 ):
     """The logged models through the tracking server, under MLflow's server (by model id) and ours
-    (the pipeline by registered name and alias, the ONNX model by its run); ours answers `stop` on
-    the pipeline model too, whose logging folder is gone."""
-    env = tracking_server.env(MLFLOW_ALLOW_PICKLE_DESERIALIZATION="false")
+    (the pipeline by registered name and alias, the ONNX model by its run). Everything but chat
+    requests is MLflow's own handler under ours: the same status and body as `mlflow models serve`
+    gives. Ours answers `stop` on the pipeline model too, whose logging folder is gone."""
     ours = {
         "log_pipeline": "models:/e2e-pipeline@champion",
         "log_onnx_wrapper": f"runs:/{pipeline_run.children['log_onnx_wrapper'].info.run_id}/model",
     }
-    model_uri = pipeline_run.model_uri(step) if front == MLFLOW_SERVE else ours[step]
-    with served(model_uri, env, tmp_path / "server.log", front=front) as server:
-        answer = requests.post(server.url, json=CHAT, timeout=120)
-        assert answer.status_code == 200, answer.text
-        body = answer.json()  # a one-element list from both models
-        assert len(body) == 1
-        assert body[0]["object"] == "chat.completion"
-        assert body[0]["choices"][0]["finish_reason"] in ("stop", "length")
-        assert body[0]["model"] == pipeline_run.children["download"].data.params["model_name"]
-        if step == "log_onnx_wrapper" or front == SLMKIT_SERVE:
-            refused = requests.post(server.url, json={**CHAT, "max_tokens": 0}, timeout=60)
-            assert refused.status_code == 400
-            assert "max_tokens must be at least 1" in refused.json()["message"]
-            assert "stack_trace" not in refused.json()
-            assert requests.post(server.url, json=CHAT, timeout=60).status_code == 200
-        if front == SLMKIT_SERVE:
-            stopped = requests.post(server.chat_url, json={**CHAT, "stop": ["."]}, timeout=60)
-            assert stopped.status_code == 200, stopped.text
-            assert "." not in stopped.json()["choices"][0]["message"]["content"]
+    probed = {}
+    for front in (MLFLOW_SERVE, SLMKIT_SERVE):
+        temporary = tmp_path / front / "tmp"
+        temporary.mkdir(parents=True)
+        env = tracking_server.env(MLFLOW_ALLOW_PICKLE_DESERIALIZATION="false", TMPDIR=str(temporary))
+        model_uri = pipeline_run.model_uri(step) if front == MLFLOW_SERVE else ours[step]
+        with served(model_uri, env, tmp_path / front / "server.log", front=front) as server:
+            answer = requests.post(server.url, json=CHAT, timeout=120)
+            assert answer.status_code == 200, answer.text
+            body = answer.json()  # a one-element list from both models
+            assert len(body) == 1
+            assert body[0]["object"] == "chat.completion"
+            assert body[0]["choices"][0]["finish_reason"] in ("stop", "length")
+            assert body[0]["model"] == pipeline_run.children["download"].data.params["model_name"]
+            if step == "log_onnx_wrapper" or front == SLMKIT_SERVE:
+                refused = requests.post(server.url, json={**CHAT, "max_tokens": 0}, timeout=60)
+                assert refused.status_code == 400
+                assert "max_tokens must be at least 1" in refused.json()["message"]
+                assert "stack_trace" not in refused.json()
+                assert requests.post(server.url, json=CHAT, timeout=60).status_code == 200
+            if front == SLMKIT_SERVE:
+                stopped = requests.post(server.chat_url, json={**CHAT, "stop": ["."]}, timeout=60)
+                assert stopped.status_code == 200, stopped.text
+                assert "." not in stopped.json()["choices"][0]["message"]["content"]
+            probed[front] = [
+                (r.status_code, re.sub(r"\{'[^}]*\}", "{…}", r.text))  # a set's order differs from run to run
+                for r in (
+                    requests.request(method, server.base + path, json=body, timeout=60)
+                    for method, path, body in MLFLOW_PROBES
+                )
+            ]
+        # Stopped with SIGTERM, as systemd or docker stop it: our front removed its metrics folder.
+        assert not list(temporary.glob("slmkit-*"))
+    assert probed[SLMKIT_SERVE] == probed[MLFLOW_SERVE]
 
 
 @pytest.mark.parametrize(

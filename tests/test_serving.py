@@ -25,7 +25,7 @@ import requests
 import yaml
 
 from slmkit.chat_models import load_chat_model
-from slmkit.local_servers import MLFLOW_SERVE, SLMKIT_SERVE, ServedModel, served
+from slmkit.local_servers import SLMKIT_SERVE, ServedModel, served
 from tests.conftest import BIN
 
 pytestmark = pytest.mark.integration
@@ -268,26 +268,6 @@ def test_metrics_count_requests_tokens_latency_and_batches(server: Server):
     assert metric_value(after, 'slmkit_request_seconds_count{route="/v1/chat/completions"}') >= 3
     assert metric_value(after, "slmkit_batch_size_count") >= 2
     assert metric_value(after, "slmkit_requests_in_flight") == 0
-
-
-def test_invocations_answer_as_under_mlflow_models_serve(wrapper_dir: Path, tmp_path: Path):
-    """Everything but chat requests is MLflow's own handler: the same status and body as
-    `mlflow models serve` gives, for the health routes and MLflow's own input checks."""
-    probes = [("get", "/ping", None), ("get", "/version", None), ("post", "/invocations", {"max_tokens": 4}),
-              ("post", "/invocations", {"dataframe_records": [{"prompt": 5}]})]  # fmt: skip
-    answers = {}
-    for front in (MLFLOW_SERVE, SLMKIT_SERVE):
-        for running in serve(wrapper_dir, tmp_path / f"{front}.log", front=front):
-            base = running.running.base
-            answers[front] = [
-                (r.status_code, re.sub(r"\{'[^}]*\}", "{…}", r.text))  # a set's order differs from run to run
-                for r in (requests.request(method, base + path, json=body, timeout=60) for method, path, body in probes)
-            ]
-            chat = running.answer(VALID, "invocations")
-            assert chat["choices"][0]["message"]["content"] == "Paris."
-    assert answers[SLMKIT_SERVE] == answers[MLFLOW_SERVE]
-    # Stopped with SIGTERM, as systemd or docker stop it: the front removed its metrics folder.
-    assert not list((tmp_path / "tmp").glob("slmkit-*"))
 
 
 def test_serve_refuses_a_model_it_cannot_fetch_in_one_line(tmp_path: Path):
