@@ -48,6 +48,17 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.integration)
         for group in {group for fixture, group in XDIST_GROUP_OF_FIXTURE.items() if fixture in item.fixturenames}:
             item.add_marker(pytest.mark.xdist_group(group))
+    # xdist hands out the biggest group first, then single tests in this order: the `slow` ones,
+    # longest first, so that none starts last and leaves the other worker idle; then the others
+    # that start a process; then the rest, seconds each, which fill the gaps at the end.
+    items.sort(key=start_order)
+
+
+def start_order(item: pytest.Item) -> tuple[int, float]:
+    slow = item.get_closest_marker("slow")
+    if slow:
+        return 0, -slow.kwargs["seconds"]
+    return (1 if item.get_closest_marker("integration") else 2), 0.0
 
 
 def use_experiment(experiment_id: str) -> None:

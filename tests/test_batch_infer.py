@@ -71,6 +71,7 @@ def in_process_answer(model: mlflow.pyfunc.PyFuncModel, row: dict) -> dict:
     return model.predict(request)[0]
 
 
+@pytest.mark.slow(seconds=30)
 def test_batch_infer_on_spark_answers_every_row_in_order_as_the_local_engine_and_predict_alone_and_logs_it(
     tracking_server: TrackingServer, wrapper_dir: Path, tmp_path: Path
 ):

@@ -29,6 +29,7 @@ def newest(experiment: str, step: str) -> mlflow.entities.Run:
     return [r for r in runs_of(experiment) if r.data.tags.get(STEP_TAG) == step][-1]
 
 
+@pytest.mark.slow(seconds=25)
 def test_a_gguf_source_is_carried_over_by_default_and_logged_with_its_tensor_report(
     tracking_server: TrackingServer, tiny_gguf: Path, tmp_path: Path
 ):
@@ -55,6 +56,7 @@ def test_a_gguf_source_is_carried_over_by_default_and_logged_with_its_tensor_rep
     assert answer["model"] == "tiny-phi3"
 
 
+@pytest.mark.slow(seconds=25)
 def test_auto_keeps_the_smallest_build_that_keeps_the_sources_quality_and_logs_every_candidate(
     tracking_server: TrackingServer, trained_tiny_phi3: Path
 ):

@@ -136,6 +136,7 @@ def heavy_checkpoint(tiny_phi3: Path, tmp_path: Path) -> Path:
     return folder
 
 
+@pytest.mark.slow(seconds=25)
 @pytest.mark.integration
 def test_download_stopped_mid_fetch_or_killed_mid_upload_then_the_rerun_completes(
     tracking_server: TrackingServer, heavy_checkpoint: Path
@@ -252,6 +253,7 @@ def test_main_resumes_after_a_failed_step_and_a_lost_server_then_force_reruns_th
     assert forced.parent.data.params["evaluate_run_id"] != resumed.parent.data.params["evaluate_run_id"]
 
 
+@pytest.mark.slow(seconds=25)
 @pytest.mark.integration
 def test_an_unwritable_artifact_root_fails_the_step_clearly_and_leaves_no_model_that_loads(
     tracking_server: TrackingServer, trained_tiny_phi3: Path

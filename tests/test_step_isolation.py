@@ -56,6 +56,7 @@ def run_task(server: TrackingServer, tmp_path: Path, step: str, values: dict[str
     return run
 
 
+@pytest.mark.slow(seconds=40)
 def test_bundle_tasks_chain_through_the_tracking_server_and_record_their_own_params(
     tracking_server: TrackingServer, tiny_phi3: Path, tmp_path: Path
 ):

@@ -17,6 +17,7 @@ from tests.conftest import TrackingServer, mlflow_run_command, runs_of
 pytestmark = pytest.mark.integration
 
 
+@pytest.mark.slow(seconds=40)
 def test_a_step_runs_in_the_uv_environment_built_from_conda_yaml(
     tracking_server: TrackingServer, tiny_phi3: Path, tmp_path: Path
 ):
