@@ -88,6 +88,11 @@ def builder_command(
     ]  # fmt: skip
 
 
+def builder_environment() -> dict[str, str]:
+    """The builder's environment: this one, offline, since it reads a local checkpoint only."""
+    return {**os.environ, "HF_HUB_OFFLINE": "1"}
+
+
 def build_onnx(
     quantization: str,
     checkpoint: Path,
@@ -118,9 +123,7 @@ def build_onnx(
         {**recipe.extra_options, **(extra_options or {})},
         recipe.precision,
     )
-    result = subprocess.run(
-        command, capture_output=True, text=True, check=False, env={**os.environ, "HF_HUB_OFFLINE": "1"}
-    )
+    result = subprocess.run(command, capture_output=True, text=True, check=False, env=builder_environment())
     if result.returncode != 0:
         tail = "\n".join((result.stdout + result.stderr).strip().splitlines()[-15:])
         raise UserError(f"onnxruntime-genai's builder failed on {checkpoint} (exit {result.returncode}):\n{tail}")

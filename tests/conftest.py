@@ -35,9 +35,9 @@ HF_TOKEN_CANARY = "hf_canaryTOKEN0123456789abcdefSECRET"
 PROCESS_FIXTURES = frozenset({"tracking_server", "wrapper_dir", "wrapper", "pipeline_run", "untrained_mains", "built"})
 
 
-# `make test` spreads the suite over the cores (pytest-xdist, --dist loadgroup). Session fixtures
-# are built once per worker, and each worker has its own tracking server, so the tests that share
-# a costly fixture or one experiment's step cache run on one worker, as one group.
+# `make test` spreads the suite over the cores (pytest-xdist, --dist loadgroup). Each worker has
+# its own tracking server, so the tests that share pipeline_run's store and its experiments' step
+# cache run on one worker, as one group (model folders are shared through `built_once` instead).
 XDIST_GROUP_OF_FIXTURE = {"pipeline_run": "tiny-e2e"}
 
 

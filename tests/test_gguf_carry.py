@@ -27,7 +27,7 @@ from slmkit.gguf_carry import (
     node_precision,
     node_weights,
 )
-from slmkit.onnx_build import QUANTIZATIONS, builder_command, copy_runtime_files
+from slmkit.onnx_build import QUANTIZATIONS, builder_command, builder_environment, copy_runtime_files
 from slmkit.onnx_greedy import bare_greedy, load
 from tests.tiny_models import build_tiny_phi3, write_tiny_phi3_gguf
 
@@ -149,11 +149,12 @@ def built(tiny_ggufs: dict, tmp_path_factory: pytest.TempPathFactory) -> dict[st
                         recipe.extra_options, recipe.precision)
         for name, (_, checkpoint) in tiny_ggufs.items()
     ]  # fmt: skip
-    assert {command[1:3] == ["-m", "onnxruntime_genai.models.builder"] for command in commands} == {True}
+    assert all(command[1:3] == ["-m", "onnxruntime_genai.models.builder"] for command in commands)
     argvs = [["builder", *command[3:]] for command in commands]
     result = subprocess.run(
-        [sys.executable, "-c", ONE_PROCESS_BUILDER, json.dumps(argvs)], capture_output=True, text=True
-    )
+        [sys.executable, "-c", ONE_PROCESS_BUILDER, json.dumps(argvs)],
+        capture_output=True, text=True, env=builder_environment(),
+    )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     carried = {}
     for name, (path, checkpoint) in tiny_ggufs.items():
