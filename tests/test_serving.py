@@ -26,9 +26,11 @@ import yaml
 
 from slmkit.chat_models import load_chat_model
 from slmkit.local_servers import SLMKIT_SERVE, ServedModel, served
+from slmkit.onnx_session import THREADS_ENV
 from tests.conftest import BIN
 
-pytestmark = pytest.mark.integration
+# One worker serves both models for the whole module: split, each worker would start both servers.
+pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("serving")]
 
 VALID = {"messages": [{"role": "user", "content": "What is the capital of France?"}], "max_tokens": 4}
 ROUTES = ("invocations", "openai")
@@ -99,16 +101,27 @@ def bare_env(home: Path) -> dict[str, str]:
     return {"PATH": f"{BIN}:/usr/bin:/bin", "HOME": str(home), "HF_HUB_OFFLINE": "1", "TMPDIR": str(home / "tmp")}
 
 
-def serve(model: Path | str, log: Path, *extra: str, kind: str = "onnx", front: str = SLMKIT_SERVE) -> Iterator[Server]:
-    """Serve a local model folder with a bare environment, from a scratch folder."""
-    with served(model, bare_env(log.parent), log, *extra, front=front) as running:
+def serve(
+    model: Path | str,
+    log: Path,
+    *extra: str,
+    kind: str = "onnx",
+    front: str = SLMKIT_SERVE,
+    env: dict[str, str] | None = None,
+) -> Iterator[Server]:
+    """Serve a local model folder with a bare environment (plus `env`), from a scratch folder."""
+    with served(model, {**bare_env(log.parent), **(env or {})}, log, *extra, front=front) as running:
         yield Server(running, kind)
 
 
 @pytest.fixture(scope="module", params=["onnx", "pipeline"])
 def server(request, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     model = request.getfixturevalue("wrapper_dir" if request.param == "onnx" else "pipeline_dir")
-    yield from serve(model, tmp_path_factory.mktemp(f"serve-{request.param}") / "server.log", kind=request.param)
+    log = tmp_path_factory.mktemp(f"serve-{request.param}") / "server.log"
+    # One intra-op thread: this module's ~500 requests would otherwise keep a second onnxruntime
+    # thread spinning beside the other xdist worker (73 ms of CPU per tiny request against 45).
+    # The default, a thread per CPU, is served in test_pipeline_e2e and test_smollm2_e2e.
+    yield from serve(model, log, kind=request.param, env={THREADS_ENV: "1"})
 
 
 LONG = "The capital of France is Paris. " * 200
