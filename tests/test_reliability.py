@@ -13,6 +13,7 @@ from pathlib import Path
 
 import mlflow
 import numpy as np
+import psutil
 import pytest
 from mlflow import MlflowClient
 from mlflow.entities import Run
@@ -222,10 +223,18 @@ def test_main_resumes_after_a_failed_step_and_a_lost_server_then_force_reruns_th
         text=True,
     )
     try:
-        wait_until(between_steps, main)
+        wait_until(between_steps, main, poll_s=0.05)
+        # Held while its server stops, so that main next talks to a stopped server, wherever
+        # between steps the poll caught it, before it may have started evaluate.
+        held = [p for p in psutil.Process(main.pid).children(recursive=True) if "steps.main" in p.cmdline()]
+        assert held
+        for process in held:
+            process.suspend()
         stopped_main = new_main()
         tracking_server.stop()
         stopped = time.monotonic()
+        for process in held:
+            process.resume()
         output = main.communicate(timeout=300)[0]
         assert main.returncode != 0
         assert time.monotonic() - stopped < 90, output[-3000:]
