@@ -88,6 +88,11 @@ class TrackingServer:
             stop_process(self.process)
             self.process = None
 
+    def stored(self, artifact_uri: str) -> Path:
+        """Where this server keeps the artifacts at `artifact_uri` (mlflow-artifacts:/…): tests
+        read them from its disk instead of downloading hundreds of MB over HTTP again."""
+        return self.root / "artifacts" / artifact_uri.removeprefix("mlflow-artifacts:/")
+
     def env(self, **extra: str) -> dict[str, str]:
         """The environment a user's shell would have: venv first on PATH, this server's URI."""
         return {

@@ -123,7 +123,7 @@ def group_runs(pgid: int, *words: str) -> bool:
 
 
 def run_artifacts(server: TrackingServer, run: Run) -> Path:
-    return server.root / "artifacts" / run.info.experiment_id / run.info.run_id / "artifacts"
+    return server.stored(run.info.artifact_uri)
 
 
 @pytest.fixture
