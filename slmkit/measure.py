@@ -12,6 +12,7 @@ import json
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -41,13 +42,13 @@ def folder_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
 
 
-def measure(model_uri: str, rows: list[EvalRow], max_tokens: int) -> Measurement:
-    """Download, load and evaluate `model_uri` in this process."""
+def measure(model_uri: str, rows: list[EvalRow], max_tokens: int, download_dir: Path) -> Measurement:
+    """Download `model_uri` into `download_dir`, load and evaluate it in this process."""
     import mlflow
 
     mlflow.tracing.disable()  # traces per request would cost time and clutter the experiment
     started = time.perf_counter()
-    local = Path(mlflow.artifacts.download_artifacts(model_uri))
+    local = Path(mlflow.artifacts.download_artifacts(model_uri, dst_path=str(download_dir)))
     model = mlflow.pyfunc.load_model(str(local))
     load_seconds = time.perf_counter() - started
     results = evaluate_model(model.predict, rows, max_tokens)
@@ -63,8 +64,12 @@ def measure_in_subprocess(model_uri: str, rows: list[EvalRow], max_tokens: int, 
     """
     rows_path, result_path = scratch / "rows.jsonl", scratch / "measurement.json"
     write_eval_set(rows, rows_path)
-    command = [sys.executable, "-m", "slmkit.measure", model_uri, str(rows_path), str(max_tokens), str(result_path)]
-    completed = subprocess.run(command, capture_output=True, text=True, check=False)
+    # The parent owns the download's folder: removed once the child exits, however it exited,
+    # so only one model at a time takes disk (Phi-3's pipeline is 7.6 GB).
+    with tempfile.TemporaryDirectory(prefix="model-", dir=scratch) as download_dir:
+        command = [sys.executable, "-m", "slmkit.measure", model_uri, str(rows_path), str(max_tokens), str(result_path),
+                   download_dir]  # fmt: skip
+        completed = subprocess.run(command, capture_output=True, text=True, check=False)
     if completed.returncode != 0:
         tail = "\n".join(completed.stderr.strip().splitlines()[-12:])
         raise UserError(f"evaluating {model_uri} failed:\n{tail}")
@@ -79,8 +84,9 @@ def _main() -> None:
     parser.add_argument("rows", type=Path)
     parser.add_argument("max_tokens", type=int)
     parser.add_argument("output", type=Path)
+    parser.add_argument("download_dir", type=Path)
     args = parser.parse_args()
-    measurement = measure(args.model_uri, load_eval_set(args.rows), args.max_tokens)
+    measurement = measure(args.model_uri, load_eval_set(args.rows), args.max_tokens, args.download_dir)
     args.output.write_text(json.dumps(asdict(measurement)))
 
 

@@ -3,7 +3,8 @@
 The flags and defaults are `mlflow models serve`'s (`-m`, `-h`, `-p`, `-w`, `-t`), and the app
 is MLflow's scoring app with `/v1/chat/completions`, `/v1/models` and `/metrics` added (see
 `slmkit.serving`). It serves in the current environment, as `--env-manager local` does. The
-model is fetched once (any URI MLflow resolves) before uvicorn starts its workers.
+model is fetched once (any URI MLflow resolves) before uvicorn starts its workers, into a
+scratch folder that is removed when the server stops.
 """
 
 from __future__ import annotations
@@ -46,15 +47,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def local_model(model_uri: str) -> Path:
-    """A local folder holding the model: the path itself, or MLflow's download of the URI."""
+def local_model(model_uri: str, scratch: Path) -> Path:
+    """A local folder holding the model: the path itself, or MLflow's download of the URI into
+    `scratch` (left to MLflow, the download would stay in /tmp after the server stops)."""
     import mlflow
     from mlflow.exceptions import MlflowException
 
     if Path(model_uri).is_dir():
         return Path(model_uri).resolve()
     try:
-        return Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri))
+        return Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=str(scratch)))
     except MlflowException as error:
         raise UserError(f"cannot fetch the model {model_uri}: {error.message}") from None
 
@@ -63,21 +65,23 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     for name in ("workers", "timeout", "max_body_bytes", "max_in_flight"):
         positive_int(f"--{name.replace('_', '-')}", getattr(args, name))
-    os.environ.update(
-        {
-            MODEL_PATH_ENV: str(local_model(args.model_uri)),
-            MAX_BODY_ENV: str(args.max_body_bytes),
-            MAX_IN_FLIGHT_ENV: str(args.max_in_flight),
-            MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT.name: str(args.timeout),
-        }
-    )
     # uvicorn stops on SIGTERM, then raises the signal again to the handler it found: made an
-    # exit here, so the metrics folder below is removed instead of left behind in /tmp.
+    # exit here, so the scratch folder below is removed instead of left behind in /tmp.
     signal.signal(signal.SIGTERM, lambda signum, _frame: sys.exit(128 + signum))
-    # In this process, so a SIGTERM reaches uvicorn's own handling (workers stop with it).
-    with tempfile.TemporaryDirectory(prefix="slmkit-metrics-") as metrics_dir:
+    with tempfile.TemporaryDirectory(prefix="slmkit-serve-") as scratch:
+        os.environ.update(
+            {
+                MODEL_PATH_ENV: str(local_model(args.model_uri, Path(scratch))),
+                MAX_BODY_ENV: str(args.max_body_bytes),
+                MAX_IN_FLIGHT_ENV: str(args.max_in_flight),
+                MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT.name: str(args.timeout),
+            }
+        )
         if args.workers > 1:  # every worker writes its metrics here; /metrics sums them
-            os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+            metrics_dir = Path(scratch) / "metrics"
+            metrics_dir.mkdir()
+            os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
+        # In this process, so a SIGTERM reaches uvicorn's own handling (workers stop with it).
         uvicorn.run(
             "slmkit.serving:app_from_environment",
             factory=True,

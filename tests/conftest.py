@@ -232,9 +232,9 @@ def cache_notes(parent: Run) -> dict[str, str]:
     return {step: parent.data.tags[f"cache.{step}"].split(" ")[0] for step in ORDER}
 
 
-def run_main(server: TrackingServer, experiment: str, *params: str) -> PipelineRun:
-    """`mlflow run .` with `-P` overrides; returns the newest main run of `experiment`."""
-    result = mlflow_run(server, "--experiment-name", experiment, *project_params(*params))
+def run_main(server: TrackingServer, experiment: str, *params: str, **env: str) -> PipelineRun:
+    """`mlflow run .` with `-P` overrides (and `env`); returns the newest main run of `experiment`."""
+    result = mlflow_run(server, "--experiment-name", experiment, *project_params(*params), **env)
     assert result.returncode == 0, result.stderr[-3000:]
     runs = runs_of(experiment)
     parent = [r for r in runs if r.data.tags.get(STEP_TAG) == "main"][-1]
@@ -251,7 +251,13 @@ E2E_NAMES = ("e2e-pipeline", "e2e-onnx")
 
 
 @pytest.fixture(scope="session")
-def pipeline_run(tracking_server: TrackingServer, trained_tiny_phi3: Path) -> PipelineRun:
+def main_temporary(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """`pipeline_run`'s TMPDIR, where a test sees what the whole pipeline left behind."""
+    return tmp_path_factory.mktemp("main-tmp")
+
+
+@pytest.fixture(scope="session")
+def pipeline_run(tracking_server: TrackingServer, trained_tiny_phi3: Path, main_temporary: Path) -> PipelineRun:
     """`main` on the trained tiny Phi-3, registering into `e2e-pipeline` and `e2e-onnx`."""
     return run_main(
         tracking_server,
@@ -260,6 +266,7 @@ def pipeline_run(tracking_server: TrackingServer, trained_tiny_phi3: Path) -> Pi
         f"max_rows={TRAINED_ROWS}",
         "max_tokens=8",
         *E2E_REGISTERED,
+        TMPDIR=str(main_temporary),
     )
 
 
