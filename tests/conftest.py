@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -125,17 +126,41 @@ def start_tracking_server(root: Path, port: int) -> subprocess.Popen:
     return process
 
 
-@pytest.fixture(scope="session")
-def tracking_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TrackingServer]:
-    """`mlflow server` on 127.0.0.1: SQLite backend, artifacts served through the server."""
-    server = TrackingServer(uri=f"http://127.0.0.1:{free_port()}", root=tmp_path_factory.mktemp("tracking"))
+@contextlib.contextmanager
+def running_tracking_server(root: Path) -> Iterator[TrackingServer]:
+    """A tracking server on a store under `root`, this process's tracking URI (and its Default
+    experiment) until it stops; then the store and experiment before it are active again."""
+    root.mkdir(exist_ok=True)
+    server = TrackingServer(uri=f"http://127.0.0.1:{free_port()}", root=root)
     server.start()
+    previous_uri, previous_experiment = mlflow.get_tracking_uri(), mlflow.tracking.fluent._get_experiment_id()
     try:
         mlflow.set_tracking_uri(server.uri)
-        use_experiment("0")  # the server's Default experiment
+        use_experiment("0")
         yield server
     finally:
         server.stop()
+        mlflow.set_tracking_uri(previous_uri)
+        use_experiment(previous_experiment)
+
+
+@pytest.fixture(scope="session")
+def tracking_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TrackingServer]:
+    """`mlflow server` on 127.0.0.1: SQLite backend, artifacts served through the server."""
+    with running_tracking_server(tmp_path_factory.mktemp("tracking")) as server:
+        yield server
+
+
+@pytest.fixture(scope="session", autouse=True)
+def temporary_files_under_basetemp(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """TMPDIR, for this process and every process a test starts, under pytest's basetemp: what a
+    killed process or a library leaves there goes when a passing session removes basetemp
+    (pyproject's tmp_path_retention_policy), instead of filling /tmp run after run."""
+    temporary = tmp_path_factory.mktemp("tmp")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("TMPDIR", str(temporary))
+        patch.setattr(tempfile, "tempdir", str(temporary))
+        yield
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -8,8 +8,8 @@ ONNX model, keep the model's answers.
 from __future__ import annotations
 
 import re
-import shutil
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import mlflow
@@ -21,7 +21,7 @@ import requests
 from slmkit.gguf_carry import node_parts, node_weights
 from slmkit.onnx_wrapper_model import ONNX_ARTIFACT
 from slmkit.pipeline import MODEL_URI_TAG, STEP_TAG
-from tests.conftest import TrackingServer, mlflow_run, runs_of
+from tests.conftest import TrackingServer, mlflow_run, running_tracking_server, runs_of
 from tests.test_gguf_carry import checkpoint_names, gguf_reference, gguf_weights
 from tests.test_serving import ROUTES, serve
 
@@ -32,9 +32,17 @@ GGUF_MEMBER = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_EXPERIMENT = "smollm2"
 
 
-def test_smollm2_preset_runs_end_to_end_and_answers(tracking_server: TrackingServer, tmp_path: Path):
+@pytest.fixture
+def own_tracking_server(tmp_path: Path) -> Iterator[TrackingServer]:
+    """A store of this test's alone: SmolLM2's 1.3 GB of checkpoints and models go with the
+    test's folder when it passes, instead of filling the disk until the session ends."""
+    with running_tracking_server(tmp_path / "tracking") as server:
+        yield server
+
+
+def test_smollm2_preset_runs_end_to_end_and_answers(own_tracking_server: TrackingServer, tmp_path: Path):
     result = mlflow_run(
-        tracking_server, "--experiment-name", SMOLLM2_EXPERIMENT, "-P", "model=smollm2-135m", "-P", "max_rows=4", "-P", "max_tokens=24",
+        own_tracking_server, "--experiment-name", SMOLLM2_EXPERIMENT, "-P", "model=smollm2-135m", "-P", "max_rows=4", "-P", "max_tokens=24",
         timeout_s=1200,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
@@ -59,20 +67,20 @@ def test_smollm2_preset_runs_end_to_end_and_answers(tracking_server: TrackingSer
     onnx_run = runs["log_onnx_wrapper"]
     assert onnx_run.data.params["onnx_quantization"] == "gguf"
     assert onnx_run.data.params["gguf_tensors"] == "carried=151,requantized=0"
-    onnx_model = local_model(tracking_server, onnx_run, tmp_path / "onnx")
-    check_every_carried_node_equals_the_gguf(onnx_model, tracking_server.stored(download.info.artifact_uri))
+    onnx_model = stored_model(own_tracking_server, onnx_run)
+    check_every_carried_node_equals_the_gguf(onnx_model, own_tracking_server.stored(download.info.artifact_uri))
     check_generation_stops_at_the_server_timeout(onnx_model, "onnx", tmp_path)
     check_generation_stops_at_the_server_timeout(
-        local_model(tracking_server, runs["log_pipeline"], tmp_path / "pipeline"), "pipeline", tmp_path
+        stored_model(own_tracking_server, runs["log_pipeline"]), "pipeline", tmp_path
     )
     check_a_client_leaving_mid_stream_frees_its_row(onnx_model, tmp_path)
 
 
-def local_model(server: TrackingServer, step_run, dest: Path) -> Path:
-    """A copy in `dest` of the model a logging step's run logged, from the server's disk: the
-    steps have already moved these hundreds of MB through the server, evaluate included."""
+def stored_model(server: TrackingServer, step_run) -> Path:
+    """The folder of the model a logging step's run logged, on the server's disk, served and
+    read in place: the steps have already moved these hundreds of MB through the server."""
     model_id = step_run.data.tags[MODEL_URI_TAG].removeprefix("models:/")
-    return Path(shutil.copytree(server.stored(mlflow.get_logged_model(model_id).artifact_location), dest))
+    return server.stored(mlflow.get_logged_model(model_id).artifact_location)
 
 
 def check_every_carried_node_equals_the_gguf(model_dir: Path, download_artifacts: Path) -> None:

@@ -5,6 +5,7 @@ cold uv cache (README); MLflow keeps environments under ~/.mlflow/envs, this tes
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -26,21 +27,29 @@ def test_a_step_runs_in_the_uv_environment_built_from_conda_yaml(
     # Where pip finds a local CPU torch wheel (this machine's pip config), uv must find it too:
     # PyPI's default torch for Linux is a multi-GB CUDA build.
     find_links = os.environ.get("PIP_FIND_LINKS", "")
-    # A fresh environment root: the environment is built here, from conda.yaml, not taken from a cache.
+    # A fresh environment root and uv cache: the environment is built here, from conda.yaml, not
+    # taken from a cache. Both (4 GB, 1.9 of them pyspark's sdist build) go when the test ends,
+    # passed or failed: left until the session ends, they filled a CI machine's disk.
     env = tracking_server.env(
-        MLFLOW_ENV_ROOT=str(tmp_path / "envs"), **({"UV_FIND_LINKS": find_links} if find_links else {})
+        MLFLOW_ENV_ROOT=str(tmp_path / "envs"),
+        UV_CACHE_DIR=str(tmp_path / "uv-cache"),
+        **({"UV_FIND_LINKS": find_links} if find_links else {}),
     )
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900, check=False)
-    assert result.returncode == 0, result.stderr[-3000:]
-    [run] = [r for r in runs_of("uv") if r.data.tags.get(STEP_TAG) == "download"]
-    assert run.info.status == "FINISHED"
-    assert run.data.tags["mlflow.project.env"] == "uv"
-    assert run.data.params["model_name"] == "tiny-phi3"
-    [environment] = (tmp_path / "envs").iterdir()
-    python = environment / "bin" / "python"
-    installed = subprocess.run(
-        [str(python), "-c", "import mlflow, transformers; print(mlflow.__version__, transformers.__version__)"],
-        capture_output=True, text=True, check=True,
-    ).stdout.split()  # fmt: skip
-    pins = read_pins()
-    assert [f"mlflow=={installed[0]}", f"transformers=={installed[1]}"] == [pins["mlflow"], pins["transformers"]]
+    try:
+        result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900, check=False)
+        assert result.returncode == 0, result.stderr[-3000:]
+        [run] = [r for r in runs_of("uv") if r.data.tags.get(STEP_TAG) == "download"]
+        assert run.info.status == "FINISHED"
+        assert run.data.tags["mlflow.project.env"] == "uv"
+        assert run.data.params["model_name"] == "tiny-phi3"
+        [environment] = (tmp_path / "envs").iterdir()
+        python = environment / "bin" / "python"
+        installed = subprocess.run(
+            [str(python), "-c", "import mlflow, transformers; print(mlflow.__version__, transformers.__version__)"],
+            capture_output=True, text=True, check=True,
+        ).stdout.split()  # fmt: skip
+        pins = read_pins()
+        assert [f"mlflow=={installed[0]}", f"transformers=={installed[1]}"] == [pins["mlflow"], pins["transformers"]]
+    finally:
+        for built in ("envs", "uv-cache"):
+            shutil.rmtree(tmp_path / built, ignore_errors=True)
