@@ -226,18 +226,21 @@ def test_main_resumes_after_a_failed_step_and_a_lost_server_then_force_reruns_th
         text=True,
     )
     try:
+        # main settles the three reused steps within about 0.1 s, hence the fast poll. Held
+        # (SIGSTOP) from there until the server is down, it next talks to a stopped server
+        # wherever between steps the poll caught it, and cannot have started evaluate first.
         wait_until(between_steps, main, poll_s=0.05)
-        # Held while its server stops, so that main next talks to a stopped server, wherever
-        # between steps the poll caught it, before it may have started evaluate.
         held = [p for p in psutil.Process(main.pid).children(recursive=True) if "steps.main" in p.cmdline()]
         assert held
         for process in held:
             process.suspend()
-        stopped_main = new_main()
-        tracking_server.stop()
-        stopped = time.monotonic()
-        for process in held:
-            process.resume()
+        try:
+            stopped_main = new_main()
+            tracking_server.stop()
+            stopped = time.monotonic()
+        finally:  # never leave main stopped, whatever failed
+            for process in held:
+                process.resume()
         output = main.communicate(timeout=300)[0]
         assert main.returncode != 0
         assert time.monotonic() - stopped < 90, output[-3000:]

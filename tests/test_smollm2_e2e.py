@@ -112,7 +112,8 @@ def check_generation_stops_at_the_server_timeout(model: Path, kind: str, tmp_pat
             assert time.monotonic() - started < 6
             if route == "openai":
                 assert timed_out.json()["error"]["code"] == "timeout"
-            # The only slot frees once the generation behind the 504 has stopped, not after a fixed pause.
+            # The only slot is free again (else the next request would get a 503): waited for on
+            # /metrics, not a fixed pause. The timed answer below then checks the model itself.
             server.wait_until_idle(timeout_s=5)
             started = time.monotonic()
             server.answer({"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4}, route)
