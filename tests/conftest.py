@@ -22,6 +22,7 @@ from slmkit import PROJECT_ROOT
 from slmkit.evaluation import load_eval_set
 from slmkit.local_servers import free_port, stop_process, wait_for_http
 from slmkit.onnx_build import build_onnx
+from slmkit.onnx_session import THREADS_ENV
 from slmkit.onnx_wrapper_model import ONNX_ARTIFACT, seal_onnx_folder, wrapper_model_arguments
 from slmkit.pipeline import MODEL_URI_TAG, ORDER, STEP_TAG
 from tests.tiny_models import build_tiny_phi3, train_tiny_phi3
@@ -160,6 +161,19 @@ def temporary_files_under_basetemp(tmp_path_factory: pytest.TempPathFactory) -> 
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("TMPDIR", str(temporary))
         patch.setattr(tempfile, "tempdir", str(temporary))
+        yield
+
+
+@pytest.fixture(scope="session", autouse=True)
+def one_intra_op_thread_per_process() -> Iterator[None]:
+    """One torch (OpenMP) and one onnxruntime intra-op thread in every process a test starts.
+    `make test` runs a worker per core, so a second thread per process only spins beside the
+    other worker's processes: a tiny served model took 73 ms of CPU a request against 45, the
+    tiny pipeline's measurement 7.5 s against 6.4 with the other core busy. The default, a
+    thread per CPU, is what `make run` and `make bench` use (its choice: test_onnx_build)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("OMP_NUM_THREADS", "1")
+        patch.setenv(THREADS_ENV, "1")
         yield
 
 

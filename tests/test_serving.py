@@ -9,6 +9,7 @@ official `openai` client; metrics; body limit; admission control; memory stays f
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -96,9 +97,17 @@ def metric_value(text: str, name: str) -> float:
 
 def bare_env(home: Path) -> dict[str, str]:
     """A bare environment with the hub unreachable: nothing the model needs may come from it.
-    Its temporary files go to `home`/tmp, where a test can see what a server left behind."""
+    Its temporary files go to `home`/tmp, where a test can see what a server left behind. It
+    keeps the suite's thread settings (conftest's one_intra_op_thread_per_process)."""
     (home / "tmp").mkdir(exist_ok=True)
-    return {"PATH": f"{BIN}:/usr/bin:/bin", "HOME": str(home), "HF_HUB_OFFLINE": "1", "TMPDIR": str(home / "tmp")}
+    threads = {name: os.environ[name] for name in ("OMP_NUM_THREADS", THREADS_ENV) if name in os.environ}
+    return {
+        "PATH": f"{BIN}:/usr/bin:/bin",
+        "HOME": str(home),
+        "HF_HUB_OFFLINE": "1",
+        "TMPDIR": str(home / "tmp"),
+        **threads,
+    }
 
 
 def serve(
@@ -107,10 +116,9 @@ def serve(
     *extra: str,
     kind: str = "onnx",
     front: str = SLMKIT_SERVE,
-    env: dict[str, str] | None = None,
 ) -> Iterator[Server]:
-    """Serve a local model folder with a bare environment (plus `env`), from a scratch folder."""
-    with served(model, {**bare_env(log.parent), **(env or {})}, log, *extra, front=front) as running:
+    """Serve a local model folder with a bare environment, from a scratch folder."""
+    with served(model, bare_env(log.parent), log, *extra, front=front) as running:
         yield Server(running, kind)
 
 
@@ -118,10 +126,7 @@ def serve(
 def server(request, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     model = request.getfixturevalue("wrapper_dir" if request.param == "onnx" else "pipeline_dir")
     log = tmp_path_factory.mktemp(f"serve-{request.param}") / "server.log"
-    # One intra-op thread: this module's ~500 requests would otherwise keep a second onnxruntime
-    # thread spinning beside the other xdist worker (73 ms of CPU per tiny request against 45).
-    # The default, a thread per CPU, is served in test_pipeline_e2e and test_smollm2_e2e.
-    yield from serve(model, log, kind=request.param, env={THREADS_ENV: "1"})
+    yield from serve(model, log, kind=request.param)
 
 
 LONG = "The capital of France is Paris. " * 200
