@@ -44,7 +44,9 @@ def free_port() -> int:
 
 
 def wait_for_http(url: str, process: subprocess.Popen, timeout_s: float) -> None:
-    """Poll `url` until it answers 200; fail early, naming the exit code, if the process died."""
+    """Poll `url` until it answers 200; fail early, naming the exit code, if the process died.
+    A refused connection costs about a millisecond, so the poll is fast: a server that is up
+    is used within 0.1 s, not up to 0.5 s later."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if process.poll() is not None:
@@ -54,7 +56,7 @@ def wait_for_http(url: str, process: subprocess.Popen, timeout_s: float) -> None
                 return
         except (requests.ConnectionError, requests.Timeout):  # not listening yet, or still starting
             pass
-        time.sleep(0.5)
+        time.sleep(0.1)
     raise TimeoutError(f"{url} did not answer within {timeout_s} s")
 
 
