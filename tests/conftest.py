@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import urllib.parse
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -91,8 +92,11 @@ class TrackingServer:
             self.process = None
 
     def stored(self, artifact_uri: str) -> Path:
-        """Where this server keeps the artifacts at `artifact_uri` (mlflow-artifacts:/…): tests
-        read them from its disk instead of downloading hundreds of MB over HTTP again."""
+        """Where the artifacts at `artifact_uri` are on disk: under this server's root for
+        mlflow-artifacts:/…, the path itself for an experiment's file:// location. Tests read
+        them there instead of downloading hundreds of MB over HTTP again."""
+        if artifact_uri.startswith("file://"):
+            return Path(urllib.parse.urlparse(artifact_uri).path)
         return self.root / "artifacts" / artifact_uri.removeprefix("mlflow-artifacts:/")
 
     def env(self, **extra: str) -> dict[str, str]:
@@ -127,29 +131,17 @@ def start_tracking_server(root: Path, port: int) -> subprocess.Popen:
     return process
 
 
-@contextlib.contextmanager
-def running_tracking_server(root: Path) -> Iterator[TrackingServer]:
-    """A tracking server on a store under `root`, this process's tracking URI (and its Default
-    experiment) until it stops; then the store and experiment before it are active again."""
-    root.mkdir(exist_ok=True)
-    server = TrackingServer(uri=f"http://127.0.0.1:{free_port()}", root=root)
-    server.start()
-    previous_uri, previous_experiment = mlflow.get_tracking_uri(), mlflow.tracking.fluent._get_experiment_id()
-    try:
-        mlflow.set_tracking_uri(server.uri)
-        use_experiment("0")
-        yield server
-    finally:
-        server.stop()
-        mlflow.set_tracking_uri(previous_uri)
-        use_experiment(previous_experiment)
-
-
 @pytest.fixture(scope="session")
 def tracking_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TrackingServer]:
     """`mlflow server` on 127.0.0.1: SQLite backend, artifacts served through the server."""
-    with running_tracking_server(tmp_path_factory.mktemp("tracking")) as server:
+    server = TrackingServer(uri=f"http://127.0.0.1:{free_port()}", root=tmp_path_factory.mktemp("tracking"))
+    server.start()
+    try:
+        mlflow.set_tracking_uri(server.uri)
+        use_experiment("0")  # the server's Default experiment
         yield server
+    finally:
+        server.stop()
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import mlflow
@@ -21,7 +20,7 @@ import requests
 from slmkit.gguf_carry import node_parts, node_weights
 from slmkit.onnx_wrapper_model import ONNX_ARTIFACT
 from slmkit.pipeline import MODEL_URI_TAG, STEP_TAG
-from tests.conftest import TrackingServer, mlflow_run, running_tracking_server, runs_of
+from tests.conftest import TrackingServer, mlflow_run, runs_of
 from tests.test_gguf_carry import checkpoint_names, gguf_reference, gguf_weights
 from tests.test_serving import ROUTES, serve
 
@@ -32,17 +31,14 @@ GGUF_MEMBER = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_EXPERIMENT = "smollm2"
 
 
-@pytest.fixture
-def own_tracking_server(tmp_path: Path) -> Iterator[TrackingServer]:
-    """A store of this test's alone: SmolLM2's 1.3 GB of checkpoints and models go with the
-    test's folder when it passes, instead of filling the disk until the session ends."""
-    with running_tracking_server(tmp_path / "tracking") as server:
-        yield server
-
-
-def test_smollm2_preset_runs_end_to_end_and_answers(own_tracking_server: TrackingServer, tmp_path: Path):
+def test_smollm2_preset_runs_end_to_end_and_answers(tracking_server: TrackingServer, tmp_path: Path):
+    # Artifacts in a folder of this test's, as `make run`'s local store keeps them (the tiny
+    # end-to-end tests send theirs through the server): SmolLM2's 1.3 GB of checkpoints and
+    # models go with the folder when the test passes, instead of filling the disk until the
+    # session ends, and are not moved over HTTP twice.
+    mlflow.create_experiment(SMOLLM2_EXPERIMENT, artifact_location=(tmp_path / "artifacts").as_uri())
     result = mlflow_run(
-        own_tracking_server, "--experiment-name", SMOLLM2_EXPERIMENT, "-P", "model=smollm2-135m", "-P", "max_rows=4", "-P", "max_tokens=24",
+        tracking_server, "--experiment-name", SMOLLM2_EXPERIMENT, "-P", "model=smollm2-135m", "-P", "max_rows=4", "-P", "max_tokens=24",
         timeout_s=1200,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
@@ -67,18 +63,17 @@ def test_smollm2_preset_runs_end_to_end_and_answers(own_tracking_server: Trackin
     onnx_run = runs["log_onnx_wrapper"]
     assert onnx_run.data.params["onnx_quantization"] == "gguf"
     assert onnx_run.data.params["gguf_tensors"] == "carried=151,requantized=0"
-    onnx_model = stored_model(own_tracking_server, onnx_run)
-    check_every_carried_node_equals_the_gguf(onnx_model, own_tracking_server.stored(download.info.artifact_uri))
+    onnx_model = stored_model(tracking_server, onnx_run)
+    check_every_carried_node_equals_the_gguf(onnx_model, tracking_server.stored(download.info.artifact_uri))
     check_generation_stops_at_the_server_timeout(onnx_model, "onnx", tmp_path)
     check_generation_stops_at_the_server_timeout(
-        stored_model(own_tracking_server, runs["log_pipeline"]), "pipeline", tmp_path
+        stored_model(tracking_server, runs["log_pipeline"]), "pipeline", tmp_path
     )
     check_a_client_leaving_mid_stream_frees_its_row(onnx_model, tmp_path)
 
 
 def stored_model(server: TrackingServer, step_run) -> Path:
-    """The folder of the model a logging step's run logged, on the server's disk, served and
-    read in place: the steps have already moved these hundreds of MB through the server."""
+    """The folder of the model a logging step's run logged, on disk, served and read in place."""
     model_id = step_run.data.tags[MODEL_URI_TAG].removeprefix("models:/")
     return server.stored(mlflow.get_logged_model(model_id).artifact_location)
 
