@@ -156,6 +156,10 @@ def temporary_files_under_basetemp(tmp_path_factory: pytest.TempPathFactory) -> 
         yield
 
 
+# Set for every process a test starts (one_intra_op_thread_per_process); bare environments add them.
+ONE_THREAD_ENV = {"OMP_NUM_THREADS": "1", THREADS_ENV: "1"}
+
+
 @pytest.fixture(scope="session", autouse=True)
 def one_intra_op_thread_per_process() -> Iterator[None]:
     """One torch (OpenMP) and one onnxruntime intra-op thread in every process a test starts.
@@ -164,8 +168,8 @@ def one_intra_op_thread_per_process() -> Iterator[None]:
     tiny pipeline's measurement 7.5 s against 6.4 with the other core busy. The default, a
     thread per CPU, is what `make run` and `make bench` use (its choice: test_onnx_build)."""
     with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("OMP_NUM_THREADS", "1")
-        patch.setenv(THREADS_ENV, "1")
+        for name, value in ONE_THREAD_ENV.items():
+            patch.setenv(name, value)
         yield
 
 

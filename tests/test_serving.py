@@ -9,7 +9,6 @@ official `openai` client; metrics; body limit; admission control; memory stays f
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 import sys
@@ -27,8 +26,7 @@ import yaml
 
 from slmkit.chat_models import load_chat_model
 from slmkit.local_servers import SLMKIT_SERVE, ServedModel, served
-from slmkit.onnx_session import THREADS_ENV
-from tests.conftest import BIN
+from tests.conftest import BIN, ONE_THREAD_ENV
 
 # One worker serves both models for the whole module: split, each worker would start both servers.
 pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("serving")]
@@ -98,15 +96,14 @@ def metric_value(text: str, name: str) -> float:
 def bare_env(home: Path) -> dict[str, str]:
     """A bare environment with the hub unreachable: nothing the model needs may come from it.
     Its temporary files go to `home`/tmp, where a test can see what a server left behind. It
-    keeps the suite's thread settings (conftest's one_intra_op_thread_per_process)."""
+    keeps the suite's one intra-op thread per process (conftest)."""
     (home / "tmp").mkdir(exist_ok=True)
-    threads = {name: os.environ[name] for name in ("OMP_NUM_THREADS", THREADS_ENV) if name in os.environ}
     return {
         "PATH": f"{BIN}:/usr/bin:/bin",
         "HOME": str(home),
         "HF_HUB_OFFLINE": "1",
         "TMPDIR": str(home / "tmp"),
-        **threads,
+        **ONE_THREAD_ENV,
     }
 
 
