@@ -10,8 +10,6 @@ goes through `mlflow run`, as the others in the suite do (its CLI costs 3 s of C
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,10 +17,9 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from slmkit import PROJECT_ROOT
 from slmkit.local_servers import free_port
 from slmkit.pipeline import REVISION_TAG
-from tests.conftest import TrackingServer, mlflow_run, runs_of
+from tests.conftest import TrackingServer, mlflow_run, run_step_module, runs_of
 from tests.fake_hub import FakeHub, serve
 
 REPO_ID = "slmkit-tests/tiny-phi3"
@@ -37,12 +34,10 @@ def hub(tiny_phi3: Path) -> Iterator[FakeHub]:
 
 def download(server: TrackingServer, hub: FakeHub, cache: Path, experiment: str, *flags: str, **env: str):
     """The download step of the fake hub's repo into `experiment`, with the Hugging Face cache at
-    `cache`: `python -m steps.download`, the command MLproject gives the entry point."""
-    return subprocess.run(
-        [sys.executable, "-m", "steps.download", "--model", REPO_ID, *flags],
-        env=server.env(MLFLOW_EXPERIMENT_NAME=experiment, HF_ENDPOINT=hub.url, HF_HOME=str(cache),
-                       **{"HF_HUB_OFFLINE": "0", **env}),
-        cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=600, check=False,
+    `cache`."""
+    return run_step_module(
+        server, experiment, "download", "--model", REPO_ID, *flags,
+        HF_ENDPOINT=hub.url, HF_HOME=str(cache), **{"HF_HUB_OFFLINE": "0", **env},
     )  # fmt: skip
 
 

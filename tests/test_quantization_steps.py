@@ -1,5 +1,6 @@
-"""`log_onnx_wrapper` through `mlflow run`: a GGUF source carried over (the GGUF travels through
-the tracking server with the download run), and `quantization=auto` choosing by measured quality."""
+"""`log_onnx_wrapper`, run as its entry point's command: a GGUF source carried over (the GGUF
+travels through the tracking server with the download run), and `quantization=auto` choosing by
+measured quality."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import pytest
 
 from slmkit.manifest import file_sha256, read_manifest
 from slmkit.pipeline import DOWNLOAD_RUN_TAG, MODEL_URI_TAG, STEP_TAG
-from tests.conftest import TRAINED_ROWS, TrackingServer, mlflow_run, runs_of
+from tests.conftest import TRAINED_ROWS, TrackingServer, run_step_module, runs_of
 from tests.tiny_models import build_tiny_phi3, write_tiny_phi3_gguf
 
 pytestmark = pytest.mark.integration
@@ -33,9 +34,7 @@ def newest(experiment: str, step: str) -> mlflow.entities.Run:
 def test_a_gguf_source_is_carried_over_by_default_and_logged_with_its_tensor_report(
     tracking_server: TrackingServer, tiny_gguf: Path, tmp_path: Path
 ):
-    result = mlflow_run(
-        tracking_server, "-e", "log_onnx_wrapper", "--experiment-name", "gguf", "-P", f"model={tiny_gguf}"
-    )
+    result = run_step_module(tracking_server, "gguf", "log_onnx_wrapper", "--model", str(tiny_gguf))
     assert result.returncode == 0, result.stderr[-3000:]
     onnx_run, download = newest("gguf", "log_onnx_wrapper"), newest("gguf", "download")
     assert onnx_run.data.tags[DOWNLOAD_RUN_TAG] == download.info.run_id
@@ -61,9 +60,9 @@ def test_auto_keeps_the_smallest_build_that_keeps_the_sources_quality_and_logs_e
     tracking_server: TrackingServer, trained_tiny_phi3: Path
 ):
     # In an experiment of its own, off pipeline_run's worker: the step runs its download itself.
-    result = mlflow_run(
-        tracking_server, "-e", "log_onnx_wrapper", "--experiment-name", "auto-quantization",
-        "-P", f"model={trained_tiny_phi3}", "-P", "quantization=auto", "-P", f"calibration_rows={TRAINED_ROWS}",
+    result = run_step_module(
+        tracking_server, "auto-quantization", "log_onnx_wrapper",
+        "--model", str(trained_tiny_phi3), "--quantization", "auto", "--calibration-rows", str(TRAINED_ROWS),
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     assert newest("auto-quantization", "download").info.status == "FINISHED"

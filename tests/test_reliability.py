@@ -34,6 +34,7 @@ from tests.conftest import (
     mlflow_run_command,
     project_params,
     run_main,
+    run_step_module,
     runs_of,
 )
 
@@ -284,9 +285,7 @@ def test_an_unwritable_artifact_root_fails_the_step_clearly_and_leaves_no_model_
     tracking_server: TrackingServer, trained_tiny_phi3: Path
 ):
     # The ONNX step's upstream: a download in a writable experiment.
-    written = mlflow_run(
-        tracking_server, "--experiment-name", "writable", "-e", "download", "-P", f"model={trained_tiny_phi3}"
-    )
+    written = run_step_module(tracking_server, "writable", "download", "--model", str(trained_tiny_phi3))
     assert written.returncode == 0, written.stderr[-3000:]
     download_run_id = runs_of("writable")[-1].info.run_id
     # The server's artifact root for this experiment is a file: no process, root included, can write under it.
