@@ -281,7 +281,16 @@ def cache_notes(parent: Run) -> dict[str, str]:
 
 def run_main(server: TrackingServer, experiment: str, *params: str, **env: str) -> PipelineRun:
     """`mlflow run .` with `-P` overrides (and `env`); returns the newest main run of `experiment`."""
-    result = mlflow_run(server, "--experiment-name", experiment, *project_params(*params), **env)
+    return newest_main(experiment, mlflow_run(server, "--experiment-name", experiment, *project_params(*params), **env))
+
+
+def run_main_module(server: TrackingServer, experiment: str, *flags: str) -> PipelineRun:
+    """`python -m steps.main` with `flags`, for tests of main's own work (see run_step_module)."""
+    return newest_main(experiment, run_step_module(server, experiment, "main", *flags))
+
+
+def newest_main(experiment: str, result: subprocess.CompletedProcess) -> PipelineRun:
+    """The newest main run of `experiment` and its children, once `result`, a main, succeeded."""
     assert result.returncode == 0, result.stderr[-3000:]
     runs = runs_of(experiment)
     parent = [r for r in runs if r.data.tags.get(STEP_TAG) == "main"][-1]
