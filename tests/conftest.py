@@ -25,7 +25,7 @@ from slmkit.local_servers import free_port, stop_process, wait_for_http
 from slmkit.onnx_build import build_onnx
 from slmkit.onnx_session import THREADS_ENV
 from slmkit.onnx_wrapper_model import ONNX_ARTIFACT, seal_onnx_folder, wrapper_model_arguments
-from slmkit.pipeline import MODEL_URI_TAG, ORDER, STEP_TAG
+from slmkit.pipeline import MODEL_URI_TAG, ORDER, STEP_TAG, STEPS
 from tests.tiny_models import build_tiny_phi3, train_tiny_phi3
 
 BIN = Path(sys.executable).parent
@@ -242,13 +242,21 @@ def mlflow_run(
     )
 
 
+def step_flags(step: str, *params: str) -> list[str]:
+    """The step's command-line flags for "name=value" params, as MLproject's command passes them
+    (slmkit.pipeline's declaration); a name the step does not declare is a KeyError."""
+    declared = {param.name: param for param in STEPS[step].params}
+    return [arg for name, value in (param.split("=", 1) for param in params) for arg in (declared[name].flag, value)]
+
+
 def run_step_module(
-    server: TrackingServer, experiment: str, step: str, *flags: str, **env: str
+    server: TrackingServer, experiment: str, step: str, *params: str, **env: str
 ) -> subprocess.CompletedProcess:
-    """`python -m steps.<step>`, the command MLproject gives the entry point, into `experiment`.
-    For tests of a step's own work, not of `mlflow run`, whose CLI costs ~3 s of CPU to start."""
+    """`python -m steps.<step>`, the command MLproject gives the entry point, into `experiment`,
+    with "name=value" params as `mlflow run -P` takes them. For tests of a step's own work, not of
+    `mlflow run`, whose CLI costs ~3.5 s of CPU to start."""
     return subprocess.run(
-        [sys.executable, "-m", f"steps.{step}", *flags],
+        [sys.executable, "-m", f"steps.{step}", *step_flags(step, *params)],
         env=server.env(MLFLOW_EXPERIMENT_NAME=experiment, **env),
         cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=600, check=False,
     )  # fmt: skip
@@ -284,9 +292,9 @@ def run_main(server: TrackingServer, experiment: str, *params: str, **env: str) 
     return newest_main(experiment, mlflow_run(server, "--experiment-name", experiment, *project_params(*params), **env))
 
 
-def run_main_module(server: TrackingServer, experiment: str, *flags: str) -> PipelineRun:
-    """`python -m steps.main` with `flags`, for tests of main's own work (see run_step_module)."""
-    return newest_main(experiment, run_step_module(server, experiment, "main", *flags))
+def run_main_module(server: TrackingServer, experiment: str, *params: str) -> PipelineRun:
+    """`python -m steps.main` with "name=value" params, for tests of main's own work (see run_step_module)."""
+    return newest_main(experiment, run_step_module(server, experiment, "main", *params))
 
 
 def newest_main(experiment: str, result: subprocess.CompletedProcess) -> PipelineRun:

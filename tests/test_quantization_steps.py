@@ -34,7 +34,7 @@ def newest(experiment: str, step: str) -> mlflow.entities.Run:
 def test_a_gguf_source_is_carried_over_by_default_and_logged_with_its_tensor_report(
     tracking_server: TrackingServer, tiny_gguf: Path, tmp_path: Path
 ):
-    result = run_step_module(tracking_server, "gguf", "log_onnx_wrapper", "--model", str(tiny_gguf))
+    result = run_step_module(tracking_server, "gguf", "log_onnx_wrapper", f"model={tiny_gguf}")
     assert result.returncode == 0, result.stderr[-3000:]
     onnx_run, download = newest("gguf", "log_onnx_wrapper"), newest("gguf", "download")
     assert onnx_run.data.tags[DOWNLOAD_RUN_TAG] == download.info.run_id
@@ -62,7 +62,7 @@ def test_auto_keeps_the_smallest_build_that_keeps_the_sources_quality_and_logs_e
     # In an experiment of its own, off pipeline_run's worker: the step runs its download itself.
     result = run_step_module(
         tracking_server, "auto-quantization", "log_onnx_wrapper",
-        "--model", str(trained_tiny_phi3), "--quantization", "auto", "--calibration-rows", str(TRAINED_ROWS),
+        f"model={trained_tiny_phi3}", "quantization=auto", f"calibration_rows={TRAINED_ROWS}",
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     assert newest("auto-quantization", "download").info.status == "FINISHED"

@@ -209,19 +209,21 @@ def test_main_resumes_after_a_failed_step_and_a_lost_server_then_force_reruns_th
     restart runs evaluate alone and the failed run stays FAILED; `force=evaluate` runs it again.
 
     The main that loses its server is `mlflow run`, whose own end retries too; the others are
-    `python -m steps.main` with the same params as flags (~4 s of CPU less each)."""
-    params = ("max_rows=1", "max_tokens=4", "pipeline_registered_model=", "onnx_registered_model=")
-    args = ["--experiment-name", UNTRAINED_EXPERIMENT, *project_params(f"model={tiny_phi3}", *params)]
-    flags = ["--model", str(tiny_phi3), "--max-rows", "1", "--max-tokens", "4"]
-    flags += ["--pipeline-registered-model", "", "--onnx-registered-model", ""]
+    `python -m steps.main` with the same params (~3.5 s of CPU less each)."""
+    params = (
+        f"model={tiny_phi3}",
+        "max_rows=1",
+        "max_tokens=4",
+        "pipeline_registered_model=",
+        "onnx_registered_model=",
+    )
+    args = ["--experiment-name", UNTRAINED_EXPERIMENT, *project_params(*params)]
     runs_before = {run.info.run_id for run in runs_of(UNTRAINED_EXPERIMENT)}
 
     def new_runs() -> list[Run]:
         return [r for r in runs_of(UNTRAINED_EXPERIMENT) if r.info.run_id not in runs_before]
 
-    broken = run_step_module(
-        tracking_server, UNTRAINED_EXPERIMENT, "main", *flags, "--eval-set", "data/no-such-set.jsonl"
-    )
+    broken = run_step_module(tracking_server, UNTRAINED_EXPERIMENT, "main", *params, "eval_set=data/no-such-set.jsonl")
     assert broken.returncode != 0
     [failed] = [r for r in new_runs() if r.data.tags.get("mlflow.project.entryPoint") == "evaluate"]
     assert failed.info.status == "FAILED"
@@ -272,7 +274,7 @@ def test_main_resumes_after_a_failed_step_and_a_lost_server_then_force_reruns_th
     assert {f"{step}_run_id" for step in ("download", "log_pipeline", "log_onnx_wrapper")} <= set(recorded)
     mlflow.pyfunc.load_model(f"runs:/{recorded['log_onnx_wrapper_run_id']}/model", model_config={"tracing": "false"})
 
-    resumed = run_main_module(tracking_server, UNTRAINED_EXPERIMENT, *flags)
+    resumed = run_main_module(tracking_server, UNTRAINED_EXPERIMENT, *params)
     assert resumed.parent.info.run_id != stopped_main.info.run_id
     assert resumed.parent.info.status == "FINISHED"
     for step in ("download", "log_pipeline", "log_onnx_wrapper"):
@@ -280,7 +282,7 @@ def test_main_resumes_after_a_failed_step_and_a_lost_server_then_force_reruns_th
     assert resumed.parent.data.tags["cache.evaluate"].startswith("ran run")
     assert MlflowClient().get_run(failed.info.run_id).info.status == "FAILED"
 
-    forced = run_main_module(tracking_server, UNTRAINED_EXPERIMENT, *flags, "--force", "evaluate")
+    forced = run_main_module(tracking_server, UNTRAINED_EXPERIMENT, *params, "force=evaluate")
     assert cache_notes(forced.parent) == {**dict.fromkeys(ORDER, "reused"), "evaluate": "ran"}
     assert "forced" in forced.parent.data.tags["cache.evaluate"]
     assert forced.parent.data.params["evaluate_run_id"] != resumed.parent.data.params["evaluate_run_id"]
@@ -292,7 +294,7 @@ def test_an_unwritable_artifact_root_fails_the_step_clearly_and_leaves_no_model_
     tracking_server: TrackingServer, trained_tiny_phi3: Path
 ):
     # The ONNX step's upstream: a download in a writable experiment.
-    written = run_step_module(tracking_server, "writable", "download", "--model", str(trained_tiny_phi3))
+    written = run_step_module(tracking_server, "writable", "download", f"model={trained_tiny_phi3}")
     assert written.returncode == 0, written.stderr[-3000:]
     download_run_id = runs_of("writable")[-1].info.run_id
     # The server's artifact root for this experiment is a file: no process, root included, can write under it.
