@@ -12,6 +12,7 @@ import os
 import re
 import shutil
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -80,24 +81,27 @@ def spark_session(partitions: int) -> Any:
 def save_batch_model(chat_model_uri: str, dest: Path, concurrency: int = 0) -> Path:
     """The batch model, holding a copy of the chat model, saved at `dest` for spark_udf."""
     import mlflow
+    from mlflow.exceptions import MlflowException
     from mlflow.models import ModelSignature
     from mlflow.types.schema import ColSpec, Schema
 
     signature = ModelSignature(
         inputs=Schema([ColSpec("string", REQUEST_COLUMN)]), outputs=Schema([ColSpec("string", ANSWER_COLUMN)])
     )
-    from mlflow.exceptions import MlflowException
-
     try:
-        mlflow.pyfunc.save_model(
-            str(dest),
-            python_model=str(BATCH_MODEL_FILE),
-            artifacts={"chat_model": chat_model_uri},
-            model_config={"concurrency": concurrency},
-            code_paths=[str(Path(__file__).resolve().parent)],
-            signature=signature,
-            pip_requirements=["mlflow"],  # spark_udf runs it with env_manager="local": never installed
-        )
+        # No input example, on purpose: MLflow would load the chat model and answer the example
+        # while saving. The signature above says what the model takes, so its warning is noise.
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*An input example was not provided", category=UserWarning)
+            mlflow.pyfunc.save_model(
+                str(dest),
+                python_model=str(BATCH_MODEL_FILE),
+                artifacts={"chat_model": chat_model_uri},
+                model_config={"concurrency": concurrency},
+                code_paths=[str(Path(__file__).resolve().parent)],
+                signature=signature,
+                pip_requirements=["mlflow"],  # spark_udf runs it with env_manager="local": never installed
+            )
     except MlflowException as error:
         raise UserError(f"model_uri={chat_model_uri}: cannot fetch the model: {error.message}") from None
     return dest

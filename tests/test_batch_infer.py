@@ -11,6 +11,7 @@ import json
 import subprocess
 import sys
 import threading
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -91,7 +92,11 @@ def test_batch_infer_on_spark_answers_every_row_in_order_as_the_local_engine_and
     assert any(set(LOCAL_DRIVER_JAVA_OPTIONS.split()) <= set(java) for java in javas if "pyspark" in " ".join(java))
     written = pd.read_parquet(output)
     assert list(written["id"]) == [row["id"] for row in ROWS]
-    batch_model = mlflow.pyfunc.load_model(str(save_batch_model(str(wrapper_dir), tmp_path / "batch-model")))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        saved = save_batch_model(str(wrapper_dir), tmp_path / "batch-model")
+    assert [str(w.message) for w in caught if issubclass(w.category, UserWarning)] == []  # no input-example noise
+    batch_model = mlflow.pyfunc.load_model(str(saved))
     local = answer_locally(batch_model, pd.read_json(source, lines=True), MAX_TOKENS)
     columns = ["id", "answer", "finish_reason", "completion_tokens", "error"]
     assert written[columns].astype(object).where(written[columns].notna(), None).values.tolist() == (
