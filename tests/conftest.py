@@ -249,6 +249,11 @@ def step_flags(step: str, *params: str) -> list[str]:
     return [arg for name, value in (param.split("=", 1) for param in params) for arg in (declared[name].flag, value)]
 
 
+def step_module_command(step: str, *params: str) -> list[str]:
+    """`python -m steps.<step>` with "name=value" params as flags, run from the project root."""
+    return [sys.executable, "-m", f"steps.{step}", *step_flags(step, *params)]
+
+
 def run_step_module(
     server: TrackingServer, experiment: str, step: str, *params: str, **env: str
 ) -> subprocess.CompletedProcess:
@@ -256,7 +261,7 @@ def run_step_module(
     with "name=value" params as `mlflow run -P` takes them. For tests of a step's own work, not of
     `mlflow run`, whose CLI costs ~3.5 s of CPU to start."""
     return subprocess.run(
-        [sys.executable, "-m", f"steps.{step}", *step_flags(step, *params)],
+        step_module_command(step, *params),
         env=server.env(MLFLOW_EXPERIMENT_NAME=experiment, **env),
         cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=600, check=False,
     )  # fmt: skip
@@ -352,7 +357,7 @@ class ConcurrentMains:
         return {parent.data.params[f"{step}_run_id"] for parent in self.parents}
 
     def output_of(self, run_id: str) -> str:
-        """The output of the main whose `mlflow run` printed `run_id`."""
+        """The output of the main that printed `run_id`."""
         return next(output for output in self.outputs if run_id in output)
 
 
@@ -368,20 +373,25 @@ def untrained_mains(
 
     One pair of runs serves two tests: each step done once under the race (test_reruns), and a
     worse candidate that the gate keeps from `champion` (test_evaluate_gate). Later `main`s of
-    this model in the experiment reuse its builds.
+    this model in the experiment reuse its builds. They run as `python -m steps.main`, the race
+    being main's own; `pipeline_run` is the main that `mlflow run` starts.
     """
-    params = project_params(f"model={tiny_phi3}", f"max_rows={TRAINED_ROWS}", "max_tokens=8", *E2E_REGISTERED)
-    command = mlflow_run_command("--experiment-name", UNTRAINED_EXPERIMENT, *params)
-    env = tracking_server.env(SLMKIT_LOCK_DIR=str(tmp_path_factory.mktemp("locks")))
+    params = (f"model={tiny_phi3}", f"max_rows={TRAINED_ROWS}", "max_tokens=8", *E2E_REGISTERED)
+    env = tracking_server.env(
+        MLFLOW_EXPERIMENT_NAME=UNTRAINED_EXPERIMENT, SLMKIT_LOCK_DIR=str(tmp_path_factory.mktemp("locks"))
+    )
     client = MlflowClient()
     versions_before = {name: len(client.search_model_versions(f"name='{name}'")) for name in E2E_NAMES}
-    # Two `mlflow run --experiment-name` racing to create the same experiment is MLflow's own
-    # race (one gets RESOURCE_ALREADY_EXISTS); scheduled runs log to an existing experiment.
+    # Two mains racing to create the same experiment is MLflow's own race (one gets
+    # RESOURCE_ALREADY_EXISTS); scheduled runs log to an existing experiment.
     if mlflow.get_experiment_by_name(UNTRAINED_EXPERIMENT) is None:
         mlflow.create_experiment(UNTRAINED_EXPERIMENT)
     runs_before = {run.info.run_id for run in runs_of(UNTRAINED_EXPERIMENT)}
+    command = step_module_command("main", *params)
     both = [
-        subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        subprocess.Popen(
+            command, env=env, cwd=PROJECT_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
         for _ in range(2)
     ]
     outputs = [process.communicate(timeout=600)[0] for process in both]

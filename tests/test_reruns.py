@@ -17,7 +17,7 @@ from tests.conftest import (
     PipelineRun,
     TrackingServer,
     cache_notes,
-    run_main,
+    run_main_module,
 )
 
 pytestmark = pytest.mark.integration
@@ -27,7 +27,7 @@ def test_second_main_reuses_all_four_steps(
     pipeline_run: PipelineRun, tracking_server: TrackingServer, trained_tiny_phi3: Path
 ):
     versions_before = len(MlflowClient().search_model_versions("name='e2e-onnx'"))
-    again = run_main(
+    again = run_main_module(
         tracking_server,
         TRAINED_EXPERIMENT,
         f"model={trained_tiny_phi3}",
