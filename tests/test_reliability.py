@@ -182,10 +182,9 @@ def test_download_stopped_mid_fetch_or_killed_mid_upload_then_the_rerun_complete
     with pytest.raises(UserError, match="not a FINISHED download run"):
         get_download_run(killed.info.run_id)
 
-    # The rerun completes, and every logged file matches its manifest.
-    rerun = mlflow_run(
-        tracking_server, "--experiment-name", experiment, "-e", "download", "-P", f"model={heavy_checkpoint}"
-    )
+    # The rerun (the step itself: both stops above are of `mlflow run`, as a scheduler's are)
+    # completes, and every logged file matches its manifest.
+    rerun = run_step_module(tracking_server, experiment, "download", f"model={heavy_checkpoint}")
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     finished = runs_of(experiment)[-1]
     assert finished.info.status == "FINISHED"
