@@ -255,15 +255,15 @@ def step_module_command(step: str, *params: str) -> list[str]:
 
 
 def run_step_module(
-    server: TrackingServer, experiment: str, step: str, *params: str, **env: str
+    server: TrackingServer, experiment: str, step: str, *params: str, project: Path = PROJECT_ROOT, **env: str
 ) -> subprocess.CompletedProcess:
-    """`python -m steps.<step>`, the command MLproject gives the entry point, into `experiment`,
-    with "name=value" params as `mlflow run -P` takes them. For tests of a step's own work, not of
-    `mlflow run`, whose CLI costs ~3.5 s of CPU to start."""
+    """`python -m steps.<step>`, the command MLproject gives the entry point, run in this project
+    (or a copy of it) into `experiment`, with "name=value" params as `mlflow run -P` takes them.
+    For tests of a step's own work, not of `mlflow run`, whose CLI costs ~3.5 s of CPU to start."""
     return subprocess.run(
         step_module_command(step, *params),
         env=server.env(MLFLOW_EXPERIMENT_NAME=experiment, **env),
-        cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=600, check=False,
+        cwd=project, capture_output=True, text=True, timeout=600, check=False,
     )  # fmt: skip
 
 

@@ -1,7 +1,9 @@
 """`batch_infer` and `evaluate -P engine=spark` on a real local Spark session, on the tiny Phi-3.
 
-Both run as a user runs them, through `mlflow run`, each starting its own session: one Spark
-pass per test, since a session costs its JVM's start (seconds of CPU) whichever process runs it.
+`batch_infer` runs as a user runs it, through `mlflow run`; the CI-style evaluate as
+`python -m steps.evaluate`, the command MLproject gives the entry point (the CLI's own start is
+~3.5 s of CPU, and other tests cover it). Each starts its own session: one Spark pass per test,
+since a session costs its JVM's start (seconds of CPU) whichever process runs it.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from slmkit import PROJECT_ROOT
 from slmkit.evaluation import load_eval_set
 from slmkit.pipeline import STEP_TAG
 from slmkit.spark_batch import LOCAL_DRIVER_JAVA_OPTIONS, answer_locally, save_batch_model
-from tests.conftest import BIN, TrackingServer, mlflow_run, project_params, runs_of
+from tests.conftest import BIN, TrackingServer, mlflow_run, project_params, run_step_module, runs_of
 
 pytestmark = pytest.mark.integration
 
@@ -161,12 +163,12 @@ def test_evaluate_on_spark_scores_as_in_process_and_a_failed_gate_fails_the_run(
     models, rows and settings as `main`'s evaluate, so the quality metrics are equal; the run
     then fails naming the gate, with its metrics and gate tags logged."""
     uris = {step: pipeline_run.model_uri(step) for step in ("log_pipeline", "log_onnx_wrapper")}
-    params = project_params(
+    result = run_step_module(
+        tracking_server, "evaluate-spark", "evaluate",
         f"pipeline_model_uri={uris['log_pipeline']}", f"onnx_model_uri={uris['log_onnx_wrapper']}",
         "max_rows=3", "max_tokens=8", "pipeline_registered_model=", "onnx_registered_model=e2e-ci-gate",
         "engine=spark", "min_correct_rate=1.1", "fail_on_gate=true",
     )  # fmt: skip
-    result = mlflow_run(tracking_server, "-e", "evaluate", "--experiment-name", "evaluate-spark", *params)
     assert result.returncode != 0
     assert "error: promotion gate failed for onnx and fail_on_gate=true" in result.stderr
     [run] = [r for r in runs_of("evaluate-spark") if r.data.tags.get(STEP_TAG) == "evaluate"]

@@ -30,7 +30,6 @@ from tests.conftest import (
     PipelineRun,
     TrackingServer,
     cache_notes,
-    mlflow_run,
     mlflow_run_command,
     project_params,
     run_main_module,
@@ -309,10 +308,9 @@ def test_an_unwritable_artifact_root_fails_the_step_clearly_and_leaves_no_model_
         ),
     ]:
         # The failure is permanent: retrying it (3 times by default) would only slow the test.
-        result = mlflow_run(
-            tracking_server, "--experiment-name", "unwritable", "-e", entry_point, *project_params(*params),
-            MLFLOW_HTTP_REQUEST_MAX_RETRIES="0",
-        )  # fmt: skip
+        result = run_step_module(
+            tracking_server, "unwritable", entry_point, *params, MLFLOW_HTTP_REQUEST_MAX_RETRIES="0"
+        )
         assert result.returncode != 0
         assert (
             f"error: could not write {what} to the artifact store at mlflow-artifacts:/unwritable-root/"

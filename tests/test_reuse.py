@@ -12,7 +12,7 @@ import pytest
 from slmkit import PROJECT_ROOT
 from slmkit.cache import StepRunner
 from slmkit.pipeline import CACHE_KEY_TAG, STEP_TAG
-from tests.conftest import TRAINED_EXPERIMENT, PipelineRun, TrackingServer, mlflow_run, project_params, runs_of
+from tests.conftest import TRAINED_EXPERIMENT, PipelineRun, TrackingServer, run_step_module, runs_of
 from tests.test_step_isolation import IGNORED
 
 pytestmark = pytest.mark.integration
@@ -38,10 +38,7 @@ def test_evaluate_alone_reuses_mains_models_and_rebuilds_only_what_changed_code_
     wrapper.write_text(wrapper.read_text() + "\n# a changed wrapper\n")
     params = (f"model={trained_tiny_phi3}", "max_rows=1", "max_tokens=4")
     registered = ("pipeline_registered_model=", "onnx_registered_model=")
-    result = mlflow_run(
-        tracking_server, "-e", "evaluate", "--experiment-name", TRAINED_EXPERIMENT, *project_params(*params, *registered),
-        project=copy,
-    )  # fmt: skip
+    result = run_step_module(tracking_server, TRAINED_EXPERIMENT, "evaluate", *params, *registered, project=copy)
     assert result.returncode == 0, result.stderr[-3000:]
     runs = runs_of(TRAINED_EXPERIMENT)
     evaluation = [r for r in runs if r.data.tags.get(STEP_TAG) == "evaluate"][-1]
