@@ -31,12 +31,12 @@ from slmkit.onnx_build import QUANTIZATIONS, builder_command, builder_environmen
 from slmkit.onnx_greedy import bare_greedy, load
 from tests.tiny_models import build_tiny_phi3, write_tiny_phi3_gguf
 
-# Byte offsets of each type's fp16 scale and min fields in a block, given sane values in the tests
-# (random bytes there can be NaN or huge); every other byte stays random.
 # One worker runs the module: its module fixtures (seven tiny GGUFs converted, then built in one
 # builder process, ~9 s of CPU) would otherwise be made again by each worker that runs a test of it.
 pytestmark = pytest.mark.xdist_group("gguf-carry")
 
+# Byte offsets of each type's fp16 scale and min fields in a block, given sane values in the tests
+# (random bytes there can be NaN or huge); every other byte stays random.
 FP16_FIELDS = {Q.Q4_0: [0], Q.Q4_1: [0, 2], Q.Q5_0: [0], Q.Q5_1: [0, 2], Q.Q8_0: [0], Q.Q4_K: [0, 2], Q.Q5_K: [0, 2], Q.Q6_K: [208]}  # fmt: skip
 MESSAGES = [{"role": "user", "content": "What is the capital of France?"}]
 
