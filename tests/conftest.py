@@ -223,17 +223,15 @@ def project_params(*params: str) -> list[str]:
     return [arg for param in params for arg in ("-P", param)]
 
 
-def mlflow_run_command(*args: str, project: Path = PROJECT_ROOT) -> list[str]:
-    """The `mlflow run` command line a user types for this project (or a copy of it)."""
-    return [str(BIN / "mlflow"), "run", str(project), "--env-manager", "local", *args]
+def mlflow_run_command(*args: str) -> list[str]:
+    """The `mlflow run` command line a user types for this project."""
+    return [str(BIN / "mlflow"), "run", str(PROJECT_ROOT), "--env-manager", "local", *args]
 
 
-def mlflow_run(
-    server: TrackingServer, *args: str, timeout_s: float = 600, project: Path = PROJECT_ROOT, **env: str
-) -> subprocess.CompletedProcess:
-    """`mlflow run` of this project (or a copy of it), as a user types it, against `server`."""
+def mlflow_run(server: TrackingServer, *args: str, timeout_s: float = 600, **env: str) -> subprocess.CompletedProcess:
+    """`mlflow run` of this project, as a user types it, against `server`."""
     return subprocess.run(
-        mlflow_run_command(*args, project=project),
+        mlflow_run_command(*args),
         env=server.env(**env),
         capture_output=True,
         text=True,
