@@ -39,7 +39,7 @@ test-fast: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
 
-# Either registered model behind MLflow's scoring app plus an OpenAI route (slmkit/serving.py).
+# Either registered model behind MLflow's scoring app plus an OpenAI route (slmkit/serving/app.py).
 MODEL_URI ?= models:/slm-chat-onnx@champion
 PORT ?= 5001
 serve: $(STAMP)

@@ -55,16 +55,16 @@ from bench.figures import (
 from bench.front import front_figures
 from bench.quality import peer_figures, quantization_figures
 from bench.scale import phi3_mini_figures
+from harness.servers import BIN, SLMKIT_SERVE, served
 from slmkit import PROJECT_ROOT
-from slmkit.evaluation import load_eval_set
-from slmkit.local_servers import BIN, SLMKIT_SERVE, served
-from slmkit.onnx_batching import MAX_BATCH_SIZE_ENV
-from slmkit.onnx_build import build_onnx
-from slmkit.onnx_greedy import bare_greedy, load
-from slmkit.onnx_session import THREADS_ENV, model_tokens
-from slmkit.onnx_wrapper_model import ONNX_ARTIFACT, wrapper_model_arguments
-from slmkit.pipeline import STEP_TAG
-from slmkit.pipeline_model import build_pipeline, generation_config, pipeline_model_arguments
+from slmkit.models.onnx_wrapper import ONNX_ARTIFACT, wrapper_model_arguments
+from slmkit.models.pipeline import build_pipeline, generation_config, pipeline_model_arguments
+from slmkit.onnx.batching import MAX_BATCH_SIZE_ENV
+from slmkit.onnx.build import build_onnx
+from slmkit.onnx.greedy import bare_greedy, load
+from slmkit.onnx.session import THREADS_ENV, model_tokens
+from slmkit.sources.eval_set import load_eval_set
+from slmkit.workflow.steps import STEP_TAG
 
 
 def mlflow_run(env: dict[str, str], model: str, *params: str) -> float:
@@ -108,8 +108,8 @@ def gguf_of(download_run_id: str, work: Path) -> Path | None:
     """The GGUF file the download run kept of its source, or None for other sources."""
     import mlflow
 
-    from slmkit.lineage import GGUF_ARTIFACT, download_gguf
     from slmkit.manifest import MANIFEST_NAME, read_manifest
+    from slmkit.workflow.lineage import GGUF_ARTIFACT, download_gguf
 
     manifest = mlflow.artifacts.download_artifacts(
         run_id=download_run_id, artifact_path=MANIFEST_NAME, dst_path=str(work)
@@ -163,7 +163,7 @@ def bench_of_main_run(work: Path, env: dict[str, str], stamp: str, args: argpars
     ids (not by a registry alias, which a failed gate would not have moved)."""
     import mlflow
 
-    from slmkit.cache import handed_on
+    from slmkit.workflow.cache import handed_on
 
     [main_run] = mlflow.search_runs(
         experiment_names=["bench"], filter_string=f"tags.`{STEP_TAG}` = 'main'", output_format="list", max_results=1

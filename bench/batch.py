@@ -19,8 +19,8 @@ from typing import Any
 
 from bench.figures import Figure
 from slmkit import PROJECT_ROOT
-from slmkit.evaluation import load_eval_set
-from slmkit.spark_batch import answer_with_spark, read_spark, save_batch_model, spark_session
+from slmkit.batch.spark import answer_with_spark, read_spark, save_batch_model, spark_session
+from slmkit.sources.eval_set import load_eval_set
 
 
 def rows_per_s(spark: Any, batch_model: Path, source: Path, partitions: int, max_tokens: int) -> float:

@@ -2,7 +2,7 @@
 choice rests on figures from this machine (bench figure 5's detail):
 
 - a static batch: one Generator with `batch_size=k` over prompts padded to the longest, on the
-  right (what the wrapper does, slmkit.onnx_batching) or on the left (which changes answers);
+  right (what the wrapper does, slmkit.onnx.batching) or on the left (which changes answers);
 - the `Engine`/`Request` API of onnxruntime-genai 0.18, which schedules requests itself
   (continuous batching proper needs a PagedAttention build, which the builder makes only for
   CUDA fp16/bf16; on CPU the Engine runs a static engine batch).
@@ -18,8 +18,8 @@ from typing import Any
 
 import numpy as np
 
-from slmkit.onnx_batching import right_padded
-from slmkit.onnx_greedy import chat_prompt_ids
+from slmkit.onnx.batching import right_padded
+from slmkit.onnx.greedy import chat_prompt_ids
 
 
 def _rate_and_exact(outputs: list[list[int]], alone: list[list[int]], seconds: float) -> tuple[float, bool]:
@@ -50,7 +50,7 @@ def static_batch(
     model: Any, tokenizer: Any, prompts: list, alone: list[list[int]], max_tokens: int, pad_id: int, side: str
 ) -> tuple[float, bool]:
     """One Generator over all prompts, padded with `pad_id` on the `side` "right" or "left";
-    `alone` are their greedy tokens generated one by one (slmkit.onnx_greedy.bare_greedy)."""
+    `alone` are their greedy tokens generated one by one (slmkit.onnx.greedy.bare_greedy)."""
     rows = [chat_prompt_ids(tokenizer, messages) for messages in prompts]
     batch = right_padded(rows, pad_id)
     if side == "left":

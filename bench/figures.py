@@ -20,8 +20,8 @@ import numpy as np
 import requests
 
 from slmkit import PROJECT_ROOT
-from slmkit.onnx_greedy import bare_greedy, load
-from slmkit.onnx_wrapper_model import ONNX_ARTIFACT
+from slmkit.models.onnx_wrapper import ONNX_ARTIFACT
+from slmkit.onnx.greedy import bare_greedy, load
 
 RESULTS = PROJECT_ROOT / "bench" / "results"
 

@@ -29,7 +29,7 @@ import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
-from slmkit.chat_format import PHI3_CHAT_TEMPLATE
+from harness.templates import PHI3_CHAT_TEMPLATE
 
 # config.json of microsoft/Phi-3-mini-4k-instruct.
 PHI3_MINI_CONFIG = {

@@ -16,7 +16,7 @@ from typing import Any
 import requests
 
 from bench.figures import PROMPTS, Figure, aggregate_rate, served_generate
-from slmkit.local_servers import MLFLOW_SERVE, SLMKIT_SERVE, served
+from harness.servers import MLFLOW_SERVE, SLMKIT_SERVE, served
 
 
 def first_chunk_s(chunks: Any) -> float:

@@ -1,7 +1,7 @@
 """Quality against speed of every ONNX build of one checkpoint, and the llama.cpp peer.
 
 `quantization_figures`: each CPU quantization (and the GGUF carry-over in each activation
-precision of slmkit.gguf_carry.ACTIVATIONS), built from the same download, answers the eval set greedily; exact match is
+precision of slmkit.onnx.gguf_carry.ACTIVATIONS), built from the same download, answers the eval set greedily; exact match is
 against transformers in float32 on the same checkpoint, the reference the pipeline serves.
 
 `peer_figures`: our served ONNX model against llama.cpp's `llama-server` on the same GGUF file,
@@ -27,13 +27,14 @@ from bench.figures import (
     decode_rates,
     served_generate,
 )
-from slmkit.evaluation import EvalRow, answer_correct
-from slmkit.gguf_carry import ACTIVATIONS, DEFAULT_ACTIVATIONS, carry_gguf_weights
-from slmkit.local_servers import free_port, stop_process, wait_for_http
+from harness.servers import free_port, stop_process, wait_for_http
+from slmkit.evaluation.scoring import answer_correct
 from slmkit.manifest import folder_bytes
-from slmkit.onnx_build import QUANTIZATIONS, build_onnx
-from slmkit.onnx_greedy import bare_greedy, load
-from slmkit.quantization_choice import onnx_answers, reference_answers, score_answers
+from slmkit.onnx.build import QUANTIZATIONS, build_onnx
+from slmkit.onnx.gguf_carry import ACTIVATIONS, DEFAULT_ACTIVATIONS, carry_gguf_weights
+from slmkit.onnx.greedy import bare_greedy, load
+from slmkit.onnx.quantization_choice import onnx_answers, reference_answers, score_answers
+from slmkit.sources.eval_set import EvalRow
 
 LLAMA_SERVER_ENV = "LLAMA_SERVER"
 
@@ -47,7 +48,7 @@ def build_variants(checkpoint: Path, gguf: Path | None, work: Path) -> dict[str,
         folders[name] = work / name
         build_onnx(name, checkpoint, folders[name], work, "cpu")
     if gguf is not None:
-        for activations in ACTIVATIONS:  # slmkit.gguf_carry: the activation precisions
+        for activations in ACTIVATIONS:  # slmkit.onnx.gguf_carry: the activation precisions
             name = f"gguf, {activations} activations"
             folders[name] = work / re.sub(r"[^a-z0-9]+", "-", name).strip("-")
             shutil.copytree(folders["int4"], folders[name])

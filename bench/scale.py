@@ -6,7 +6,7 @@ run on a checkpoint of Phi-3-mini-4k-instruct's shape with seeded random weights
 on the weights' values. In one run, side by side:
 
 - our ONNX builds through the `log_onnx_wrapper` step itself (each quantization of
-  slmkit.onnx_build that fits in memory, the GGUF carry-over of llama.cpp's Q4_0 and Q4_1 files
+  slmkit.onnx.build that fits in memory, the GGUF carry-over of llama.cpp's Q4_0 and Q4_1 files
   among them), with the step's own build and log times against a plain copy, and each
   process tree's peak resident memory;
 - the GGUF files made by llama.cpp's own `convert_hf_to_gguf.py` and `llama-quantize`;
@@ -59,12 +59,12 @@ from bench.figures import (
 )
 from bench.flagship import COMPLETE, PHI3_MINI_CONFIG, bench_cache, build_phi3_mini, synthetic_corpus
 from bench.quality import LLAMA_SERVER_ENV, llama_server
+from harness.servers import SLMKIT_SERVE, served, stop_process
 from slmkit import PROJECT_ROOT
-from slmkit.local_servers import SLMKIT_SERVE, served, stop_process
-from slmkit.onnx_greedy import load
-from slmkit.onnx_session import model_tokens
-from slmkit.onnx_wrapper_model import ONNX_ARTIFACT
-from slmkit.pipeline import MODEL_URI_TAG, STEP_TAG
+from slmkit.models.onnx_wrapper import ONNX_ARTIFACT
+from slmkit.onnx.greedy import load
+from slmkit.onnx.session import model_tokens
+from slmkit.workflow.steps import MODEL_URI_TAG, STEP_TAG
 
 EXPERIMENT = "bench-phi3-mini"
 # Builds from the bf16 checkpoint besides int4, the slowest last: k-quant searches each block's
@@ -307,8 +307,8 @@ def logging_figure(scale: Scale, build: Build, model_name: str) -> Figure:
     """`log_onnx_wrapper`'s own log time over a plain copy of the ONNX folder it logged."""
     import mlflow
 
-    from slmkit.onnx_wrapper_model import wrapper_model_arguments
-    from slmkit.pipeline_model import generation_config
+    from slmkit.models.onnx_wrapper import wrapper_model_arguments
+    from slmkit.models.pipeline import generation_config
 
     _, copied = timed(lambda: shutil.copytree(build.onnx_dir, scale.work / "copy-onnx"))
     shutil.rmtree(scale.work / "copy-onnx")

@@ -5,7 +5,7 @@ and import path, while the steps import `slmkit` from the project root. This lau
 it, puts the bundle's root first on the import path, moves there, and hands over to the step.
 
 Usage: run_step.py {download|log_pipeline|log_onnx_wrapper|evaluate|batch_infer|main} [the step's flags]
-(the steps declared in slmkit/pipeline.py). Each step records its own params, cache key and
+(the steps declared in slmkit/workflow/steps.py). Each step records its own params, cache key and
 lineage on its run, so a run started here is the same as one `mlflow run` starts.
 """
 
@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def main() -> None:
     sys.path.insert(0, str(ROOT))
     os.chdir(ROOT)
-    from slmkit.pipeline import STEPS
+    from slmkit.workflow.steps import STEPS
 
     if len(sys.argv) < 2 or sys.argv[1] not in STEPS:
         sys.exit(f"usage: run_step.py {{{'|'.join(STEPS)}}} [the step's flags]")

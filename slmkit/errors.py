@@ -6,3 +6,10 @@ class UserError(Exception):
 
     Steps print its message on one line and exit non-zero, so the MLflow run ends FAILED.
     """
+
+
+def check_choice(name: str, value: str, choices: tuple[str, ...]) -> str:
+    """`value` if it is one of `choices`, else the one-line refusal every param with fixed values gets."""
+    if value not in choices:
+        raise UserError(f"{name}={value!r}: choose one of {', '.join(choices)}")
+    return value

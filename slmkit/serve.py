@@ -2,7 +2,7 @@
 
 The flags and defaults are `mlflow models serve`'s (`-m`, `-h`, `-p`, `-w`, `-t`), and the app
 is MLflow's scoring app with `/v1/chat/completions`, `/v1/models` and `/metrics` added (see
-`slmkit.serving`). It serves in the current environment, as `--env-manager local` does. The
+`slmkit.serving.app`). It serves in the current environment, as `--env-manager local` does. The
 model is fetched once (any URI MLflow resolves) before uvicorn starts its workers, into a
 scratch folder that is removed when the server stops.
 """
@@ -20,8 +20,8 @@ import uvicorn
 from mlflow.environment_variables import MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT
 
 from slmkit.errors import UserError
-from slmkit.serving import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_IN_FLIGHT
-from slmkit.step_cli import positive_int
+from slmkit.serving.app import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_IN_FLIGHT
+from slmkit.workflow.cli import positive_int
 
 MODEL_PATH_ENV = "SLMKIT_SERVE_MODEL_PATH"
 MAX_BODY_ENV = "SLMKIT_MAX_BODY_BYTES"
@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
             os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
         # In this process, so a SIGTERM reaches uvicorn's own handling (workers stop with it).
         uvicorn.run(
-            "slmkit.serving:app_from_environment",
+            "slmkit.serving.app:app_from_environment",
             factory=True,
             host=args.host,
             port=args.port,

@@ -36,22 +36,21 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 
 import mlflow
 
-from slmkit.cache import step_run
-from slmkit.errors import UserError
-from slmkit.evaluation import is_artifact_uri
-from slmkit.lineage import scratch_dir
-from slmkit.pipeline import OUTPUT_TAG, STEPS
-from slmkit.spark_batch import (
+from slmkit.batch.spark import (
     answer_locally,
     answer_with_spark,
-    check_engine,
     is_table_name,
     read_pandas,
     read_spark,
     save_batch_model,
     spark_session,
 )
-from slmkit.step_cli import positive_int, run_cli
+from slmkit.errors import UserError
+from slmkit.sources.eval_set import is_artifact_uri
+from slmkit.workflow.cache import step_run
+from slmkit.workflow.cli import positive_int, run_cli
+from slmkit.workflow.lineage import scratch_dir
+from slmkit.workflow.steps import OUTPUT_TAG, STEPS
 
 
 def local_input(value: str, scratch: Path) -> str:
@@ -133,7 +132,6 @@ def run_spark(args: argparse.Namespace, spark: Any, source: str, batch_model_dir
 
 
 def main(args: argparse.Namespace) -> None:
-    check_engine(args.engine)
     positive_int("partitions", args.partitions)
     positive_int("max_tokens", args.max_tokens)
     if args.concurrency < 0:

@@ -25,14 +25,14 @@ from pathlib import Path
 
 import mlflow
 
-from slmkit.cache import step_run, tag_download_key
-from slmkit.checkpoint import fetch_checkpoint
-from slmkit.databricks import DOWNLOAD_RUN_ID, publish_task_value
-from slmkit.lineage import CHECKPOINT_ARTIFACT, GGUF_ARTIFACT, scratch_dir, source_key, writing_artifacts
 from slmkit.manifest import MANIFEST_NAME, build_manifest, describe_files, file_sha256, write_manifest
-from slmkit.pipeline import MANIFEST_SHA_TAG, REVISION_TAG, SOURCE_KEY_TAG, STEPS
-from slmkit.presets import resolve_model, source_params
-from slmkit.step_cli import parse_bool, run_cli
+from slmkit.sources.checkpoint import fetch_checkpoint
+from slmkit.sources.presets import resolve_model, source_params
+from slmkit.workflow.cache import step_run, tag_download_key
+from slmkit.workflow.cli import parse_bool, run_cli
+from slmkit.workflow.databricks import publish_task_value
+from slmkit.workflow.lineage import CHECKPOINT_ARTIFACT, GGUF_ARTIFACT, scratch_dir, source_key, writing_artifacts
+from slmkit.workflow.steps import MANIFEST_SHA_TAG, REVISION_TAG, SOURCE_KEY_TAG, STEPS
 
 
 def main(args: argparse.Namespace) -> None:
@@ -62,7 +62,7 @@ def main(args: argparse.Namespace) -> None:
             mlflow.log_artifact(str(Path(scratch) / MANIFEST_NAME))
         mlflow.log_param("resolved_revision", revision)
         mlflow.set_tags({REVISION_TAG: revision, MANIFEST_SHA_TAG: file_sha256(Path(scratch) / MANIFEST_NAME)})
-        publish_task_value(DOWNLOAD_RUN_ID, run.info.run_id)
+        publish_task_value(STEPS["download"].hands_on, run.info.run_id)
 
 
 if __name__ == "__main__":

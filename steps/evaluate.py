@@ -10,7 +10,7 @@ Params:
     max_rows: evaluate only the first rows (0: all); max_tokens: completion length per answer.
     pipeline_registered_model, onnx_registered_model: registry names (`catalog.schema.model`
         for Unity Catalog); empty skips registering that model.
-    min_correct_rate, max_regression, min_parity: the promotion gate (slmkit.promotion).
+    min_correct_rate, max_regression, min_parity: the promotion gate (slmkit.evaluation.promotion).
     fail_on_gate: `true` makes a failed gate fail the run, for CI-style use.
     engine: `local` answers every row in process; `spark` takes the answers (quality, parity)
         from the batch path (`mlflow.pyfunc.spark_udf`, as `batch_infer`) and times the first
@@ -19,7 +19,7 @@ Params:
 
 Logs (tags `slmkit.step=evaluate`, `slmkit.cache_key`): the eval set as a dataset input; one
 nested run per model whose traces carry `mlflow.genai.evaluate`'s per-row assessments; metrics
-(computed once, by slmkit.evaluation) `pipeline/*`,
+(computed once, by slmkit.evaluation.scoring) `pipeline/*`,
 `onnx/*` and `parity/*`; artifacts `eval_results.json` (per-row table), `comparison.md`,
 `plots/latency.png`, `plots/overview.png`; tags `gate.<model>` with the gate's decision.
 """
@@ -37,14 +37,14 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 import mlflow
 import pandas as pd
 
-from slmkit.cache import StepRunner, step_run
+from slmkit.batch.spark import answer_eval_rows, spark_session
 from slmkit.errors import UserError
-from slmkit.evaluation import (
-    EvalRow,
+from slmkit.evaluation.measure import Measurement, measure_in_subprocess
+from slmkit.evaluation.promotion import GatePolicy, check_registered_name, gate_model
+from slmkit.evaluation.report import comparison_markdown, latency_figure, overview_figure
+from slmkit.evaluation.scorers import record_scores
+from slmkit.evaluation.scoring import (
     answer_agreement,
-    eval_set_path,
-    is_artifact_uri,
-    load_eval_set,
     parity,
     rows_table,
     scored,
@@ -52,14 +52,11 @@ from slmkit.evaluation import (
     timed_results,
     with_timings,
 )
-from slmkit.lineage import logged_model_name, scratch_dir
-from slmkit.measure import Measurement, measure_in_subprocess
-from slmkit.pipeline import STEPS
-from slmkit.promotion import GatePolicy, check_registered_name, gate_model
-from slmkit.report import comparison_markdown, latency_figure, overview_figure
-from slmkit.scorers import record_scores
-from slmkit.spark_batch import answer_eval_rows, check_engine, spark_session
-from slmkit.step_cli import parse_bool, positive_int, run_cli
+from slmkit.sources.eval_set import EvalRow, eval_set_path, is_artifact_uri, load_eval_set
+from slmkit.workflow.cache import StepRunner, step_run
+from slmkit.workflow.cli import parse_bool, positive_int, run_cli
+from slmkit.workflow.lineage import logged_model_name, scratch_dir
+from slmkit.workflow.steps import STEPS
 
 MODELS = ("pipeline", "onnx")
 # engine=spark: rows timed in process (latency, speed, memory); answers for all rows come from Spark.
@@ -100,7 +97,6 @@ def measure_on_spark(spark, uri: str, rows: list[EvalRow], max_tokens: int, scra
 
 def main(args: argparse.Namespace) -> None:
     positive_int("max_tokens", args.max_tokens)
-    check_engine(args.engine)
     fail_on_gate = parse_bool("fail_on_gate", args.fail_on_gate)
     registered = {
         name: check_registered_name(getattr(args, f"{name}_registered_model"), f"{name}_registered_model")

@@ -35,11 +35,24 @@ from pathlib import Path
 
 import mlflow
 
-from slmkit.cache import StepRunner, step_run
-from slmkit.databricks import ONNX_MODEL_URI, publish_task_value
-from slmkit.errors import UserError
-from slmkit.evaluation import eval_set_path, load_eval_set
-from slmkit.lineage import (
+from slmkit.errors import UserError, check_choice
+from slmkit.evaluation.report import quality_speed_figure
+from slmkit.models.onnx_wrapper import ONNX_ARTIFACT, seal_onnx_folder, wrapper_model_arguments
+from slmkit.models.pipeline import generation_config
+from slmkit.onnx.build import AUTO, build_onnx, check_quantization, fetch_ready_variant
+from slmkit.onnx.quantization_choice import AutoChoice, auto_quantization, good_enough
+from slmkit.sources.eval_set import eval_set_path, load_eval_set
+from slmkit.sources.presets import (
+    ONNX_SOURCES,
+    ModelSpec,
+    default_quantization,
+    load_presets,
+    resolve_model,
+)
+from slmkit.workflow.cache import StepRunner, step_run
+from slmkit.workflow.cli import parse_bool, run_cli
+from slmkit.workflow.databricks import publish_task_value
+from slmkit.workflow.lineage import (
     download_checkpoint,
     download_gguf,
     get_download_run,
@@ -47,17 +60,9 @@ from slmkit.lineage import (
     source_key,
     writing_artifacts,
 )
-from slmkit.onnx_build import AUTO, build_onnx, check_quantization, fetch_ready_variant
-from slmkit.onnx_wrapper_model import ONNX_ARTIFACT, seal_onnx_folder, wrapper_model_arguments
-from slmkit.pipeline import MODEL_URI_TAG, SOURCE_KEY_TAG, STEPS
-from slmkit.pipeline_model import generation_config
-from slmkit.presets import ModelSpec, check_execution_provider, default_quantization, load_presets, resolve_model
-from slmkit.quantization_choice import AutoChoice, auto_quantization, good_enough
-from slmkit.report import quality_speed_figure
-from slmkit.step_cli import parse_bool, run_cli
+from slmkit.workflow.steps import MODEL_URI_TAG, SOURCE_KEY_TAG, STEPS
 
 logger = logging.getLogger(__name__)
-ONNX_SOURCES = ("auto", "hub", "build")
 HUB_QUANTIZATION = "int4"  # the presets' ready hub builds are int4 RTN, block 32
 CALIBRATION_MAX_TOKENS = 64
 GGUF_REPORT = "gguf_tensors.tsv"
@@ -67,8 +72,7 @@ CANDIDATES_PLOT = "plots/quantization_quality_speed.png"
 
 def use_hub_variant(spec: ModelSpec | None, onnx_source: str, execution_provider: str, quantization: str) -> bool:
     """Whether to fetch the preset's ready ONNX build (int4) instead of building one."""
-    if onnx_source not in ONNX_SOURCES:
-        raise UserError(f"onnx_source={onnx_source!r}: choose one of {', '.join(ONNX_SOURCES)}")
+    check_choice("onnx_source", onnx_source, ONNX_SOURCES)
     available = spec is not None and spec.onnx is not None and execution_provider in spec.onnx.subfolders
     if onnx_source == "hub" and not available:
         raise UserError(
@@ -96,7 +100,6 @@ def log_auto_choice(choice: AutoChoice, max_quality_drop: float) -> None:
 
 
 def main(args: argparse.Namespace) -> None:
-    check_execution_provider(args.execution_provider)
     tracing = parse_bool("tracing", args.tracing)
     generation = generation_config(args.temperature, args.max_new_tokens)
     preset = args.model if args.model in load_presets() else ""
@@ -154,7 +157,7 @@ def main(args: argparse.Namespace) -> None:
             )
         mlflow.log_metrics({"log_seconds": time.perf_counter() - started, "model_size_bytes": manifest["total_bytes"]})
         mlflow.set_tag(MODEL_URI_TAG, info.model_uri)
-        publish_task_value(ONNX_MODEL_URI, info.model_uri)
+        publish_task_value(STEPS["log_onnx_wrapper"].hands_on, info.model_uri)
 
 
 if __name__ == "__main__":

@@ -26,18 +26,17 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 
 import mlflow
 
-from slmkit.cache import StepRunner, step_run
-from slmkit.databricks import PIPELINE_MODEL_URI, publish_task_value
-from slmkit.lineage import download_checkpoint, get_download_run, scratch_dir, writing_artifacts
-from slmkit.pipeline import MODEL_URI_TAG, STEPS
-from slmkit.pipeline_model import build_pipeline, check_dtype, generation_config, pipeline_model_arguments
-from slmkit.step_cli import run_cli
+from slmkit.models.pipeline import build_pipeline, generation_config, pipeline_model_arguments
+from slmkit.workflow.cache import StepRunner, step_run
+from slmkit.workflow.cli import run_cli
+from slmkit.workflow.databricks import publish_task_value
+from slmkit.workflow.lineage import download_checkpoint, get_download_run, scratch_dir, writing_artifacts
+from slmkit.workflow.steps import MODEL_URI_TAG, STEPS
 
 MODEL_NAME = "model"
 
 
 def main(args: argparse.Namespace) -> None:
-    check_dtype(args.torch_dtype)
     generation = generation_config(args.temperature, args.max_new_tokens)
     values = StepRunner(args.env_manager).fill_inputs("log_pipeline", STEPS["log_pipeline"].values(vars(args)))
     download = get_download_run(values["download_run_id"])
@@ -54,7 +53,7 @@ def main(args: argparse.Namespace) -> None:
         mlflow.log_metrics({"log_seconds": time.perf_counter() - started, "model_size_bytes": manifest["total_bytes"]})
         mlflow.log_param("torch_dtype_loaded", str(pipeline.model.dtype).removeprefix("torch."))
         mlflow.set_tag(MODEL_URI_TAG, info.model_uri)
-        publish_task_value(PIPELINE_MODEL_URI, info.model_uri)
+        publish_task_value(STEPS["log_pipeline"].hands_on, info.model_uri)
 
 
 if __name__ == "__main__":

@@ -2,9 +2,9 @@
 
 Each step runs with `mlflow.projects.run` under this parent run, with the env manager passed on
 explicitly, and receives its inputs as run ids and model URIs only. A step whose cache key
-(slmkit.cache) matches a FINISHED run in the experiment is reused instead of run again, unless
+(slmkit.workflow.cache) matches a FINISHED run in the experiment is reused instead of run again, unless
 `force` says otherwise: the same rule, through the same `StepRunner`, as a step run alone uses
-for its upstream. The steps and their order come from slmkit/pipeline.py. The parent records, per step, the param `<step>_run_id` and the tag
+for its upstream. The steps and their order come from slmkit/workflow/steps.py. The parent records, per step, the param `<step>_run_id` and the tag
 `cache.<step>` ("reused run X" or "ran run Y", and why), and prints a summary at the end.
 
 Params: the union of the steps' params (see MLproject); `env_manager` is passed to every child;
@@ -17,11 +17,11 @@ import argparse
 
 import mlflow
 
-from slmkit.cache import StepRunner, forced_steps, handed_on, step_run
-from slmkit.pipeline import ORDER, STEPS
-from slmkit.presets import resolve_model
-from slmkit.step_cli import parse_bool, run_cli
-from slmkit.summary import format_summary
+from slmkit.evaluation.report import format_summary
+from slmkit.sources.presets import resolve_model
+from slmkit.workflow.cache import StepRunner, forced_steps, handed_on, step_run
+from slmkit.workflow.cli import parse_bool, run_cli
+from slmkit.workflow.steps import ORDER, STEPS
 
 
 def record_step(step: str, run_id: str, why: str) -> None:

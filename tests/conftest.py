@@ -19,13 +19,13 @@ import pytest
 from mlflow import MlflowClient
 from mlflow.entities import Run
 
+from harness.servers import free_port, stop_process, wait_for_http
 from slmkit import PROJECT_ROOT
-from slmkit.evaluation import load_eval_set
-from slmkit.local_servers import free_port, stop_process, wait_for_http
-from slmkit.onnx_build import build_onnx
-from slmkit.onnx_session import THREADS_ENV
-from slmkit.onnx_wrapper_model import ONNX_ARTIFACT, seal_onnx_folder, wrapper_model_arguments
-from slmkit.pipeline import MODEL_URI_TAG, ORDER, STEP_TAG, STEPS
+from slmkit.models.onnx_wrapper import ONNX_ARTIFACT, seal_onnx_folder, wrapper_model_arguments
+from slmkit.onnx.build import build_onnx
+from slmkit.onnx.session import THREADS_ENV
+from slmkit.sources.eval_set import load_eval_set
+from slmkit.workflow.steps import MODEL_URI_TAG, ORDER, STEP_TAG, STEPS
 from tests.tiny_models import build_tiny_phi3, train_tiny_phi3
 
 BIN = Path(sys.executable).parent
@@ -242,7 +242,7 @@ def mlflow_run(server: TrackingServer, *args: str, timeout_s: float = 600, **env
 
 def step_flags(step: str, *params: str) -> list[str]:
     """The step's command-line flags for "name=value" params, as MLproject's command passes them
-    (slmkit.pipeline's declaration); a name the step does not declare is a KeyError."""
+    (slmkit.workflow.steps's declaration); a name the step does not declare is a KeyError."""
     declared = {param.name: param for param in STEPS[step].params}
     return [arg for name, value in (param.split("=", 1) for param in params) for arg in (declared[name].flag, value)]
 
@@ -441,7 +441,7 @@ def hub_offline() -> Iterator[None]:
 def pipeline_dir(trained_tiny_phi3: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The pipeline model of the trained tiny Phi-3, saved as log_pipeline logs it, from a copy
     of the checkpoint that is gone once saved: the model must not need the folder it came from."""
-    from slmkit.pipeline_model import build_pipeline, generation_config, pipeline_model_arguments
+    from slmkit.models.pipeline import build_pipeline, generation_config, pipeline_model_arguments
 
     def save(folder: Path) -> None:
         scratch = Path(shutil.copytree(trained_tiny_phi3, folder.parent / f"{folder.name}-scratch-checkpoint"))

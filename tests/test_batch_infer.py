@@ -22,9 +22,9 @@ import pandas as pd
 import pytest
 
 from slmkit import PROJECT_ROOT
-from slmkit.evaluation import load_eval_set
-from slmkit.pipeline import STEP_TAG
-from slmkit.spark_batch import LOCAL_DRIVER_JAVA_OPTIONS, answer_locally, save_batch_model
+from slmkit.batch.spark import LOCAL_DRIVER_JAVA_OPTIONS, answer_locally, save_batch_model
+from slmkit.sources.eval_set import load_eval_set
+from slmkit.workflow.steps import STEP_TAG
 from tests.conftest import BIN, TrackingServer, mlflow_run, project_params, run_step_module, runs_of
 
 pytestmark = pytest.mark.integration
@@ -90,7 +90,7 @@ def test_batch_infer_on_spark_answers_every_row_in_order_as_the_local_engine_and
     with java_command_lines() as javas:
         result = mlflow_run(tracking_server, "-e", "batch_infer", "--experiment-name", "batch", *params)
     assert result.returncode == 0, result.stderr[-3000:]
-    # The driver JVM the step started ran with the small-machine options (slmkit.spark_batch).
+    # The driver JVM the step started ran with the small-machine options (slmkit.batch.spark).
     assert any(set(LOCAL_DRIVER_JAVA_OPTIONS.split()) <= set(java) for java in javas if "pyspark" in " ".join(java))
     written = pd.read_parquet(output)
     assert list(written["id"]) == [row["id"] for row in ROWS]

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from slmkit import PROJECT_ROOT
-from slmkit.cache import cache_key, code_files, forced_steps, normalize_params, step_lock
 from slmkit.errors import UserError
+from slmkit.workflow.cache import cache_key, code_files, forced_steps, normalize_params, step_lock
 
 PARAMS = {
     "download_run_id": "abc",

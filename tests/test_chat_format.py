@@ -3,7 +3,7 @@
 import pandas as pd
 import pytest
 
-from slmkit.chat_format import (
+from slmkit.chat.contract import (
     ChatRequest,
     ChatRequestError,
     chat_completion,

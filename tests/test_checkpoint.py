@@ -5,7 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from slmkit.checkpoint import (
+from slmkit.errors import UserError
+from slmkit.sources.checkpoint import (
     check_gguf,
     convert_gguf,
     copy_local_checkpoint,
@@ -14,8 +15,7 @@ from slmkit.checkpoint import (
     select_checkpoint_files,
     source_revision,
 )
-from slmkit.errors import UserError
-from slmkit.presets import LocalDirSource
+from slmkit.sources.presets import LocalDirSource
 from tests.tiny_models import build_tiny_phi3, write_tiny_phi3_gguf
 
 

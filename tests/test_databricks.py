@@ -11,9 +11,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from slmkit import PROJECT_ROOT, databricks
+from slmkit import PROJECT_ROOT
 from slmkit.environment import normalize_name, read_pins
-from slmkit.promotion import check_registered_name
+from slmkit.evaluation.promotion import check_registered_name
+from slmkit.workflow import databricks
+from slmkit.workflow.steps import STEPS
 
 JOB = yaml.safe_load((PROJECT_ROOT / "resources" / "slm_chat_job.yml").read_text())["resources"]["jobs"][
     "slm_chat_pipeline"
@@ -25,12 +27,8 @@ BUNDLE = yaml.safe_load((PROJECT_ROOT / "databricks.yml").read_text())
 MLPROJECT = yaml.safe_load((PROJECT_ROOT / "MLproject").read_text())
 TASK_VALUE = re.compile(r"\{\{tasks\.(\w+)\.values\.(\w+)\}\}")
 JOB_PARAMETER = re.compile(r"\{\{job\.parameters\.(\w+)\}\}")
-# Which task publishes which task value (slmkit.databricks), to check every reference.
-PUBLISHED = {
-    ("download", databricks.DOWNLOAD_RUN_ID),
-    ("log_pipeline", databricks.PIPELINE_MODEL_URI),
-    ("log_onnx_wrapper", databricks.ONNX_MODEL_URI),
-}
+# Which task publishes which task value (slmkit.workflow.databricks), to check every reference.
+PUBLISHED = {(step.name, step.hands_on) for step in STEPS.values() if step.hands_on}
 
 
 def test_bundle_includes_the_job_and_names_targets():
@@ -129,7 +127,7 @@ def test_launcher_refuses_unknown_steps(tmp_path: Path):
 
 
 def test_batch_job_answers_a_table_on_a_multi_node_cluster_into_delta():
-    from slmkit.spark_batch import is_table_name
+    from slmkit.batch.spark import is_table_name
 
     [cluster] = BATCH_JOB["job_clusters"]
     assert cluster["new_cluster"]["num_workers"] == "${var.batch_num_workers}"

@@ -15,7 +15,7 @@ from mlflow.entities import Run
 from mlflow.entities.model_registry import ModelVersion
 
 from slmkit.errors import UserError
-from slmkit.promotion import CANDIDATE, CHAMPION, GatePolicy, check_registered_name, decide
+from slmkit.evaluation.promotion import CANDIDATE, CHAMPION, GatePolicy, check_registered_name, decide
 from tests.conftest import (
     E2E_NAMES,
     TRAINED_EXPERIMENT,

@@ -8,19 +8,19 @@ import pytest
 
 from slmkit import PROJECT_ROOT
 from slmkit.errors import UserError
-from slmkit.evaluation import (
+from slmkit.evaluation.report import comparison_table
+from slmkit.evaluation.scoring import (
     RowResult,
     answer_agreement,
     answer_correct,
     common_prefix_ratio,
-    load_eval_set,
     parity,
     summarize,
     token_f1,
     well_formed,
     with_timings,
 )
-from slmkit.report import comparison_table
+from slmkit.sources.eval_set import load_eval_set
 
 
 def test_answer_correct_normalises_case_and_punctuation():

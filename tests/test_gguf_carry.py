@@ -16,9 +16,9 @@ import pytest
 from gguf import GGMLQuantizationType as Q
 from gguf.constants import GGML_QUANT_SIZES
 
-from slmkit.checkpoint import convert_gguf
-from slmkit.gguf_blocks import CARRIED_TYPES, BlockWeights, block_weights, concat_rows
-from slmkit.gguf_carry import (
+from slmkit.onnx.build import QUANTIZATIONS, builder_command, builder_environment, copy_runtime_files
+from slmkit.onnx.gguf_blocks import CARRIED_TYPES, BlockWeights, block_weights, concat_rows
+from slmkit.onnx.gguf_carry import (
     CarryReport,
     GgufWeights,
     Part,
@@ -27,8 +27,8 @@ from slmkit.gguf_carry import (
     node_precision,
     node_weights,
 )
-from slmkit.onnx_build import QUANTIZATIONS, builder_command, builder_environment, copy_runtime_files
-from slmkit.onnx_greedy import bare_greedy, load
+from slmkit.onnx.greedy import bare_greedy, load
+from slmkit.sources.checkpoint import convert_gguf
 from tests.tiny_models import build_tiny_phi3, write_tiny_phi3_gguf
 
 # One worker runs the module: its module fixtures (seven tiny GGUFs converted, then built in one
@@ -244,7 +244,7 @@ def test_a_gguf_whose_weights_are_float_keeps_the_builders_quantization_and_says
 
 def test_block_weights_of_a_node_are_checked_against_the_checkpoint(tiny_ggufs):
     """The mapping is verified, not trusted: another checkpoint's values are refused."""
-    from slmkit.gguf_carry import carry_node_weights, open_checkpoint
+    from slmkit.onnx.gguf_carry import carry_node_weights, open_checkpoint
 
     path, _ = tiny_ggufs["Q4_1"]
     _, other_checkpoint = tiny_ggufs["Q4_0"]

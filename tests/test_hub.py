@@ -17,8 +17,8 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from slmkit.local_servers import free_port
-from slmkit.pipeline import REVISION_TAG
+from harness.servers import free_port
+from slmkit.workflow.steps import REVISION_TAG
 from tests.conftest import TrackingServer, mlflow_run, run_step_module, runs_of
 from tests.fake_hub import FakeHub, serve
 

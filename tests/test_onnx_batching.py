@@ -10,10 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from slmkit.onnx_batching import MAX_BATCH_SIZE_ENV, BatchedDecoder, Slot, admit, max_batch_size, right_padded
-from slmkit.onnx_greedy import chat_prompt_ids, load
-from slmkit.onnx_session import model_tokens
-from slmkit.onnx_wrapper_model import ONNX_ARTIFACT
+from slmkit.models.onnx_wrapper import ONNX_ARTIFACT
+from slmkit.onnx.batching import MAX_BATCH_SIZE_ENV, BatchedDecoder, Slot, admit, max_batch_size, right_padded
+from slmkit.onnx.greedy import chat_prompt_ids, load
+from slmkit.onnx.session import model_tokens
 
 
 def slot(length: int, max_new_tokens: int = 8, sampling: dict | None = None) -> Slot:

@@ -2,7 +2,8 @@
 
 from pathlib import Path
 
-from slmkit.onnx_build import builder_command
+from slmkit.onnx.build import builder_command
+from slmkit.onnx.session import THREADS_ENV
 
 
 def test_int4_command_names_input_output_precision_and_provider():
@@ -23,10 +24,10 @@ def test_extra_options_are_key_value_pairs():
 def test_intra_op_threads_default_to_the_available_cpus_and_can_be_overridden(monkeypatch):
     import os
 
-    from slmkit.onnx_session import intra_op_threads
+    from slmkit.onnx.session import intra_op_threads
 
-    monkeypatch.delenv("SLMKIT_INTRA_OP_THREADS", raising=False)
+    monkeypatch.delenv(THREADS_ENV, raising=False)
     assert intra_op_threads() == len(os.sched_getaffinity(0))
     assert intra_op_threads(3) == 3
-    monkeypatch.setenv("SLMKIT_INTRA_OP_THREADS", "1")
+    monkeypatch.setenv(THREADS_ENV, "1")
     assert intra_op_threads(3) == 1

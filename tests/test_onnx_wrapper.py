@@ -12,8 +12,8 @@ import pytest
 from mlflow.exceptions import MlflowException
 
 from slmkit import PROJECT_ROOT
-from slmkit.evaluation import load_eval_set
-from slmkit.onnx_wrapper_model import ONNX_ARTIFACT, wrapper_model_arguments
+from slmkit.models.onnx_wrapper import ONNX_ARTIFACT, wrapper_model_arguments
+from slmkit.sources.eval_set import load_eval_set
 
 FRANCE = load_eval_set(PROJECT_ROOT / "data" / "eval_set.jsonl", max_rows=1)[0].messages
 

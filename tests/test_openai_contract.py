@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from slmkit.chat_format import chat_chunk
-from slmkit.serving import OpenAIError, openai_chunks, openai_request, request_error
+from slmkit.chat.contract import chat_chunk
+from slmkit.serving.app import OpenAIError, openai_chunks, openai_request, request_error
 
 USER = [{"role": "user", "content": "Hi"}]
 

@@ -1,4 +1,4 @@
-"""The step declarations (slmkit/pipeline.py) against the files people read and edit by hand:
+"""The step declarations (slmkit/workflow/steps.py) against the files people read and edit by hand:
 MLproject and the Databricks job files must name the same params with the same defaults."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import yaml
 
 from slmkit import PROJECT_ROOT
 from slmkit.errors import UserError
-from slmkit.pipeline import CACHED_STEPS, ORDER, STEPS, Param
+from slmkit.workflow.steps import CACHED_STEPS, ORDER, STEPS, Param
 
 MLPROJECT = yaml.safe_load((PROJECT_ROOT / "MLproject").read_text())["entry_points"]
 JOBS = {
@@ -129,7 +129,6 @@ BAD_PARAMETERS = [
 @pytest.mark.parametrize(("step", "argv", "message"), BAD_PARAMETERS)
 def test_steps_refuse_bad_parameters_before_any_work_naming_the_parameter(step: str, argv: list[str], message: str):
     module = importlib.import_module(f"steps.{step}")
-    args = STEPS[step].build_parser(module.__doc__).parse_args(argv)
     with pytest.raises(UserError) as refused:
-        module.main(args)
+        module.main(STEPS[step].build_parser(module.__doc__).parse_args(argv))
     assert message in str(refused.value)

@@ -16,14 +16,14 @@ import pytest
 import requests
 from mlflow.exceptions import MlflowException
 
+from harness.servers import MLFLOW_SERVE, SLMKIT_SERVE, served
 from slmkit import PROJECT_ROOT
 from slmkit.environment import read_pins
-from slmkit.evaluation import load_eval_set
-from slmkit.local_servers import MLFLOW_SERVE, SLMKIT_SERVE, served
 from slmkit.manifest import file_sha256, read_manifest, verify_folder
-from slmkit.onnx_greedy import bare_greedy, load
-from slmkit.onnx_session import model_tokens
-from slmkit.pipeline import DOWNLOAD_RUN_TAG, ORDER, SOURCE_KEY_TAG
+from slmkit.onnx.greedy import bare_greedy, load
+from slmkit.onnx.session import model_tokens
+from slmkit.sources.eval_set import load_eval_set
+from slmkit.workflow.steps import DOWNLOAD_RUN_TAG, ORDER, SOURCE_KEY_TAG
 from tests.conftest import PipelineRun, TrackingServer, mlflow_run, runs_of
 
 pytestmark = pytest.mark.integration

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from slmkit.errors import UserError
-from slmkit.presets import (
+from slmkit.sources.presets import (
     GgufFileSource,
     HubSource,
     LocalDirSource,
@@ -105,7 +105,7 @@ def test_presets_declare_their_license_and_other_sources_leave_it_unknown(tmp_pa
 def test_the_logged_pipeline_carries_the_license_it_was_given_without_asking_the_hub(tiny_phi3: Path, tmp_path: Path):
     import mlflow
 
-    from slmkit.pipeline_model import build_pipeline, generation_config, pipeline_model_arguments
+    from slmkit.models.pipeline import build_pipeline, generation_config, pipeline_model_arguments
 
     pipeline = build_pipeline(tiny_phi3, "auto", "smollm2-135m")
     arguments = pipeline_model_arguments(pipeline, generation_config(0, 4), "apache-2.0")

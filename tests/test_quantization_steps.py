@@ -11,7 +11,7 @@ import mlflow
 import pytest
 
 from slmkit.manifest import file_sha256, read_manifest
-from slmkit.pipeline import DOWNLOAD_RUN_TAG, MODEL_URI_TAG, STEP_TAG
+from slmkit.workflow.steps import DOWNLOAD_RUN_TAG, MODEL_URI_TAG, STEP_TAG
 from tests.conftest import TRAINED_ROWS, TrackingServer, run_step_module, runs_of
 from tests.tiny_models import build_tiny_phi3, write_tiny_phi3_gguf
 

@@ -19,10 +19,10 @@ from mlflow import MlflowClient
 from mlflow.entities import Run
 
 from slmkit.errors import UserError
-from slmkit.lineage import get_download_run
 from slmkit.manifest import verify_folder
-from slmkit.pipeline import MODEL_URI_TAG, ORDER, STEP_TAG
-from slmkit.tracking_server import BOUNDED_RETRIES
+from slmkit.workflow.lineage import get_download_run
+from slmkit.workflow.steps import MODEL_URI_TAG, ORDER, STEP_TAG
+from slmkit.workflow.tracking_server import BOUNDED_RETRIES
 from tests.conftest import (
     HF_TOKEN_CANARY,
     UNTRAINED_EXPERIMENT,
@@ -38,7 +38,7 @@ from tests.conftest import (
 )
 
 ONNX_FOLDER = Path("artifacts") / "onnx_model"
-# The steps' bounded retries (slmkit.tracking_server) without the waits between them, a setting
+# The steps' bounded retries (slmkit.workflow.tracking_server) without the waits between them, a setting
 # the steps keep when a user gives it. With the waits (1, 2 and 4 s, plus up to 1 s of MLflow's
 # jitter each), every request to the stopped server, in `main` and again in `mlflow run`'s own
 # end, idled the test for 23 of its 78 s.

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from slmkit.pipeline import CACHE_KEY_TAG, ORDER, STEP_TAG
+from slmkit.workflow.steps import CACHE_KEY_TAG, ORDER, STEP_TAG
 from tests.conftest import (
     E2E_REGISTERED,
     TRAINED_EXPERIMENT,

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from slmkit import PROJECT_ROOT
-from slmkit.cache import StepRunner
-from slmkit.pipeline import CACHE_KEY_TAG, STEP_TAG
+from slmkit.workflow.cache import StepRunner
+from slmkit.workflow.steps import CACHE_KEY_TAG, STEP_TAG
 from tests.conftest import TRAINED_EXPERIMENT, PipelineRun, TrackingServer, run_step_module, runs_of
 from tests.test_step_isolation import IGNORED
 

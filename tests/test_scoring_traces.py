@@ -10,8 +10,9 @@ import mlflow
 import pytest
 
 from slmkit import PROJECT_ROOT
-from slmkit.evaluation import RowResult, answer_correct, load_eval_set
-from slmkit.scorers import SCORERS, record_scores
+from slmkit.evaluation.scorers import SCORERS, record_scores
+from slmkit.evaluation.scoring import RowResult, answer_correct
+from slmkit.sources.eval_set import load_eval_set
 from tests.conftest import use_experiment
 
 

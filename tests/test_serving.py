@@ -24,8 +24,8 @@ import pytest
 import requests
 import yaml
 
-from slmkit.chat_models import load_chat_model
-from slmkit.local_servers import SLMKIT_SERVE, ServedModel, served
+from harness.servers import SLMKIT_SERVE, ServedModel, served
+from slmkit.chat.adapters import load_chat_model
 from tests.conftest import BIN, ONE_THREAD_ENV
 
 # One worker serves both models for the whole module: split, each worker would start both servers.

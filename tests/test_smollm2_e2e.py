@@ -17,9 +17,9 @@ import onnx
 import pytest
 import requests
 
-from slmkit.gguf_carry import node_parts, node_weights
-from slmkit.onnx_wrapper_model import ONNX_ARTIFACT
-from slmkit.pipeline import MODEL_URI_TAG, STEP_TAG
+from slmkit.models.onnx_wrapper import ONNX_ARTIFACT
+from slmkit.onnx.gguf_carry import node_parts, node_weights
+from slmkit.workflow.steps import MODEL_URI_TAG, STEP_TAG
 from tests.conftest import TrackingServer, mlflow_run, runs_of
 from tests.test_gguf_carry import checkpoint_names, gguf_reference, gguf_weights
 from tests.test_serving import ROUTES, serve

@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from slmkit import PROJECT_ROOT
-from slmkit.pipeline import CACHE_KEY_TAG, MODEL_URI_TAG, STEP_TAG, STEPS
+from slmkit.workflow.steps import CACHE_KEY_TAG, MODEL_URI_TAG, STEP_TAG, STEPS
 from tests.conftest import TrackingServer, runs_of
 
 pytestmark = pytest.mark.integration

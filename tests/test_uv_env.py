@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from slmkit.environment import read_pins
-from slmkit.pipeline import STEP_TAG
+from slmkit.workflow.steps import STEP_TAG
 from tests.conftest import TrackingServer, mlflow_run_command, runs_of
 
 pytestmark = pytest.mark.integration

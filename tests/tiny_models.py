@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from slmkit.chat_format import PHI3_CHAT_TEMPLATE
+from harness.templates import PHI3_CHAT_TEMPLATE
 
 SPECIAL_TOKENS = ["<unk>", "<s>", "<|endoftext|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
 TRAINING_TEXT = [

@@ -1,7 +1,7 @@
 """Models-from-code pyfunc that `mlflow.pyfunc.spark_udf` runs for the `batch_infer` step.
 
 It holds either chat model as its artifact `chat_model` and answers a pandas batch of JSON
-`request` strings with `slmkit.batch_inference.answer_requests`: the same checks and `stop` as
+`request` strings with `slmkit.batch.rows.answer_requests`: the same checks and `stop` as
 the serving front, a refused row's message in `error` instead of a failed task, and several
 greedy rows decoded together by the ONNX wrapper's batching. Spark loads it once per executor
 Python worker.
@@ -17,8 +17,8 @@ from __future__ import annotations
 import mlflow
 from mlflow.models import set_model
 
-from slmkit.batch_inference import REQUEST_COLUMN, answer_requests, answers_json, default_concurrency
-from slmkit.chat_models import load_chat_model
+from slmkit.batch.rows import REQUEST_COLUMN, answer_requests, answers_json, default_concurrency
+from slmkit.chat.adapters import load_chat_model
 
 
 class BatchChatModel(mlflow.pyfunc.PythonModel):

@@ -10,10 +10,10 @@ Logged `model_config` keys:
     temperature: default for requests without `temperature`; 0 means greedy.
     tracing: "true" (default) records an MLflow trace per request; "false" turns it off.
     intra_op_threads: onnxruntime threads; 0 (default) is one per available CPU
-        (SLMKIT_INTRA_OP_THREADS overrides it at serving time; see slmkit.onnx_session).
+        (SLMKIT_INTRA_OP_THREADS overrides it at serving time; see slmkit.onnx.session).
     max_batch_size: greedy requests that wait together are decoded as rows of one batch, up to
         this many (default 4; 1 turns batching off; SLMKIT_MAX_BATCH_SIZE overrides it at
-        serving time). See slmkit.onnx_batching.
+        serving time). See slmkit.onnx.batching.
     batch_window_ms: how long a new batch waits to hold as many requests as were in flight
         while the last one ran (default 20; a lone client never waits).
 
@@ -43,7 +43,7 @@ from mlflow.environment_variables import MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT
 from mlflow.exceptions import MlflowException
 from mlflow.models import set_model
 
-from slmkit.chat_format import (
+from slmkit.chat.contract import (
     FINISH_LENGTH,
     FINISH_STOP,
     ChatRequest,
@@ -57,10 +57,11 @@ from slmkit.chat_format import (
     parse_request,
     raw_requests,
 )
+from slmkit.chat.model_config import TRACING_KEY
 from slmkit.manifest import MANIFEST_NAME, read_manifest, verify_folder
-from slmkit.onnx_batching import MAX_BATCH_SIZE_ENV, BatchedDecoder, Slot, max_batch_size
-from slmkit.onnx_session import intra_op_threads, model_tokens, open_model
-from slmkit.onnx_wrapper_model import ONNX_ARTIFACT, TRACING_KEY
+from slmkit.models.onnx_wrapper import ONNX_ARTIFACT
+from slmkit.onnx.batching import MAX_BATCH_SIZE_ENV, BatchedDecoder, Slot, max_batch_size
+from slmkit.onnx.session import intra_op_threads, model_tokens, open_model
 
 logger = logging.getLogger(__name__)
 

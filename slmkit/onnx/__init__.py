@@ -1,0 +1,3 @@
+"""The ONNX model: the builder's build, the GGUF carry-over, automatic quantization, and the
+onnxruntime-genai session, greedy loop and batched decoder the wrapper runs on.
+"""
