@@ -31,7 +31,7 @@ import os
 import shutil
 import sys
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -325,6 +325,40 @@ def logging_figure(scale: Scale, build: Build, model_name: str) -> Figure:
     return figure
 
 
+@dataclass
+class PeerRates:
+    """llama-server on each GGUF file: served tok/s by client count, prompt tok/s, bandwidth limits."""
+
+    served: dict[str, dict[int, float]] = field(default_factory=dict)
+    prompt: dict[str, float] = field(default_factory=dict)
+    limits: dict[str, float] = field(default_factory=dict)
+
+
+def llama_server_rates(scale: Scale, llama: LlamaCpp | None, gguf: dict[str, Path], ids: list[int], bandwidth: float) -> PeerRates:  # fmt: skip
+    peers = PeerRates()
+    for kind, file in gguf.items():
+        assert llama is not None
+        process, url = llama_server(str(llama.server), file, scale.work / f"llama-server-{kind}.log")
+        try:
+            peers.served[kind] = serving_rates(url, scale.max_tokens, ignore_eos=True)
+            peers.prompt[f"llama_server_{kind}"] = llama_prompt_rate(url, ids)
+        finally:
+            stop_process(process)
+        peers.limits[f"gguf_{kind}"] = bandwidth / gguf_bytes_per_token(file)
+    return peers
+
+
+def bandwidth_figure(build: Build, bandwidth: float, peers: PeerRates) -> Figure:
+    """The build's bare decode (measured with the builds) against the memory-bandwidth limit."""
+    onnx_bytes = onnx_bytes_per_token(build.onnx_dir)
+    limits = {"onnx_int4": bandwidth / onnx_bytes, **peers.limits}
+    decode = {"onnx_int4_bare": build.bare_decode_tok_s}
+    decode.update({f"llama_server_{kind}_1_client": rates[1] for kind, rates in peers.served.items()})
+    detail = {"bandwidth_gb_s": bandwidth / 1e9, "weight_bytes_per_token": onnx_bytes, "limit_tok_s": limits,
+              "decode_tok_s": decode}  # fmt: skip
+    return Figure("decode tok/s / memory-bandwidth limit", build.bare_decode_tok_s / limits["onnx_int4"], detail)
+
+
 def served_figures(scale: Scale, build: Build, llama: LlamaCpp | None, gguf: dict[str, Path]) -> list[Figure]:
     """Ours served (`python -m slmkit.serve`) against llama-server on each GGUF file, at 1 and 4
     clients, with prompt processing of a 1,000-token prompt, and the build's bare decode (measured
@@ -333,58 +367,30 @@ def served_figures(scale: Scale, build: Build, llama: LlamaCpp | None, gguf: dic
     with served(build.model_dir, scale.env, scale.work / "server.log", front=SLMKIT_SERVE) as server:
         ours = serving_rates(server.chat_url, scale.max_tokens)
     bandwidth = memory_bandwidth(scale.reps)
-    onnx_bytes = onnx_bytes_per_token(build.onnx_dir)
     bare_model, bare_tokenizer = load(build.onnx_dir)
-    prompt = {"bare_int4": bare_prompt_rate(bare_model, ids)}
     pad = model_tokens(build.onnx_dir).pad_id
+    peers = llama_server_rates(scale, llama, gguf, ids, bandwidth)
+    figures = [bandwidth_figure(build, bandwidth, peers)]
+    if not peers.served:
+        print(f"llama-server figures skipped: {LLAMA_SERVER_ENV} is not set (README: building llama-server)")
+        return figures
 
     def decode_batch(rows: int, max_tokens: int) -> tuple[float, float]:
         return prompt_and_step_ms(bare_model, bare_tokenizer, PROMPTS[:rows], max_tokens, pad)
 
-    limits = {"onnx_int4": bandwidth / onnx_bytes}
-    decode = {"onnx_int4_bare": build.bare_decode_tok_s}
-    theirs: dict[str, dict[int, float]] = {}
-    for kind, file in gguf.items():
-        assert llama is not None
-        process, url = llama_server(str(llama.server), file, scale.work / f"llama-server-{kind}.log")
-        try:
-            theirs[kind] = serving_rates(url, scale.max_tokens, ignore_eos=True)
-            prompt[f"llama_server_{kind}"] = llama_prompt_rate(url, ids)
-        finally:
-            stop_process(process)
-        limits[f"gguf_{kind}"] = bandwidth / gguf_bytes_per_token(file)
-        decode[f"llama_server_{kind}_1_client"] = theirs[kind][1]
-    figures = [
-        Figure(
-            "decode tok/s / memory-bandwidth limit",
-            build.bare_decode_tok_s / limits["onnx_int4"],
-            {
-                "bandwidth_gb_s": bandwidth / 1e9,
-                "weight_bytes_per_token": onnx_bytes,
-                "limit_tok_s": limits,
-                "decode_tok_s": decode,
-            },
-        )
-    ]
-    if not theirs:
-        print(f"llama-server figures skipped: {LLAMA_SERVER_ENV} is not set (README: building llama-server)")
-        return figures
-    peer = "Q4_0" if "Q4_0" in theirs else next(iter(theirs))
-    detail = {
-        "onnx_int4_tok_s": ours,
-        "llama_server_tok_s": theirs,
-        "peer": peer,
-        "batch_step_ms": batch_step_ms(decode_batch, scale.max_tokens),
-    }
+    peer = "Q4_0" if "Q4_0" in peers.served else next(iter(peers.served))
+    detail = {"onnx_int4_tok_s": ours, "llama_server_tok_s": peers.served, "peer": peer,
+              "batch_step_ms": batch_step_ms(decode_batch, scale.max_tokens)}  # fmt: skip
     for k in (1, 4):
         name = f"served ONNX / llama-server tok/s, {k} client{'s' * (k > 1)}"
-        figure = Figure(name, ours[k] / theirs[peer][k], detail)
+        figure = Figure(name, ours[k] / peers.served[peer][k], detail)
         if not figure.met:
             figure.profile = profile_to(
                 scale.profile_stem.with_name(f"{scale.profile_stem.name}-served-{k}.txt"),
                 lambda k=k: decode_batch(k, scale.max_tokens),
             )
         figures.append(figure)
+    prompt = {"bare_int4": bare_prompt_rate(bare_model, ids), **peers.prompt}
     figures.append(
         Figure(
             f"prompt tok/s on {PROMPT_TOKENS:,} tokens: bare int4 / llama-server {peer}",

@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import os
 import warnings
-from dataclasses import replace
 from pathlib import Path
 
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -37,20 +36,15 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 import mlflow
 import pandas as pd
 
-from slmkit.batch.spark import answer_eval_rows, spark_session
 from slmkit.errors import UserError
-from slmkit.evaluation.measure import Measurement, measure_in_subprocess
-from slmkit.evaluation.promotion import GatePolicy, check_registered_name, gate_model
+from slmkit.evaluation.compare import Evaluated, measure_models
+from slmkit.evaluation.measure import measure_in_subprocess
+from slmkit.evaluation.promotion import GatePolicy, check_gates, check_registered_name, gate_models
 from slmkit.evaluation.report import comparison_markdown, latency_figure, overview_figure
-from slmkit.evaluation.scorers import record_scores
 from slmkit.evaluation.scoring import (
-    answer_agreement,
-    parity,
     rows_table,
-    scored,
     summarize,
     timed_results,
-    with_timings,
 )
 from slmkit.sources.eval_set import EvalRow, eval_set_path, is_artifact_uri, load_eval_set
 from slmkit.workflow.cache import StepRunner, step_run
@@ -59,9 +53,6 @@ from slmkit.workflow.lineage import logged_model_name, scratch_dir
 from slmkit.workflow.steps import STEPS
 
 MODELS = ("pipeline", "onnx")
-# engine=spark: rows timed in process (latency, speed, memory); answers for all rows come from Spark.
-TIMING_ROWS = 32
-SPARK_PARTITIONS = 2
 RESULTS_TABLE = "eval_results.json"
 
 
@@ -84,15 +75,12 @@ def eval_dataset(rows: list[EvalRow], source: str) -> mlflow.data.pandas_dataset
         return mlflow.data.from_pandas(frame, source=source, name=Path(source).stem)
 
 
-def measure_on_spark(spark, uri: str, rows: list[EvalRow], max_tokens: int, scratch: Path) -> tuple[Measurement, float]:
-    """engine=spark: every row's answer from the batch path, timings of the first TIMING_ROWS
-    rows in process; and how often the two paths gave the same answer on those rows."""
-    scratch.mkdir(parents=True, exist_ok=True)
-    timed = measure_in_subprocess(uri, rows[:TIMING_ROWS], max_tokens, scratch)
-    responses = answer_eval_rows(spark, uri, rows, max_tokens, scratch, SPARK_PARTITIONS)
-    answered = [scored(row, response) for row, response in zip(rows, responses, strict=True)]
-    agreement = answer_agreement(timed.results, answered)
-    return replace(timed, results=with_timings(answered, timed.results)), agreement
+def log_results(rows: list[EvalRow], evaluated: Evaluated) -> None:
+    mlflow.log_metrics(evaluated.metrics)
+    mlflow.log_table(rows_table(rows, {n: m.results for n, m in evaluated.measurements.items()}), RESULTS_TABLE)
+    latencies = {n: [r.latency_s for r in timed_results(m.results)] for n, m in evaluated.measurements.items()}
+    mlflow.log_figure(latency_figure(latencies), "plots/latency.png")
+    mlflow.log_figure(overview_figure(evaluated.metrics), "plots/overview.png")
 
 
 def main(args: argparse.Namespace) -> None:
@@ -117,59 +105,20 @@ def main(args: argparse.Namespace) -> None:
             mlflow.log_input(dataset, context="evaluation")
             mlflow.log_params({"eval_rows": len(rows), "eval_fingerprint": fingerprint})
             mlflow.log_params({f"{name}_model_uri_used": uri for name, uri in uris.items()})
-            spark = spark_session(SPARK_PARTITIONS) if args.engine == "spark" else None
-            measurements, metrics, quality = {}, {}, {}
-            for name, uri in uris.items():
-                if spark:
-                    measurements[name], agreement = measure_on_spark(spark, uri, rows, args.max_tokens, scratch / name)
-                    metrics[f"{name}/engine_agreement_rate"] = agreement
-                else:
-                    measurements[name] = measure_in_subprocess(uri, rows, args.max_tokens, scratch)
-                quality[name] = summarize(measurements[name].results)
-                record_scores(name, rows, measurements[name].results)
-                model_metrics = {**quality[name], **measurements[name].size_metrics()}
-                metrics.update({f"{name}/{key}": value for key, value in model_metrics.items()})
-            parity_metrics = parity(measurements["pipeline"].results, measurements["onnx"].results)
-            metrics.update({f"parity/{key}": value for key, value in parity_metrics.items()})
-            mlflow.log_metrics(metrics)
-            mlflow.log_table(rows_table(rows, {n: m.results for n, m in measurements.items()}), RESULTS_TABLE)
-            mlflow.log_figure(
-                latency_figure({n: [r.latency_s for r in timed_results(m.results)] for n, m in measurements.items()}),
-                "plots/latency.png",
-            )
-            mlflow.log_figure(overview_figure(metrics), "plots/overview.png")
+            evaluated = measure_models(uris, rows, args.max_tokens, args.engine, scratch)
+            log_results(rows, evaluated)
 
             def champion_quality_now(champion_uri: str) -> dict[str, float]:
                 return summarize(measure_in_subprocess(champion_uri, rows, args.max_tokens, scratch).results)
 
-            outcomes = {
-                name: gate_model(
-                    registered[name],
-                    uris[name],
-                    quality[name],
-                    parity_metrics if name == "onnx" else None,
-                    policies[name],
-                    fingerprint,
-                    champion_quality_now,
-                )
-                for name in MODELS
-                if registered[name]
-            }
+            outcomes = gate_models(
+                registered, uris, evaluated.quality, evaluated.parity, policies, fingerprint, champion_quality_now
+            )
             for name, outcome in outcomes.items():
-                mlflow.set_tags(
-                    {
-                        f"gate.{name}": outcome.describe()[:5000],
-                        f"gate.{name}.passed": str(outcome.decision.passed).lower(),
-                    }
-                )
                 print(f"promotion gate {name}: {outcome.describe()}")  # noqa: T201 - the step's report to the user
             gate_text = {name: outcome.decision.describe() for name, outcome in outcomes.items()}
-            mlflow.log_text(comparison_markdown(metrics, uris, gate_text, len(rows)), "comparison.md")
-            failed = [name for name, outcome in outcomes.items() if not outcome.decision.passed]
-            if fail_on_gate and failed:
-                raise UserError(
-                    f"promotion gate failed for {', '.join(failed)} and fail_on_gate=true; see the gate.* tags"
-                )
+            mlflow.log_text(comparison_markdown(evaluated.metrics, uris, gate_text, len(rows)), "comparison.md")
+            check_gates(outcomes, fail_on_gate)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from slmkit.chat.contract import chat_chunk
-from slmkit.serving.app import OpenAIError, openai_chunks, openai_request, request_error
+from slmkit.serving.protocol import OpenAIError, openai_chunks, openai_request, request_error
 
 USER = [{"role": "user", "content": "Hi"}]
 

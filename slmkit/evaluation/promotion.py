@@ -3,6 +3,7 @@
 `decide` is pure: it compares a candidate's metrics with a floor, with the current champion's
 metrics on the same eval set, and, for the ONNX model, with a parity floor. `gate_model` applies
 it to one model: the champion's metrics on the same rows, registering, and moving the aliases.
+`gate_models` takes every model of an `evaluate` run through it and tags the run with the outcomes.
 """
 
 from __future__ import annotations
@@ -172,3 +173,44 @@ def gate_model(
     if decision.passed:
         promote(registered, version.version)
     return GateOutcome(registered, version.version, decision, champion[0] if champion else None)
+
+
+def gate_models(
+    registered: dict[str, str],
+    model_uris: dict[str, str],
+    quality: dict[str, dict[str, float]],
+    parity: dict[str, float],
+    policies: dict[str, GatePolicy],
+    fingerprint: str,
+    measure: Callable[[str], dict[str, float]],
+) -> dict[str, GateOutcome]:
+    """Every model with a registry name through `gate_model`, in `model_uris`' order; the
+    outcomes are tagged on the active run as `gate.<model>` and `gate.<model>.passed`.
+
+    Parity applies to the ONNX model alone: it is measured against the pipeline's answers.
+    """
+    outcomes = {
+        name: gate_model(
+            registered[name],
+            uri,
+            quality[name],
+            parity if name == "onnx" else None,
+            policies[name],
+            fingerprint,
+            measure,
+        )
+        for name, uri in model_uris.items()
+        if registered[name]
+    }
+    for name, outcome in outcomes.items():
+        mlflow.set_tags(
+            {f"gate.{name}": outcome.describe()[:5000], f"gate.{name}.passed": str(outcome.decision.passed).lower()}
+        )
+    return outcomes
+
+
+def check_gates(outcomes: dict[str, GateOutcome], fail_on_gate: bool) -> None:
+    """With `fail_on_gate`, a failed gate is the run's failure (CI-style); otherwise only its tags say so."""
+    failed = [name for name, outcome in outcomes.items() if not outcome.decision.passed]
+    if fail_on_gate and failed:
+        raise UserError(f"promotion gate failed for {', '.join(failed)} and fail_on_gate=true; see the gate.* tags")

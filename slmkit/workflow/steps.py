@@ -140,7 +140,13 @@ DOWNLOAD = Step(
 )
 LOG_PIPELINE = Step(
     "log_pipeline",
-    (Param("download_run_id"), MODEL, Param("torch_dtype", default="auto", choices=TORCH_DTYPES), *GENERATION, ENV_MANAGER),
+    (
+        Param("download_run_id"),
+        MODEL,
+        Param("torch_dtype", default="auto", choices=TORCH_DTYPES),
+        *GENERATION,
+        ENV_MANAGER,
+    ),
     inputs={"download_run_id": "download"},
     hands_on="pipeline_model_uri",
     code=("steps/log_pipeline.py",),
