@@ -160,6 +160,20 @@ def temporary_files_under_basetemp(tmp_path_factory: pytest.TempPathFactory) -> 
 ONE_THREAD_ENV = {"OMP_NUM_THREADS": "1", THREADS_ENV: "1"}
 
 
+def bare_env(home: Path) -> dict[str, str]:
+    """A bare environment with the hub unreachable: nothing the model needs may come from it.
+    Its temporary files go to `home`/tmp, where a test can see what a server left behind. It
+    keeps the suite's one intra-op thread per process (conftest)."""
+    (home / "tmp").mkdir(exist_ok=True)
+    return {
+        "PATH": f"{BIN}:/usr/bin:/bin",
+        "HOME": str(home),
+        "HF_HUB_OFFLINE": "1",
+        "TMPDIR": str(home / "tmp"),
+        **ONE_THREAD_ENV,
+    }
+
+
 @pytest.fixture(scope="session", autouse=True)
 def one_intra_op_thread_per_process() -> Iterator[None]:
     """One torch (OpenMP) and one onnxruntime intra-op thread in every process a test starts.

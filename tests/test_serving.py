@@ -26,7 +26,7 @@ import yaml
 
 from harness.servers import SLMKIT_SERVE, ServedModel, served
 from slmkit.chat.adapters import load_chat_model
-from tests.conftest import BIN, ONE_THREAD_ENV
+from tests.conftest import bare_env
 
 # One worker serves both models for the whole module: split, each worker would start both servers.
 pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("serving")]
@@ -91,20 +91,6 @@ def metric_value(text: str, name: str) -> float:
     """One sample of a /metrics text, by its exact name and labels; 0 where it is absent."""
     match = re.search(rf"^{re.escape(name)} (\S+)$", text, re.MULTILINE)
     return float(match.group(1)) if match else 0.0
-
-
-def bare_env(home: Path) -> dict[str, str]:
-    """A bare environment with the hub unreachable: nothing the model needs may come from it.
-    Its temporary files go to `home`/tmp, where a test can see what a server left behind. It
-    keeps the suite's one intra-op thread per process (conftest)."""
-    (home / "tmp").mkdir(exist_ok=True)
-    return {
-        "PATH": f"{BIN}:/usr/bin:/bin",
-        "HOME": str(home),
-        "HF_HUB_OFFLINE": "1",
-        "TMPDIR": str(home / "tmp"),
-        **ONE_THREAD_ENV,
-    }
 
 
 def serve(

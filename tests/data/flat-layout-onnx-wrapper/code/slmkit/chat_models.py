@@ -1,0 +1,242 @@
+"""Either logged chat model behind one in-process interface: validated, with `stop`, streaming.
+
+The serving front (`slmkit.serve`) answers every request through these adapters, so both models
+get the same checks from `slmkit.chat_format` before anything reaches them:
+
+- `WrapperChat`, the ONNX wrapper: already speaks the contract; `predict_stream` streams tokens.
+- `PipelineChat`, MLflow's transformers `llm/v1/chat` flavor. Around MLflow's own `predict` it
+  adds what the flavor lacks: the context check before generation, `temperature: 0` as greedy,
+  and `stop`. MLflow turns `stop` into stopping criteria by loading a tokenizer by the model's
+  recorded name (`llm_inference_utils._get_stopping_criteria`), which needs the hub; here the
+  stop strings never reach MLflow: generation ends through `StopOnRequest`, which the logged
+  `model_config` declares (key `stopping_criteria`, see `slmkit.pipeline_model`) and this module
+  fills at load, and the answer is cut before the stop string as the ONNX wrapper cuts it.
+  The flavor has no `predict_stream`, so the pipeline streams its whole answer as one chunk.
+
+Use `load_chat_model(uri)` in process for the same behaviour as the server.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from slmkit.chat_format import (
+    FINISH_STOP,
+    REQUEST_FIELDS,
+    ChatRequest,
+    ChatRequestError,
+    Messages,
+    chat_chunk,
+    check_max_tokens,
+    cut_at_stop,
+    fit_to_context,
+    parse_request,
+)
+
+STOPPING_CRITERIA_KEY = "stopping_criteria"
+
+
+class ChatModel(Protocol):
+    """A loaded chat model as the serving front uses it."""
+
+    name: str
+    pyfunc_model: Any
+
+    def complete(self, raw: Mapping[str, Any], deadline: float | None = None) -> dict[str, Any]:
+        """One ChatCompletion for a raw request; ChatRequestError names a bad field."""
+        ...
+
+    def stream(self, raw: Mapping[str, Any], deadline: float | None = None) -> Iterator[dict[str, Any]]:
+        """ChatCompletionChunks; the last has finish_reason and usage."""
+        ...
+
+    def observe_batches(self, callback: Callable[[int], None]) -> None:
+        """Have `callback` told the row count of each decoding batch."""
+        ...
+
+
+def is_refusal(error: Exception) -> bool:
+    """A request the model refused as invalid (a 4xx), as opposed to a failure of the model."""
+    from mlflow.exceptions import MlflowException
+
+    return isinstance(error, ChatRequestError) or (
+        isinstance(error, MlflowException) and 400 <= error.get_http_status_code() < 500
+    )
+
+
+def model_fields(request: Mapping[str, Any]) -> dict[str, Any]:
+    """The request's fields that the models take; OpenAI-only ones (`model`, `user`) stay out."""
+    return {key: value for key, value in request.items() if key in REQUEST_FIELDS and key != "stream"}
+
+
+class WrapperChat:
+    """The ONNX wrapper, which validates, stops and streams by itself."""
+
+    def __init__(self, pyfunc_model: Any) -> None:
+        self.pyfunc_model = pyfunc_model
+        self._python_model = pyfunc_model.unwrap_python_model()
+        self.name: str = self._python_model.model_name
+
+    def complete(self, raw: Mapping[str, Any], deadline: float | None = None) -> dict[str, Any]:
+        parse_request(raw)
+        return self.pyfunc_model.predict(model_fields(raw))[0]
+
+    def stream(self, raw: Mapping[str, Any], deadline: float | None = None) -> Iterator[dict[str, Any]]:
+        parse_request(raw, streaming=True)
+        return self.pyfunc_model.predict_stream(model_fields(raw))
+
+    def observe_batches(self, callback: Callable[[int], None]) -> None:
+        self._python_model.observe_batches(callback)
+
+
+@dataclass
+class _Request:
+    """What the stopping criterion needs to know of the request running on its thread."""
+
+    stop: tuple[str, ...]
+    deadline: float | None
+    prompt_length: int | None = None
+
+
+def stop_on_request() -> Any:
+    """A transformers StoppingCriteria that ends generation at the running request's stop
+    strings or deadline. One instance serves every thread: the request is thread-local, and a
+    deep copy (the flavor copies its model_config per call) is the instance itself. Its
+    `tokenizer` is set once the model it serves is loaded."""
+    import torch
+    from transformers import StoppingCriteria
+
+    class StopOnRequest(StoppingCriteria):
+        def __init__(self) -> None:
+            self.local = threading.local()
+            self.tokenizer: Any = None
+
+        def __deepcopy__(self, memo: dict) -> StopOnRequest:
+            return self
+
+        def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
+            request: _Request | None = getattr(self.local, "request", None)
+            done = False
+            if request is not None:
+                if request.prompt_length is None:  # called first once one token is appended
+                    request.prompt_length = input_ids.shape[1] - 1
+                expired = request.deadline is not None and time.monotonic() > request.deadline
+                text = self.tokenizer.decode(input_ids[0, request.prompt_length :]) if request.stop else ""
+                done = expired or cut_at_stop(text, request.stop)[1]
+            return torch.full((input_ids.shape[0],), done, dtype=torch.bool, device=input_ids.device)
+
+    return StopOnRequest()
+
+
+class PipelineChat:
+    """MLflow's transformers `llm/v1/chat` model, with the checks and `stop` it lacks."""
+
+    def __init__(self, pyfunc_model: Any, stopper: Any | None) -> None:
+        self.pyfunc_model = pyfunc_model
+        pipeline = pyfunc_model.get_raw_model()
+        self._tokenizer = pipeline.tokenizer
+        self._context_length = int(pipeline.model.config.max_position_embeddings)
+        self._default_max_tokens = int(pyfunc_model.model_config.get("max_new_tokens", 256))
+        self._samples = bool(pyfunc_model.model_config.get("do_sample", False))
+        self._stopper = stopper
+        self._on_batch: Callable[[int], None] | None = None
+        self.name: str = pyfunc_model.metadata.flavors["transformers"].get("source_model_name") or ""
+
+    def _render(self, messages: Messages) -> str:
+        as_dicts = [{"role": role, "content": content} for role, content in messages]
+        return self._tokenizer.apply_chat_template(as_dicts, tokenize=False, add_generation_prompt=True)
+
+    def _encode(self, text: str) -> list[int]:
+        return self._tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def _payload(self, request: ChatRequest) -> dict[str, Any]:
+        """What MLflow's flavor gets: messages that fit, a budget that fits, no stop strings."""
+        if request.prompt is not None:
+            raise ChatRequestError("prompt is not supported by the transformers pipeline model: send messages")
+        if request.seed is not None and self._samples:
+            raise ChatRequestError("seed is not supported by the transformers pipeline model")
+        messages, prompt_ids = fit_to_context(request, self._render, self._encode, self._context_length)
+        max_tokens = check_max_tokens(request.max_tokens or self._default_max_tokens, self._context_length)
+        payload: dict[str, Any] = {
+            "messages": [{"role": role, "content": content} for role, content in messages or ()],
+            # The flavor would run past the context and fail; the ONNX wrapper ends there too.
+            "max_tokens": min(max_tokens, self._context_length - len(prompt_ids)),
+        }
+        if request.temperature == 0 and self._samples:
+            payload["top_k"] = 1  # greedy within sampling: the flavor takes no do_sample per request
+        elif request.temperature:
+            payload["temperature"] = request.temperature
+        if request.top_p is not None:
+            payload["top_p"] = request.top_p
+        return payload
+
+    def complete(self, raw: Mapping[str, Any], deadline: float | None = None) -> dict[str, Any]:
+        return self._complete(parse_request(raw), deadline)
+
+    def _complete(self, request: ChatRequest, deadline: float | None) -> dict[str, Any]:
+        payload = self._payload(request)
+        if self._stopper is not None:
+            self._stopper.local.request = _Request(request.stop, deadline)
+        if self._on_batch is not None:
+            self._on_batch(1)
+        try:
+            answer = self.pyfunc_model.predict(payload)[0]
+        finally:
+            if self._stopper is not None:
+                self._stopper.local.request = None
+        text = answer["choices"][0]["message"]["content"] or ""
+        cut, stopped = cut_at_stop(text, request.stop)
+        if stopped:
+            completion_tokens = len(self._encode(cut))
+            answer["choices"][0]["message"]["content"] = cut
+            answer["choices"][0]["finish_reason"] = FINISH_STOP
+            usage = answer["usage"]
+            usage.update(completion_tokens=completion_tokens, total_tokens=usage["prompt_tokens"] + completion_tokens)
+        return answer
+
+    def stream(self, raw: Mapping[str, Any], deadline: float | None = None) -> Iterator[dict[str, Any]]:
+        """The whole answer as one chunk, then the closing chunk: the flavor cannot stream."""
+        answer = self._complete(parse_request(raw, streaming=True), deadline)
+        choice, chunk_id = answer["choices"][0], f"chatcmpl-{uuid.uuid4().hex}"
+        yield chat_chunk(chunk_id, answer["created"], self.name, choice["message"]["content"], None)
+        yield chat_chunk(chunk_id, answer["created"], self.name, "", choice["finish_reason"], answer["usage"])
+
+    def observe_batches(self, callback: Callable[[int], None]) -> None:
+        """The flavor answers one request per call: every batch has one row."""
+        self._on_batch = callback
+
+
+def load_chat_model(model_uri: str, traced: bool = True) -> ChatModel:
+    """Load either model (any URI MLflow resolves) behind the ChatModel interface; `traced=False`
+    turns the ONNX wrapper's per-request traces off (the pipeline records none)."""
+    import mlflow
+
+    from slmkit.errors import UserError
+
+    # Model.load reads only the MLmodel file (of a folder, or fetched for a URI): the flavors
+    # decide how to load, and a served folder's model id need not exist in any store.
+    flavors = mlflow.models.Model.load(model_uri).flavors
+    if "transformers" in flavors:
+        model_config = flavors["python_function"].get("config") or {}
+        if STOPPING_CRITERIA_KEY not in model_config:  # logged elsewhere: stop strings still cut the answer
+            return PipelineChat(mlflow.pyfunc.load_model(model_uri), None)
+        from transformers import StoppingCriteriaList
+
+        stopper = stop_on_request()
+        model = mlflow.pyfunc.load_model(
+            model_uri, model_config={STOPPING_CRITERIA_KEY: StoppingCriteriaList([stopper])}
+        )
+        stopper.tokenizer = model.get_raw_model().tokenizer
+        return PipelineChat(model, stopper)
+    if "python_function" in flavors:
+        from slmkit.onnx_wrapper_model import TRACING_KEY
+
+        model = mlflow.pyfunc.load_model(model_uri, model_config=None if traced else {TRACING_KEY: "false"})
+        if hasattr(model.unwrap_python_model(), "observe_batches"):
+            return WrapperChat(model)
+    raise UserError(f"{model_uri} is neither an slmkit ONNX chat wrapper nor a transformers llm/v1/chat model")

@@ -1,0 +1,406 @@
+"""Put a GGUF file's own quantized weights into the builder's int4 ONNX model, exactly.
+
+`download` turns a GGUF source into a float checkpoint (gguf's dequantization, through
+transformers), and the onnxruntime-genai builder quantizes that again with its own rounding: on
+SmolLM2's Q4_1 file that new rounding changed the greedy answer of 22 of 24 eval rows. Here the
+builder's graph stays as it is and each MatMulNBits node gets the GGUF's codes, scales and zero
+points instead (slmkit.gguf_blocks); types with a per-block minimum (Q4_1, Q5_1, Q4_K, Q5_K)
+add `blocksum(x) · minᵀ`, a small float MatMul of K/32 columns, to the node's output.
+
+Which GGUF tensor feeds which node: the builder names nodes after the Hugging Face modules
+(`/model/layers.3/attn/qkv_proj/MatMul_Q4`), gguf's own TensorNameMap gives each module's GGUF
+name, and transformers' GGUF tensor processor gives the row order (llama.cpp permutes the q and
+k rows of llama models). Nothing is trusted blindly: every carried node must dequantize to
+exactly the float checkpoint that the builder read, which is gguf's dequantization of the same
+file; a node that does not, or whose GGUF type has no exact form, keeps the builder's weights,
+and the report says which and why.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import re
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from slmkit.errors import UserError
+from slmkit.gguf_blocks import BlockWeights, block_weights, concat_rows
+
+MODEL_FILE = "model.onnx"
+DATA_FILE = "model.onnx.data"
+_LAYER_NODE = re.compile(r"^/model/layers\.(\d+)/(attn|mlp)/(\w+)/MatMul")
+_MODULE_PREFIX = {"attn": "self_attn", "mlp": "mlp"}
+# Builder nodes that stack several checkpoint weights (llama's q, k, v), and nodes that take one
+# half of a fused checkpoint weight (Phi-3's gate_up_proj).
+_FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj")}
+_SPLIT = {"gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}
+# Activation precision (MatMulNBits' accuracy_level, and the block its int8 activations are
+# quantized by, which is the weight's block). On SmolLM2's Q4_1 file, greedy, 24 eval rows,
+# against transformers in float32 (exact match / correct; the source answers 20):
+#   int8-32  int8 per block of 32, as llama.cpp does (q8_0/q8_1): 12 / 16, fastest
+#   int8-16  4-bit weights re-blocked to 16 (each scale and min repeated, exactly): 16 / 21
+#   float32  accuracy level 1 for 4-bit weights: 22 / 20, slowest
+# int8-16 is the default: integer arithmetic gives each row of a batch the same result as alone,
+# so the wrapper's batched answers stay equal to its lone ones (float32 activations in the down
+# projection alone answered 18 / 20, but onnxruntime's float kernels sum differently for a batch
+# than for one row, and batched answers changed). 8-bit weights always take int8-32: below level
+# 4 onnxruntime 1.32 has no fast kernel for them (1.2 ms against 38 µs for 576×1536).
+ACTIVATIONS = {"int8-32": (4, None), "int8-16": (4, 16), "float32": (1, None)}
+DEFAULT_ACTIVATIONS = "int8-16"
+
+
+@dataclass(frozen=True)
+class Part:
+    """Rows of one checkpoint weight that a MatMul node holds: all of them, or one half of a fused
+    weight (Phi-3's gate_up_proj feeds the builder's gate_proj and up_proj nodes)."""
+
+    hf_name: str
+    half: int | None = None
+
+    def select(self, rows: int) -> slice:
+        if self.half is None:
+            return slice(0, rows)
+        return slice(self.half * rows // 2, (self.half + 1) * rows // 2)
+
+
+def node_parts(node_name: str, checkpoint_names: set[str]) -> list[Part] | None:
+    """The checkpoint weights behind one of the builder's MatMul nodes, stacked along N; None
+    for a node this mapping does not know (it then keeps the builder's weights)."""
+    if node_name.startswith("/lm_head/MatMul"):
+        name = "lm_head.weight" if "lm_head.weight" in checkpoint_names else "model.embed_tokens.weight"
+        return [Part(name)]
+    match = _LAYER_NODE.match(node_name)
+    if not match:
+        return None
+    layer, block, module = match.groups()
+    prefix = f"model.layers.{layer}.{_MODULE_PREFIX[block]}"
+    whole = f"{prefix}.{module}.weight"
+    if whole in checkpoint_names:
+        return [Part(whole)]
+    if module in _FUSED:
+        parts = [Part(f"{prefix}.{name}.weight") for name in _FUSED[module]]
+        return parts if all(part.hf_name in checkpoint_names for part in parts) else None
+    if module in _SPLIT and f"{prefix}.{_SPLIT[module][0]}.weight" in checkpoint_names:
+        fused, half = _SPLIT[module]
+        return [Part(f"{prefix}.{fused}.weight", half)]
+    return None
+
+
+@dataclass
+class CarryReport:
+    """What the carry-over did to each MatMul node: carried (with its GGUF types) or not, and why."""
+
+    carried: dict[str, str] = field(default_factory=dict)
+    requantized: dict[str, str] = field(default_factory=dict)
+
+    def counts(self) -> str:
+        return f"carried={len(self.carried)},requantized={len(self.requantized)}"
+
+    def lines(self) -> list[str]:
+        carried = [f"carried\t{node}\t{types}" for node, types in sorted(self.carried.items())]
+        return carried + [f"requantized\t{node}\t{why}" for node, why in sorted(self.requantized.items())]
+
+
+class GgufWeights:
+    """The weights of a GGUF file by Hugging Face parameter name, in the checkpoint's row order."""
+
+    def __init__(self, path: Path, config: dict) -> None:
+        import gguf
+        from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorProcessor
+
+        self.reader = gguf.GGUFReader(str(path))
+        self.tensors = {tensor.name: tensor for tensor in self.reader.tensors}
+        self.arch = bytes(self.reader.fields["general.architecture"].parts[-1]).decode()
+        arch_ids = {name: arch_id for arch_id, name in gguf.MODEL_ARCH_NAMES.items()}
+        if self.arch not in arch_ids:
+            raise UserError(f"{path.name}: GGUF architecture {self.arch!r} is unknown to the gguf package")
+        self.names = gguf.get_tensor_name_map(arch_ids[self.arch], int(config["num_hidden_layers"]))
+        self.processor = TENSOR_PROCESSORS.get(self.arch, TensorProcessor)(config=config)
+
+    def gguf_name(self, hf_name: str) -> str | None:
+        base = self.names.get_name(hf_name.removesuffix(".weight"))
+        return f"{base}.weight" if base and f"{base}.weight" in self.tensors else None
+
+    def type_name(self, hf_name: str) -> str:
+        name = self.gguf_name(hf_name)
+        return self.tensors[name].tensor_type.name if name else "absent"
+
+    def row_order(self, gguf_name: str, rows: int) -> np.ndarray:
+        """The GGUF row of each checkpoint row: transformers' processor applied to row numbers.
+
+        Raises:
+            ValueError: the processor does more than reorder rows, so the rows cannot be carried.
+        """
+        index = np.arange(rows, dtype=np.float64).reshape(rows, 1)
+        moved = np.asarray(self.processor.process(index, gguf_name).weights)
+        order = moved.reshape(-1).astype(np.int64)
+        if moved.shape != index.shape or not np.array_equal(np.sort(order), np.arange(rows)):
+            raise ValueError(f"transformers changes the values of {gguf_name}, not only its row order")
+        return order
+
+    def block_weights(self, hf_name: str) -> BlockWeights:
+        """The weight in the checkpoint's row order.
+
+        Raises:
+            KeyError: no GGUF tensor for it, or its type has no exact MatMulNBits form.
+        """
+        name = self.gguf_name(hf_name)
+        if name is None:
+            raise KeyError(f"no GGUF tensor for {hf_name}")
+        tensor = self.tensors[name]
+        columns, rows = (int(size) for size in tensor.shape[:2])
+        weights = block_weights(tensor.data, tensor.tensor_type, rows, columns)
+        return weights.rows(self.row_order(name, rows))
+
+
+def carry_node_weights(
+    parts: list[Part], gguf: GgufWeights, checkpoint: Callable[[str], np.ndarray]
+) -> tuple[BlockWeights, str]:
+    """The GGUF weights of one node and their types, checked against the float checkpoint.
+
+    Raises:
+        KeyError, ValueError: the node cannot be carried exactly; the message says why.
+    """
+    pieces, types = [], []
+    for part in parts:
+        weights = gguf.block_weights(part.hf_name)
+        pieces.append(weights.rows(part.select(weights.shape[0])))
+        types.append(gguf.type_name(part.hf_name))
+    carried = concat_rows(pieces)
+    expected = np.concatenate(
+        [(w := checkpoint(part.hf_name))[part.select(w.shape[0])] for part in parts]
+    )  # fmt: skip
+    if carried.shape != expected.shape or not np.array_equal(carried.dequantize(), expected):
+        raise ValueError("its GGUF weights do not dequantize to the checkpoint's values")
+    return carried, "+".join(types)
+
+
+def node_precision(weights: BlockWeights, activations: str) -> tuple[int, BlockWeights]:
+    """MatMulNBits' accuracy_level for carried weights, and the weights in the block size their
+    activations are quantized by (see ACTIVATIONS)."""
+    level, block_size = ACTIVATIONS[activations] if weights.bits == 4 else ACTIVATIONS["int8-32"]
+    if block_size and block_size < weights.block_size:
+        weights = weights.with_block_size(block_size)
+    return level, weights
+
+
+def carry_gguf_weights(
+    onnx_dir: Path,
+    gguf_path: Path,
+    checkpoint_dir: Path,
+    activations: str = DEFAULT_ACTIVATIONS,
+) -> CarryReport:
+    """Replace the weights of the builder's MatMulNBits nodes in `onnx_dir` by `gguf_path`'s own.
+
+    `checkpoint_dir` is the float checkpoint the builder read (download's dequantization of the
+    same file): each carried node is checked to equal it exactly. `activations` is one of
+    ACTIVATIONS.
+    """
+    import onnx
+
+    config = json.loads((checkpoint_dir / "config.json").read_text())
+    weights = GgufWeights(gguf_path, config)
+    model = onnx.load(str(onnx_dir / MODEL_FILE), load_external_data=True)
+    graph = ModelGraph(model)
+    report = CarryReport()
+    with open_checkpoint(checkpoint_dir) as checkpoint:
+        for node in [n for n in model.graph.node if n.op_type == "MatMulNBits"]:
+            parts = node_parts(node.name, set(checkpoint.names))
+            if parts is None:
+                report.requantized[node.name] = "no checkpoint weight is known for this node"
+                continue
+            try:
+                carried, types = carry_node_weights(parts, weights, checkpoint.get)
+            except (KeyError, ValueError) as error:
+                report.requantized[node.name] = str(error).strip("'\"")
+                continue
+            graph.set_matmul_weights(node, *node_precision(carried, activations))
+            report.carried[node.name] = types
+    (onnx_dir / DATA_FILE).unlink(missing_ok=True)
+    onnx.save_model(model, str(onnx_dir / MODEL_FILE), save_as_external_data=True, location=DATA_FILE)
+    return report
+
+
+class CheckpointTensors:
+    """A float checkpoint's tensors by name, read one at a time (a 3.8B model does not fit twice)."""
+
+    def __init__(self, handles: list) -> None:
+        self.handles = {name: handle for handle in handles for name in handle.keys()}  # noqa: SIM118
+        self.names = set(self.handles)
+
+    def get(self, name: str) -> np.ndarray:
+        return self.handles[name].get_tensor(name).astype(np.float32, copy=False)
+
+
+@contextlib.contextmanager
+def open_checkpoint(folder: Path) -> Iterator[CheckpointTensors]:
+    from safetensors import safe_open
+
+    with contextlib.ExitStack() as stack:
+        handles = [
+            stack.enter_context(safe_open(str(path), framework="numpy"))
+            for path in sorted(folder.glob("*.safetensors"))
+        ]
+        yield CheckpointTensors(handles)
+
+
+def pack_codes(codes: np.ndarray, bits: int, block_size: int) -> np.ndarray:
+    """MatMulNBits' B: [N, K/block, block·bits/8] uint8, two 4-bit codes a byte, low nibble first."""
+    rows, columns = codes.shape
+    if bits == 4:
+        codes = codes[:, 0::2] | (codes[:, 1::2] << np.uint8(4))
+    return np.ascontiguousarray(codes.reshape(rows, columns // block_size, -1))
+
+
+def pack_zero_points(zero_points: np.ndarray, bits: int) -> np.ndarray:
+    """MatMulNBits' zero points: [N, blocks] uint8 for 8 bits; two a byte for 4 bits, padded."""
+    if bits == 8:
+        return np.ascontiguousarray(zero_points)
+    if zero_points.shape[1] % 2:
+        zero_points = np.pad(zero_points, ((0, 0), (0, 1)))
+    return np.ascontiguousarray(zero_points[:, 0::2] | (zero_points[:, 1::2] << np.uint8(4)))
+
+
+def unpack_matmul_nbits(
+    packed: np.ndarray, scales: np.ndarray, zero_points: np.ndarray | None, bits: int, block_size: int, columns: int
+) -> np.ndarray:
+    """The float weight [N, K] that MatMulNBits computes with (its zero point default: 2^(bits−1))."""
+    rows = packed.shape[0]
+    flat = packed.reshape(rows, -1)
+    codes = np.stack([flat & 0x0F, flat >> 4], axis=-1).reshape(rows, -1) if bits == 4 else flat
+    codes = codes[:, :columns].astype(np.int16)
+    blocks = columns // block_size
+    if zero_points is None:
+        zero = np.full((rows, blocks), 1 << (bits - 1), dtype=np.int16)
+    elif bits == 4:
+        zero = np.stack([zero_points & 0x0F, zero_points >> 4], axis=-1).reshape(rows, -1)[:, :blocks]
+    else:
+        zero = zero_points
+    scale = np.repeat(scales.reshape(rows, blocks), block_size, axis=1)
+    return scale * (codes - np.repeat(zero.astype(np.int16), block_size, axis=1)).astype(np.float32)
+
+
+class ModelGraph:
+    """Edits of the builder's graph: one MatMulNBits node's weights, and the tied embedding that
+    reads the lm_head's weights (the builder's GatherBlockQuantized over a Reshape of them)."""
+
+    def __init__(self, model) -> None:
+        self.model = model
+        self.initializers = {init.name: init for init in model.graph.initializer}
+
+    def _set_initializer(self, name: str, array: np.ndarray) -> None:
+        from onnx import numpy_helper
+
+        tensor = numpy_helper.from_array(array, name)
+        if name in self.initializers:
+            self.initializers[name].CopyFrom(tensor)
+        else:
+            self.model.graph.initializer.append(tensor)
+            self.initializers[name] = self.model.graph.initializer[-1]
+
+    def _consumers(self, name: str) -> Iterator:
+        return (node for node in self.model.graph.node if name in node.input)
+
+    def set_matmul_weights(self, node, level: int, weights: BlockWeights) -> None:
+        from onnx import helper
+
+        weight_name, scales_name = node.input[1], node.input[2]
+        tied = [n for n in self._consumers(weight_name) if n is not node]
+        columns = weights.shape[1]
+        bits = weights.bits
+        self._set_initializer(weight_name, pack_codes(weights.codes, bits, weights.block_size))
+        self._set_initializer(scales_name, weights.scales)
+        default_zero = bool(np.all(weights.zero_points == 1 << (bits - 1)))
+        zero_name = f"{weight_name}_zero_points"
+        del node.input[3:]
+        if not default_zero:
+            self._set_initializer(zero_name, pack_zero_points(weights.zero_points, bits))
+            node.input.append(zero_name)
+        for attribute, value in (("bits", bits), ("block_size", weights.block_size), ("accuracy_level", level)):
+            node.attribute.remove(next(a for a in node.attribute if a.name == attribute))
+            node.attribute.append(helper.make_attribute(attribute, value))
+        for reshape in tied:
+            self._retie_embedding(reshape, weights, None if default_zero else zero_name)
+        if weights.mins is not None:
+            self._add_block_sums(node, weights.mins, columns // weights.block_size, weights.block_size)
+
+    def _add_block_sums(self, node, mins: np.ndarray, blocks: int, block_size: int) -> None:
+        """node's output += ReduceSum(Reshape(x, [batch, sequence, blocks, block]), last axis) · minsᵀ.
+
+        Nodes that read the same input (the gate and up projections) get the same Reshape and
+        ReduceSum; onnxruntime's common-subexpression pass computes them once.
+        """
+        from onnx import helper
+
+        base, output = node.name, node.output[0]
+        node.output[0] = f"{base}/without_mins"
+        self._set_initializer(f"{base}.block_shape", np.array([0, 0, blocks, block_size], dtype=np.int64))
+        self._set_initializer(f"{base}.sum_axes", np.array([-1], dtype=np.int64))
+        self._set_initializer(f"{base}.mins", np.ascontiguousarray(mins.T))
+        added = [
+            helper.make_node("Reshape", [node.input[0], f"{base}.block_shape"], [f"{base}/blocks"], name=f"{base}/Blocks"),
+            helper.make_node("ReduceSum", [f"{base}/blocks", f"{base}.sum_axes"], [f"{base}/block_sums"], name=f"{base}/BlockSums", keepdims=0),
+            helper.make_node("MatMul", [f"{base}/block_sums", f"{base}.mins"], [f"{base}/mins_term"], name=f"{base}/Mins"),
+            helper.make_node("Add", [f"{base}/without_mins", f"{base}/mins_term"], [output], name=f"{base}/AddMins"),
+        ]  # fmt: skip
+        position = list(self.model.graph.node).index(node) + 1
+        for offset, new in enumerate(added):
+            self.model.graph.node.insert(position + offset, new)
+
+    def _retie_embedding(self, reshape, weights: BlockWeights, zero_name: str | None) -> None:
+        """Point the embedding at the carried weights: GatherBlockQuantized for symmetric types
+        (its shape constant follows the new code width), a float Gather of the exact values when
+        the type has mins, which GatherBlockQuantized cannot add."""
+        from onnx import helper
+
+        gathers = [n for n in self._consumers(reshape.output[0]) if n.op_type == "GatherBlockQuantized"]
+        if reshape.op_type != "Reshape" or len(gathers) != 1:
+            raise ValueError(f"unexpected consumer {reshape.name} of the lm_head weights")
+        gather = gathers[0]
+        rows, columns = weights.shape
+        if weights.mins is not None:
+            table = f"{gather.name}.dequantized"
+            self._set_initializer(table, weights.dequantize())
+            plain = helper.make_node("Gather", [table, gather.input[1]], list(gather.output), name=gather.name)
+            self.model.graph.node.remove(gather)
+            self.model.graph.node.remove(reshape)
+            self.model.graph.node.insert(0, plain)  # reads only the graph input and an initializer
+            return
+        reshape.input[1] = f"{reshape.name}.carried_shape"  # the builder's shape is a Constant node
+        self._set_initializer(reshape.input[1], np.array([rows, columns * weights.bits // 8], dtype=np.int64))
+        del gather.input[3:]
+        if zero_name:
+            gather.input.append(zero_name)
+        for attribute, value in (("bits", weights.bits), ("block_size", weights.block_size)):
+            gather.attribute.remove(next(a for a in gather.attribute if a.name == attribute))
+            gather.attribute.append(helper.make_attribute(attribute, value))
+
+
+def node_weights(model, node) -> np.ndarray:
+    """The float weight [N, K] a MatMulNBits node of `model` computes with, its min term included:
+    what the carried GGUF tensors must dequantize to."""
+    from onnx import numpy_helper
+
+    initializers = {init.name: init for init in model.graph.initializer}
+    attributes = {a.name: a.i for a in node.attribute}
+
+    def array(name: str) -> np.ndarray:
+        return numpy_helper.to_array(initializers[name])
+
+    zero_points = array(node.input[3]) if len(node.input) > 3 and node.input[3] else None
+    weights = unpack_matmul_nbits(
+        array(node.input[1]),
+        array(node.input[2]),
+        zero_points,
+        attributes["bits"],
+        attributes["block_size"],
+        attributes["K"],
+    )
+    mins = initializers.get(f"{node.name}.mins")
+    if mins is not None:
+        weights = weights + np.repeat(numpy_helper.to_array(mins).T, attributes["block_size"], axis=1)
+    return weights

@@ -1,0 +1,101 @@
+"""Checksummed file manifests: what `download` pinned, and proof that a copy is complete.
+
+A manifest lists every file of a folder with its size and sha256. `download` writes one for the
+checkpoint; consumers verify their downloaded copy against it before using a single byte.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+MANIFEST_NAME = "manifest.json"
+_CHUNK = 1 << 20
+
+
+def file_sha256(path: Path) -> str:
+    """sha256 of a file, read in 1 MiB chunks so multi-GB weights do not fill memory."""
+    digest = hashlib.sha256()
+    with path.open("rb") as stream:
+        while chunk := stream.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def describe_files(folder: Path) -> list[dict[str, Any]]:
+    """Every file below `folder` as {path, size, sha256}, sorted by POSIX relative path."""
+    entries = []
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        entries.append(
+            {"path": path.relative_to(folder).as_posix(), "size": path.stat().st_size, "sha256": file_sha256(path)}
+        )
+    return entries
+
+
+def folder_bytes(folder: Path, suffix: str = "") -> int:
+    """Bytes of every file below `folder` (whose name ends with `suffix`, when given)."""
+    return sum(p.stat().st_size for p in folder.rglob(f"*{suffix}") if p.is_file())
+
+
+def tree_sha256(files: list[dict[str, Any]]) -> str:
+    """One digest for a set of files: the revision of a local folder, which has no commit id."""
+    digest = hashlib.sha256()
+    for entry in sorted(files, key=lambda e: e["path"]):
+        digest.update(f"{entry['path']}\0{entry['size']}\0{entry['sha256']}\n".encode())
+    return digest.hexdigest()
+
+
+def build_manifest(folder: Path, source: dict[str, str], resolved_revision: str) -> dict[str, Any]:
+    """The manifest of `folder`: where it came from, the pinned revision, and each file."""
+    files = describe_files(folder)
+    return {
+        "source": source,
+        "resolved_revision": resolved_revision,
+        "files": files,
+        "total_bytes": sum(entry["size"] for entry in files),
+        "tree_sha256": tree_sha256(files),
+    }
+
+
+def write_manifest(path: Path, manifest: dict[str, Any]) -> None:
+    path.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+
+
+def read_manifest(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text())
+
+
+def is_safe_relative(path: str) -> bool:
+    """A manifest path must stay inside its folder: relative, and no `..` part."""
+    pure = PurePosixPath(path)
+    return bool(path) and not pure.is_absolute() and ".." not in pure.parts and "\\" not in path
+
+
+def verify_folder(folder: Path, manifest: dict[str, Any], ignore: frozenset[str] = frozenset()) -> list[str]:
+    """Every way `folder` differs from `manifest`, as readable lines; empty means it matches.
+
+    A missing, extra, resized or altered file is named with what was expected, so an error
+    built from these lines tells the user which file to look at. A manifest path that would
+    escape the folder is reported, never opened. Names in `ignore` (the manifest itself when it
+    lives in the folder) are not compared.
+    """
+    unsafe = [entry["path"] for entry in manifest["files"] if not is_safe_relative(entry["path"])]
+    if unsafe:
+        return [f"{path}: unsafe path in the manifest" for path in unsafe]
+    problems = []
+    expected = {entry["path"]: entry for entry in manifest["files"]}
+    present = {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()} - ignore
+    for name in sorted(expected.keys() - present):
+        problems.append(f"{name}: missing")
+    for name in sorted(present - expected.keys()):
+        problems.append(f"{name}: not in the manifest")
+    for name in sorted(expected.keys() & present):
+        entry, path = expected[name], folder / name
+        size = path.stat().st_size
+        if size != entry["size"]:
+            problems.append(f"{name}: size {size} bytes, manifest says {entry['size']}")
+        elif file_sha256(path) != entry["sha256"]:
+            problems.append(f"{name}: sha256 mismatch (manifest {entry['sha256'][:12]}…)")
+    return problems

@@ -1,0 +1,94 @@
+"""Measure one logged model in a process of its own, so its peak memory is its alone.
+
+The `evaluate` step calls `measure_in_subprocess` once per model; the child process runs this
+module, loads the model by URI, answers the eval rows with `evaluate_model`, and writes a JSON
+result. Both models are measured by the same code, so their figures compare.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from slmkit.errors import UserError
+from slmkit.evaluation import EvalRow, RowResult, evaluate_model, load_eval_set, write_eval_set
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """One model's answers and timings, plus what it costs to hold."""
+
+    results: list[RowResult]
+    peak_rss_bytes: int
+    model_size_bytes: int
+    load_seconds: float
+
+    def size_metrics(self) -> dict[str, float]:
+        return {
+            "peak_rss_bytes": self.peak_rss_bytes,
+            "model_size_bytes": self.model_size_bytes,
+            "load_seconds": self.load_seconds,
+        }
+
+
+def folder_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+
+def measure(model_uri: str, rows: list[EvalRow], max_tokens: int, download_dir: Path) -> Measurement:
+    """Download `model_uri` into `download_dir`, load and evaluate it in this process."""
+    import mlflow
+
+    mlflow.tracing.disable()  # traces per request would cost time and clutter the experiment
+    started = time.perf_counter()
+    local = Path(mlflow.artifacts.download_artifacts(model_uri, dst_path=str(download_dir)))
+    model = mlflow.pyfunc.load_model(str(local))
+    load_seconds = time.perf_counter() - started
+    results = evaluate_model(model.predict, rows, max_tokens)
+    peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    return Measurement(results, peak_kib * 1024, folder_bytes(local), load_seconds)
+
+
+def measure_in_subprocess(model_uri: str, rows: list[EvalRow], max_tokens: int, scratch: Path) -> Measurement:
+    """Run `measure` in a child Python process and read its result back.
+
+    Raises:
+        UserError: the child failed, for example the model could not load; its output tail is kept.
+    """
+    rows_path, result_path = scratch / "rows.jsonl", scratch / "measurement.json"
+    write_eval_set(rows, rows_path)
+    # The parent owns the download's folder: removed once the child exits, however it exited,
+    # so only one model at a time takes disk (Phi-3's pipeline is 7.6 GB).
+    with tempfile.TemporaryDirectory(prefix="model-", dir=scratch) as download_dir:
+        command = [sys.executable, "-m", "slmkit.measure", model_uri, str(rows_path), str(max_tokens), str(result_path),
+                   download_dir]  # fmt: skip
+        completed = subprocess.run(command, capture_output=True, text=True, check=False)
+    if completed.returncode != 0:
+        tail = "\n".join(completed.stderr.strip().splitlines()[-12:])
+        raise UserError(f"evaluating {model_uri} failed:\n{tail}")
+    raw = json.loads(result_path.read_text())
+    results = [RowResult(**row) for row in raw.pop("results")]
+    return Measurement(results=results, **raw)
+
+
+def _main() -> None:
+    parser = argparse.ArgumentParser(description="Measure one model; internal to the evaluate step.")
+    parser.add_argument("model_uri")
+    parser.add_argument("rows", type=Path)
+    parser.add_argument("max_tokens", type=int)
+    parser.add_argument("output", type=Path)
+    parser.add_argument("download_dir", type=Path)
+    args = parser.parse_args()
+    measurement = measure(args.model_uri, load_eval_set(args.rows), args.max_tokens, args.download_dir)
+    args.output.write_text(json.dumps(asdict(measurement)))
+
+
+if __name__ == "__main__":
+    _main()

@@ -1,0 +1,243 @@
+"""Concurrent greedy requests decoded as rows of one onnxruntime-genai Generator.
+
+Why: onnxruntime-genai's Python calls hold the GIL and its objects are not thread-safe, so
+requests sharing one model run one after another. On CPU a decode step for four rows costs far
+less than four steps for one (SmolLM2-135M int4 on 2 CPUs: 10 ms against 4 × 3.9 ms), so
+requests that wait together are run together.
+
+Why the answers stay exact: prompts are padded on the right with the model's pad token.
+onnxruntime-genai finds each row's last prompt token by scanning back over pad tokens
+(`src/models/logits.cpp`) and its GroupQueryAttention op takes a right-padding mask; left
+padding changes greedy answers (measured in `bench/batching.py`). Only greedy requests share a
+batch: sampling options belong to a whole Generator, so a sampled request runs alone.
+
+The batches are static: a Generator cannot take a row once it has started, so a request that
+arrives while a batch runs waits for the next batch. There is no scheduler thread: each waiting
+caller takes the decoder's lock in turn and advances the current batch by one token for everyone,
+or forms the next batch when none runs; a lone request therefore decodes at the bare loop's speed.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from slmkit.onnx_session import ModelTokens
+
+MAX_BATCH_SIZE_ENV = "SLMKIT_MAX_BATCH_SIZE"
+DEFAULT_MAX_BATCH_SIZE = 4
+
+
+def max_batch_size(configured: int | None = None) -> int:
+    """Rows per batch: SLMKIT_MAX_BATCH_SIZE, else the logged `configured`, else 4.
+
+    The variable changes it where the model is served, without logging the model again; 1
+    turns batching off.
+
+    Raises:
+        ValueError: the value is not a whole number of at least 1.
+    """
+    raw = os.environ.get(MAX_BATCH_SIZE_ENV) or (DEFAULT_MAX_BATCH_SIZE if configured is None else configured)
+    try:
+        size = int(raw)
+    except ValueError:
+        size = 0
+    if size < 1:
+        raise ValueError(f"max batch size must be a whole number of at least 1 (1 turns batching off), got {raw!r}")
+    return size
+
+
+@dataclass(eq=False)
+class Slot:
+    """One request: its prompt, its budget, and what was produced for it so far.
+
+    The caller makes it and reads `batch_size` and `timed_out` from it; the decoder fills the rest.
+    """
+
+    prompt: np.ndarray
+    max_new_tokens: int
+    sampling: dict[str, Any] | None = None  # None: greedy, so it may share a batch
+    deadline: float | None = None  # time.monotonic() past which the request is given up
+    tokens: deque[int] = field(default_factory=deque)
+    produced: int = 0
+    batch_size: int = 0  # rows in the batch it ran in; 0 until it is admitted
+    finished: bool = False
+    timed_out: bool = False
+    abandoned: bool = False  # its caller stopped reading: the row is no longer worth decoding
+    error: BaseException | None = None
+
+
+def right_padded(prompts: Sequence[np.ndarray], pad_id: int) -> np.ndarray:
+    """Prompts as one int32 array, each row padded on the right with `pad_id` to the longest."""
+    width = max(len(prompt) for prompt in prompts)
+    batch = np.full((len(prompts), width), pad_id, dtype=np.int32)
+    for row, prompt in enumerate(prompts):
+        batch[row, : len(prompt)] = prompt
+    return batch
+
+
+def admit(waiting: Sequence[Slot], max_batch_size: int, context_length: int) -> list[Slot]:
+    """The slots of the next batch, first come first served.
+
+    A sampled request runs alone. Greedy requests join while the batch's rows all keep their
+    whole budget: every row shares the Generator's length, the padded width plus the largest
+    budget, which must fit the context. The first request always runs, its length capped at
+    the context as it would be alone.
+    """
+    live = [slot for slot in waiting if not slot.abandoned]
+    if not live:
+        return []
+    first = live[0]
+    if first.sampling is not None:
+        return [first]
+    batch = [first]
+    for slot in live[1:]:
+        if len(batch) == max_batch_size:
+            break
+        if slot.sampling is not None:
+            continue
+        rows = [*batch, slot]
+        width = max(len(row.prompt) for row in rows)
+        if width + max(row.max_new_tokens for row in rows) <= context_length:
+            batch.append(slot)
+    return batch
+
+
+class BatchedDecoder:
+    """Greedy tokens for concurrent requests on one model, in shared batches."""
+
+    def __init__(
+        self,
+        model: Any,
+        tokens: ModelTokens,
+        max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
+        batch_window_s: float = 0.02,
+    ) -> None:
+        """`batch_window_s`: how long a new batch waits to hold every request seen in flight
+        while the last batch ran, so that clients who got their answers together and ask again
+        join together; a lone client never waits."""
+        self._model = model
+        self._model_tokens = tokens
+        self._max_batch_size = max_batch_size
+        self._batch_window_s = batch_window_s
+        # Held while onnxruntime-genai runs and while the queue changes; a batch waiting for
+        # company releases it, so callers whose answers are complete can leave meanwhile.
+        self._lock = threading.Condition()
+        self._waiting: list[Slot] = []
+        self._generator: Any = None
+        self._rows: list[Slot] = []
+        self._in_flight = 1  # most requests waiting or running at once since the last batch began
+        # Told the row count of each batch as it starts (the serving front's batch-size metric).
+        self.on_batch: Callable[[int], None] | None = None
+
+    def generate(self, slot: Slot) -> Iterator[int]:
+        """Queue the slot now; the iterator yields its tokens as they come, up to its budget or
+        its end-of-text token (yielded last).
+
+        The iterator stops early, setting `timed_out`, once the slot's deadline has passed.
+        Closing it early drops the slot's row; a caller must read or close what it queued.
+
+        Raises:
+            RuntimeError: onnxruntime-genai failed on the slot's batch (raised while reading).
+        """
+        with self._lock:
+            self._waiting.append(slot)
+            running = sum(not row.finished for row in self._rows)
+            self._in_flight = max(self._in_flight, running + len(self._waiting))
+            self._lock.notify_all()
+        return self._stream(slot)
+
+    def _stream(self, slot: Slot) -> Iterator[int]:
+        try:
+            while True:
+                finished = slot.finished  # read before draining: tokens are queued before it is set
+                while slot.tokens:
+                    yield slot.tokens.popleft()
+                if slot.error is not None:
+                    raise slot.error
+                if finished:
+                    return
+                if slot.deadline is not None and time.monotonic() > slot.deadline:
+                    slot.timed_out = True
+                    return
+                with self._lock:
+                    if not slot.tokens and not slot.finished:
+                        self._advance()
+        finally:
+            slot.abandoned = True
+
+    def _advance(self) -> None:
+        """One step of the current batch, or the start of the next one (lock held)."""
+        if self._generator is not None and all(slot.finished or slot.abandoned for slot in self._rows):
+            self._end_batch(None)  # every caller left, e.g. past its deadline: nothing to decode for
+        if self._generator is None:
+            self._start_batch()
+            return
+        try:
+            self._generator.generate_next_token()
+            next_tokens = self._generator.get_next_tokens()
+        except Exception as error:  # onnxruntime-genai's failure, handed to every caller of the batch
+            self._end_batch(error)
+            return
+        for slot, token in zip(self._rows, next_tokens, strict=True):
+            if slot.finished:
+                continue
+            slot.tokens.append(int(token))
+            slot.produced += 1
+            if int(token) in self._model_tokens.eos_ids or slot.produced >= slot.max_new_tokens:
+                slot.finished = True
+        if self._generator.is_done() or all(slot.finished or slot.abandoned for slot in self._rows):
+            self._end_batch(None)
+
+    def _start_batch(self) -> None:
+        import onnxruntime_genai as og
+
+        self._wait_for_company()
+        if self._generator is not None:  # formed by another caller while this one waited
+            return
+        rows = admit(self._waiting, self._max_batch_size, self._model_tokens.context_length)
+        self._waiting = [slot for slot in self._waiting if slot not in rows and not slot.abandoned]
+        self._in_flight = len(rows) + len(self._waiting)
+        if not rows:
+            return
+        width = max(len(slot.prompt) for slot in rows)
+        options: dict[str, Any] = {
+            "max_length": min(width + max(slot.max_new_tokens for slot in rows), self._model_tokens.context_length),
+            "batch_size": len(rows),
+            **(rows[0].sampling or {"do_sample": False}),
+        }
+        for slot in rows:
+            slot.batch_size = len(rows)
+        self._rows = rows
+        if self.on_batch is not None:
+            self.on_batch(len(rows))
+        try:
+            params = og.GeneratorParams(self._model)
+            params.set_search_options(**options)
+            self._generator = og.Generator(self._model, params)
+            self._generator.append_tokens(right_padded([slot.prompt for slot in rows], self._model_tokens.pad_id))
+        except Exception as error:  # onnxruntime-genai's failure, handed to every caller of the batch
+            self._end_batch(error)
+
+    def _wait_for_company(self) -> None:
+        """Wait up to the window for as many requests as were in flight (lock held, released while waiting)."""
+        deadline = time.monotonic() + self._batch_window_s
+        wanted = min(self._in_flight, self._max_batch_size)
+        while sum(not slot.abandoned for slot in self._waiting) < wanted:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            self._lock.wait(remaining)
+
+    def _end_batch(self, error: BaseException | None) -> None:
+        for slot in self._rows:
+            slot.error = slot.error or error
+            slot.finished = True
+        self._rows, self._generator = [], None

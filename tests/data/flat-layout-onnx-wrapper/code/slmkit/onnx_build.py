@@ -1,0 +1,167 @@
+"""Getting an ONNX build: the hub's ready variant, or one made with the onnxruntime-genai builder
+in one of the quantizations below, the GGUF carry-over (slmkit.gguf_carry) among them."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from slmkit.errors import UserError
+from slmkit.gguf_carry import CarryReport, carry_gguf_weights
+from slmkit.presets import OnnxVariant
+
+
+@dataclass(frozen=True)
+class Quantization:
+    """One value of the `quantization` param: the builder's precision and options, and the
+    execution providers it runs on."""
+
+    precision: str
+    extra_options: dict[str, str] = field(default_factory=dict)
+    providers: tuple[str, ...] = ("cpu", "cuda")
+    carries_gguf: bool = False
+
+
+QUANTIZATIONS = {
+    # The builder's int4 graph with the GGUF's own weights put in (CPU: the min term is float32).
+    "gguf": Quantization("int4", providers=("cpu",), carries_gguf=True),
+    "int4": Quantization("int4"),
+    "int4-kquant": Quantization("int4", {"algo_config": "k_quant_mixed"}),
+    "int8": Quantization("int8"),
+    "fp32": Quantization("fp32"),
+    "fp16": Quantization("fp16", providers=("cuda",)),
+    "bf16": Quantization("bf16", providers=("cuda",)),
+}
+AUTO = "auto"
+
+
+def check_quantization(name: str, execution_provider: str, from_gguf: bool) -> str:
+    """Refuse a quantization that does not exist, that the provider cannot run, or `gguf` for a
+    source that has no GGUF file; each message names the values that work.
+
+    Raises:
+        UserError: one line naming the valid values.
+    """
+    usable = [q for q, spec in QUANTIZATIONS.items() if execution_provider in spec.providers]
+    usable = [q for q in usable if from_gguf or not QUANTIZATIONS[q].carries_gguf] + [AUTO]
+    if name == AUTO or (name in QUANTIZATIONS and name in usable):
+        return name
+    if name in QUANTIZATIONS and QUANTIZATIONS[name].carries_gguf and not from_gguf:
+        raise UserError(
+            f"quantization={name!r} needs a GGUF source (a .gguf file or a GGUF preset); use one of {', '.join(usable)}"
+        )
+    where = f" on execution_provider={execution_provider}" if name in QUANTIZATIONS else ""
+    raise UserError(f"quantization={name!r} is not available{where}: use one of {', '.join(usable)}")
+
+
+# Files onnxruntime-genai needs at run time; the builder's other outputs are not logged.
+RUNTIME_SUFFIXES = (".onnx", ".data", ".json", ".jinja", ".model", ".txt")
+
+
+def builder_command(
+    checkpoint: Path,
+    output: Path,
+    cache: Path,
+    execution_provider: str,
+    extra_options: dict[str, str] | None = None,
+    precision: str = "int4",
+) -> list[str]:
+    """The builder's command line (its --help crashes; see builder.py's argparse).
+
+    `extra_options` go to `--extra_options key=value ...`, e.g. `accuracy_level` or `block_size`.
+    """
+    extra = ["--extra_options", *(f"{key}={value}" for key, value in extra_options.items())] if extra_options else []
+    return [
+        sys.executable,
+        "-m",
+        "onnxruntime_genai.models.builder",
+        "--input", str(checkpoint),
+        "--output", str(output),
+        "--precision", precision,
+        "--execution_provider", execution_provider,
+        "--cache_dir", str(cache),
+        *extra,
+    ]  # fmt: skip
+
+
+def builder_environment() -> dict[str, str]:
+    """The builder's environment: this one, offline, since it reads a local checkpoint only."""
+    return {**os.environ, "HF_HUB_OFFLINE": "1"}
+
+
+def build_onnx(
+    quantization: str,
+    checkpoint: Path,
+    output: Path,
+    scratch: Path,
+    execution_provider: str,
+    gguf: Path | None = None,
+    extra_options: dict[str, str] | None = None,
+) -> CarryReport | None:
+    """Build an ONNX model of a safetensors checkpoint into `output` in `quantization`.
+
+    For `gguf`, the builder's int4 graph then gets the GGUF file's own weights, checked against
+    `checkpoint` (its dequantization); the report says which nodes were carried.
+
+    The builder runs in a subprocess: it holds the whole float model in memory, and the memory
+    comes back to the OS when it exits. Its log tail is kept for the error message.
+
+    Raises:
+        UserError: the builder failed; the message carries the end of its output.
+    """
+    recipe = QUANTIZATIONS[quantization]
+    build_dir = scratch / f"builder-output-{quantization}"
+    command = builder_command(
+        checkpoint,
+        build_dir,
+        scratch / "builder-cache",
+        execution_provider,
+        {**recipe.extra_options, **(extra_options or {})},
+        recipe.precision,
+    )
+    result = subprocess.run(command, capture_output=True, text=True, check=False, env=builder_environment())
+    if result.returncode != 0:
+        tail = "\n".join((result.stdout + result.stderr).strip().splitlines()[-15:])
+        raise UserError(f"onnxruntime-genai's builder failed on {checkpoint} (exit {result.returncode}):\n{tail}")
+    report = None
+    if recipe.carries_gguf:
+        if gguf is None:
+            raise UserError("quantization='gguf' needs the source's GGUF file, which the download run does not have")
+        report = carry_gguf_weights(build_dir, gguf, checkpoint)
+    copy_runtime_files(build_dir, output)
+    shutil.rmtree(build_dir)
+    return report
+
+
+def copy_runtime_files(source: Path, output: Path) -> None:
+    """Copy the files onnxruntime-genai loads; refuse a folder without genai_config.json."""
+    if not (source / "genai_config.json").is_file():
+        raise UserError(f"{source} has no genai_config.json; it is not an onnxruntime-genai model folder")
+    output.mkdir(parents=True, exist_ok=True)
+    for path in sorted(source.iterdir()):
+        if path.is_file() and path.suffix in RUNTIME_SUFFIXES:
+            shutil.copy2(path, output / path.name)
+
+
+def fetch_ready_variant(variant: OnnxVariant, execution_provider: str, output: Path) -> str:
+    """Download the hub's ready int4 build for `execution_provider`; return its commit sha."""
+    from huggingface_hub import HfApi, snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, HTTPError
+
+    subfolder = variant.subfolders[execution_provider]
+    try:
+        commit = HfApi().model_info(variant.repo_id, revision=variant.revision).sha
+        snapshot = Path(snapshot_download(variant.repo_id, revision=commit, allow_patterns=[f"{subfolder}/*"]))
+    except HfHubHTTPError as error:
+        raise UserError(f"hub repo {variant.repo_id}@{variant.revision}: the hub answered {error}") from error
+    except (HTTPError, OSError) as error:
+        raise UserError(
+            f"cannot reach the Hugging Face Hub for {variant.repo_id} ({error}); "
+            "pass -P onnx_source=build to build the ONNX model from the downloaded checkpoint instead"
+        ) from error
+    copy_runtime_files(snapshot / subfolder, output)
+    return commit

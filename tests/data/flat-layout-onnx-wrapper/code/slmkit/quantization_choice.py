@@ -1,0 +1,163 @@
+"""`quantization=auto`: the smallest ONNX build whose answers keep the source's quality.
+
+Candidates are tried from the smallest expected size up. Each is built, then answers the
+calibration rows greedily; the first whose answer-correct rate reaches the source's own
+(transformers on the same checkpoint, same rows, greedy) within `max_quality_drop` is kept, and
+no larger one is built. A candidate that fails to build or to load is skipped with its reason.
+If none is good enough, the one with the best correct rate is kept, and the table says so.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from slmkit.errors import UserError
+from slmkit.evaluation import EvalRow, answer_correct
+from slmkit.gguf_carry import CarryReport
+from slmkit.manifest import folder_bytes
+from slmkit.onnx_build import QUANTIZATIONS, build_onnx
+
+# Bits a weight takes in each build, scales included (block 32, float32 scales), to order them.
+BITS_PER_WEIGHT = {"int4": 5.0, "int4-kquant": 6.0, "int8": 9.0, "fp16": 16.0, "bf16": 16.0, "fp32": 32.0}
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """What one tried build measured, or why it was skipped."""
+
+    quantization: str
+    size_bytes: int = 0
+    correct_rate: float = 0.0
+    exact_match_rate: float = 0.0
+    decode_tokens_per_s: float = 0.0
+    skipped: str = ""
+
+    def as_row(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def candidate_order(execution_provider: str, gguf_bits_per_weight: float | None) -> list[str]:
+    """Quantizations the provider runs, smallest first; `gguf` sits by its file's own size."""
+    sizes = {q: bits for q, bits in BITS_PER_WEIGHT.items() if execution_provider in QUANTIZATIONS[q].providers}
+    if gguf_bits_per_weight is not None and execution_provider in QUANTIZATIONS["gguf"].providers:
+        sizes["gguf"] = gguf_bits_per_weight
+    return sorted(sizes, key=lambda q: sizes[q])
+
+
+@dataclass(frozen=True)
+class AutoChoice:
+    """What `quantization=auto` kept, in which folder, and every candidate it tried."""
+
+    kept: Candidate
+    tried: list[Candidate]
+    reference_correct_rate: float
+    folder: Path
+    report: CarryReport | None
+
+
+def good_enough(candidate: Candidate, reference_correct_rate: float, max_quality_drop: float) -> bool:
+    return not candidate.skipped and candidate.correct_rate >= reference_correct_rate - max_quality_drop - 1e-9
+
+
+def choose(
+    order: list[str],
+    measure: Callable[[str], Candidate],
+    reference_correct_rate: float,
+    max_quality_drop: float,
+) -> tuple[Candidate | None, list[Candidate]]:
+    """Measure candidates in `order` until one is good enough; return the kept one and all tried.
+
+    The kept one is the first good enough, else the built one with the best correct rate (the
+    smaller on ties), else None when nothing built.
+    """
+    tried = []
+    for quantization in order:
+        candidate = measure(quantization)
+        tried.append(candidate)
+        if good_enough(candidate, reference_correct_rate, max_quality_drop):
+            return candidate, tried
+    built = [c for c in tried if not c.skipped]
+    return (max(built, key=lambda c: c.correct_rate) if built else None), tried
+
+
+def score_answers(answers: list[str], reference: list[str], rows: list[EvalRow]) -> tuple[float, float]:
+    """(answer-correct rate, exact-match rate against the reference answers)."""
+    correct = statistics.fmean(answer_correct(a, row.answers) for a, row in zip(answers, rows, strict=True))
+    exact = statistics.fmean(a.strip() == b.strip() for a, b in zip(answers, reference, strict=True))
+    return correct, exact
+
+
+def reference_answers(checkpoint: Path, rows: list[EvalRow], max_tokens: int) -> list[str]:
+    """The source's own greedy answers: transformers on the float checkpoint, in float32."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32)
+    answers = []
+    with torch.inference_mode():
+        for row in rows:
+            inputs = tokenizer.apply_chat_template(
+                row.messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
+            )
+            output = model.generate(**inputs, max_new_tokens=max_tokens, do_sample=False)
+            answers.append(tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True))
+    return answers
+
+
+def onnx_answers(folder: Path, rows: list[EvalRow], max_tokens: int) -> tuple[list[str], float]:
+    """Greedy answers of an ONNX build (bare onnxruntime-genai loop) and its decode tokens/s."""
+    from slmkit.onnx_greedy import bare_greedy, load
+
+    model, tokenizer = load(folder)
+    answers, tokens, seconds = [], 0, 0.0
+    for row in rows:
+        started = time.perf_counter()
+        generated, _ = bare_greedy(model, tokenizer, row.messages, max_tokens)
+        seconds += time.perf_counter() - started
+        tokens += len(generated)
+        answers.append(tokenizer.decode(generated))
+    return answers, tokens / seconds if seconds else 0.0
+
+
+def auto_quantization(
+    checkpoint: Path,
+    gguf: Path | None,
+    scratch: Path,
+    execution_provider: str,
+    rows: list[EvalRow],
+    max_quality_drop: float,
+    max_tokens: int,
+) -> AutoChoice:
+    """Build candidates smallest first (into `scratch`) and keep the first whose greedy answers on
+    `rows` keep the source's quality; see the module docstring.
+
+    Raises:
+        UserError: no candidate could be built; the message gives each one's reason.
+    """
+    reference = reference_answers(checkpoint, rows, max_tokens)
+    reference_correct, _ = score_answers(reference, reference, rows)
+    builds: dict[str, tuple[Path, CarryReport | None]] = {}
+
+    def measure(quantization: str) -> Candidate:
+        folder = scratch / f"candidate-{quantization}"
+        try:
+            report = build_onnx(quantization, checkpoint, folder, scratch, execution_provider, gguf)
+            answers, speed = onnx_answers(folder, rows, max_tokens)
+        except Exception as error:  # a candidate that fails to build or load is skipped, not fatal
+            reason = str(error).strip().splitlines()[-1][:300] if str(error).strip() else type(error).__name__
+            return Candidate(quantization, skipped=reason)
+        builds[quantization] = folder, report
+        correct, exact = score_answers(answers, reference, rows)
+        return Candidate(quantization, folder_bytes(folder), correct, exact, speed)
+
+    gguf_bits = 32 * gguf.stat().st_size / folder_bytes(checkpoint, ".safetensors") if gguf else None
+    kept, tried = choose(candidate_order(execution_provider, gguf_bits), measure, reference_correct, max_quality_drop)
+    if kept is None:
+        raise UserError(f"quantization=auto: no candidate could be built ({'; '.join(c.skipped for c in tried)})")
+    return AutoChoice(kept, tried, reference_correct, *builds[kept.quantization])
