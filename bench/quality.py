@@ -6,7 +6,7 @@ against transformers in float32 on the same checkpoint, the reference the pipeli
 
 `peer_figures`: our served ONNX model against llama.cpp's `llama-server` on the same GGUF file,
 in the same sitting: 1-client and 4-client completion tokens/s and the eval answer-correct rate.
-`LLAMA_SERVER` names the binary (README: how to build it); without it the figures are skipped.
+`LLAMA_SERVER` names the binary (bench/README.md: how to build it); without it the figures are skipped.
 """
 
 from __future__ import annotations
@@ -28,12 +28,12 @@ from bench.figures import (
     served_generate,
 )
 from harness.servers import free_port, stop_process, wait_for_http
+from slmkit.evaluation.quantization_choice import onnx_answers, reference_answers, score_answers
 from slmkit.evaluation.scoring import answer_correct
 from slmkit.manifest import folder_bytes
 from slmkit.onnx.build import QUANTIZATIONS, build_onnx
 from slmkit.onnx.gguf_carry import ACTIVATIONS, DEFAULT_ACTIVATIONS, carry_gguf_weights
 from slmkit.onnx.greedy import bare_greedy, load
-from slmkit.onnx.quantization_choice import onnx_answers, reference_answers, score_answers
 from slmkit.sources.eval_set import EvalRow
 
 LLAMA_SERVER_ENV = "LLAMA_SERVER"
@@ -125,7 +125,7 @@ def peer_figures(served_url: str, gguf: Path | None, rows: list[EvalRow], work: 
     binary = os.environ.get(LLAMA_SERVER_ENV, "")
     if not binary or gguf is None:
         why = f"{LLAMA_SERVER_ENV} is not set" if not binary else "the source is not a GGUF file"
-        print(f"peer figure skipped: {why} (README: building llama-server)")
+        print(f"peer figure skipped: {why} (bench/README.md: building llama-server)")
         return []
     process, llama_url = llama_server(binary, gguf, work / "llama-server.log")
     try:

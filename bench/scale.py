@@ -18,7 +18,7 @@ A command that would need more memory than the machine has is stopped before it 
 (bench.figures.watched) and reported with its measured peak; `--layers` cuts the model to its
 first layers, every other size kept, to run the largest part that fits.
 
-`LLAMA_SERVER` names llama.cpp's `llama-server` binary, built in llama.cpp's source tree (README:
+`LLAMA_SERVER` names llama.cpp's `llama-server` binary, built in llama.cpp's source tree (bench/README.md:
 building llama-server); `llama-quantize` and `convert_hf_to_gguf.py` are found in the same tree.
 Without it the llama.cpp figures and the GGUF carry-over are skipped, and the run says so.
 """
@@ -372,7 +372,7 @@ def served_figures(scale: Scale, build: Build, llama: LlamaCpp | None, gguf: dic
     peers = llama_server_rates(scale, llama, gguf, ids, bandwidth)
     figures = [bandwidth_figure(build, bandwidth, peers)]
     if not peers.served:
-        print(f"llama-server figures skipped: {LLAMA_SERVER_ENV} is not set (README: building llama-server)")
+        print(f"llama-server figures skipped: {LLAMA_SERVER_ENV} is not set (bench/README.md: building llama-server)")
         return figures
 
     def decode_batch(rows: int, max_tokens: int) -> tuple[float, float]:

@@ -36,11 +36,11 @@ from pathlib import Path
 import mlflow
 
 from slmkit.errors import UserError, check_choice
+from slmkit.evaluation.quantization_choice import AutoChoice, auto_quantization, good_enough
 from slmkit.evaluation.report import quality_speed_figure
 from slmkit.models.onnx_wrapper import ONNX_ARTIFACT, seal_onnx_folder, wrapper_model_arguments
 from slmkit.models.pipeline import generation_config
 from slmkit.onnx.build import AUTO, build_onnx, check_quantization, fetch_ready_variant
-from slmkit.onnx.quantization_choice import AutoChoice, auto_quantization, good_enough
 from slmkit.sources.eval_set import eval_set_path, load_eval_set
 from slmkit.sources.presets import (
     ONNX_SOURCES,

@@ -1,5 +1,5 @@
 """The Databricks and schedule files: they parse, and every task runs a real step with flags it
-accepts. No workspace is reachable from here; what these tests cannot check is in the README."""
+accepts. No workspace is reachable from here; what these tests cannot check is in docs/deployment.md."""
 
 from __future__ import annotations
 

@@ -132,3 +132,54 @@ def test_steps_refuse_bad_parameters_before_any_work_naming_the_parameter(step: 
     with pytest.raises(UserError) as refused:
         module.main(STEPS[step].build_parser(module.__doc__).parse_args(argv))
     assert message in str(refused.value)
+
+
+def readme_parameter_rows() -> list[dict[str, list[str]]]:
+    """The README's entry-point table: per row, its parameter, entry points, default and values."""
+    text = (PROJECT_ROOT / "README.md").read_text()
+    table = text.split("### Entry points and parameters")[1].split("\n## ")[0]
+    rows = []
+    for line in table.splitlines():
+        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+        if len(cells) != 5 or not cells[0].startswith("`"):
+            continue
+        ticked = [re.findall(r"`([^`]*)`", cell) for cell in cells[:4]]
+        rows.append(dict(zip(("param", "steps", "default", "values"), ticked, strict=True)))
+    return rows
+
+
+def test_readme_table_names_every_param_with_its_default_and_allowed_values():
+    rows = readme_parameter_rows()
+    documented = {(row["param"][0], step) for row in rows for step in row["steps"]}
+    declared = {(param.name, step.name) for step in STEPS.values() for param in step.params}
+    assert documented == declared
+    for row in rows:
+        for step in row["steps"]:
+            param = next(p for p in STEPS[step].params if p.name == row["param"][0])
+            written = row["default"][0].strip('"')
+            assert canonical(param, written) == canonical(param, param.default), (step, param.name)
+            assert tuple(row["values"]) == param.choices, (step, param.name)
+
+
+def test_mlproject_comments_name_the_allowed_values_above_every_param_with_choices():
+    lines = (PROJECT_ROOT / "MLproject").read_text().splitlines()
+    entry_point = ""
+    for number, line in enumerate(lines):
+        if re.match(r"^  \w+:$", line):
+            entry_point = line.strip().rstrip(":")
+        match = re.match(r"^      (\w+): \{", line)
+        if not match or entry_point not in STEPS:
+            continue
+        param = next(p for p in STEPS[entry_point].params if p.name == match[1])
+        if param.choices:
+            above = lines[number - 1].strip()
+            assert above.startswith("#"), f"MLproject {entry_point}.{param.name}: no comment above it"
+            assert re.findall(r"`([^`]*)`", above) == list(param.choices), (entry_point, param.name, above)
+
+
+@pytest.mark.parametrize("step", [step for step in STEPS.values() if any(p.choices for p in step.params)],
+                         ids=lambda step: step.name)  # fmt: skip
+def test_step_parsers_refuse_values_outside_a_params_choices_in_one_line(step):
+    param = next(p for p in step.params if p.choices)
+    with pytest.raises(UserError, match=rf"^{param.name}='nope': choose one of {', '.join(param.choices)}$"):
+        step.build_parser(None).parse_args([param.flag, "nope"])

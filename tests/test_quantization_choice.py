@@ -1,6 +1,6 @@
 """The `quantization=auto` rules, as pure functions: the order candidates are tried in and which one is kept."""
 
-from slmkit.onnx.quantization_choice import Candidate, candidate_order, choose
+from slmkit.evaluation.quantization_choice import Candidate, candidate_order, choose
 
 
 def test_candidates_are_tried_smallest_first_with_the_gguf_build_by_its_files_size():

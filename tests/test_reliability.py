@@ -194,7 +194,7 @@ def test_download_stopped_mid_fetch_or_killed_mid_upload_then_the_rerun_complete
 
 
 # MLflow's own `mlflow run` process retries a lost server for minutes unless told otherwise; the
-# README's Reliability section recommends the steps' own bounded settings for scheduled runs.
+# docs/reliability.md recommends the steps' own bounded settings for scheduled runs.
 
 
 @pytest.mark.integration

@@ -1,6 +1,6 @@
 """`mlflow run --env-manager uv` builds a step's environment from conda.yaml, the project's one
 pinned environment, and the step runs in it. With a cold uv cache the install takes about 25 s
-on 2 cores (README); MLflow keeps environments under ~/.mlflow/envs, this test in its own root."""
+on 2 cores (docs/development.md); MLflow keeps environments under ~/.mlflow/envs, this test in its own root."""
 
 from __future__ import annotations
 

@@ -1,3 +1,3 @@
-"""The ONNX model: the builder's build, the GGUF carry-over, automatic quantization, and the
+"""The ONNX model: the builder's build, the GGUF carry-over, and the
 onnxruntime-genai session, greedy loop and batched decoder the wrapper runs on.
 """
