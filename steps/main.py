@@ -17,6 +17,7 @@ import argparse
 
 import mlflow
 
+from slmkit.evaluation.promotion import served_model_uri
 from slmkit.evaluation.report import format_summary
 from slmkit.sources.presets import resolve_model
 from slmkit.workflow.cache import StepRunner, forced_steps, handed_on, step_run
@@ -48,8 +49,9 @@ def main(args: argparse.Namespace) -> None:
             for key, value in evaluated.tags.items()
             if key.startswith("gate.") and key.count(".") == 1
         }
+        served = served_model_uri([args.onnx_registered_model, args.pipeline_registered_model], uris["onnx"])
         summary = format_summary(
-            parent.info.run_id, runner.runs, uris, evaluated.metrics, gate, mlflow.get_tracking_uri()
+            parent.info.run_id, runner.runs, uris, evaluated.metrics, gate, mlflow.get_tracking_uri(), served
         )
         mlflow.log_text(summary, "summary.txt")
     print(summary)  # noqa: T201 - the report `make run` ends with

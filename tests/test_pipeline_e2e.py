@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import re
+import signal
+import subprocess
 from pathlib import Path
 
 import mlflow
@@ -16,7 +19,7 @@ import pytest
 import requests
 from mlflow.exceptions import MlflowException
 
-from harness.servers import MLFLOW_SERVE, SLMKIT_SERVE, served
+from harness.servers import MLFLOW_SERVE, SLMKIT_SERVE, free_port, served, wait_for_http
 from slmkit import PROJECT_ROOT
 from slmkit.environment import read_pins
 from slmkit.manifest import file_sha256, read_manifest, verify_folder
@@ -24,7 +27,7 @@ from slmkit.onnx.greedy import bare_greedy, load
 from slmkit.onnx.session import model_tokens
 from slmkit.sources.eval_set import load_eval_set
 from slmkit.workflow.steps import DOWNLOAD_RUN_TAG, ORDER, SOURCE_KEY_TAG
-from tests.conftest import PipelineRun, TrackingServer, mlflow_run, runs_of
+from tests.conftest import ONE_THREAD_ENV, PipelineRun, TrackingServer, mlflow_run, runs_of
 
 pytestmark = pytest.mark.integration
 
@@ -57,7 +60,28 @@ def test_summary_names_runs_models_and_metrics(pipeline_run: PipelineRun):
         assert f"{step:<17} run {run.info.run_id}" in pipeline_run.output
     assert pipeline_run.model_uri("log_onnx_wrapper") in pipeline_run.output
     assert "answer_correct_rate" in pipeline_run.output
-    assert "python -m slmkit.serve -m models:/" in pipeline_run.output
+    assert "-m slmkit.serve -m models:/e2e-onnx@champion -p 5001" in pipeline_run.output
+
+
+def test_the_summarys_serve_command_pasted_into_a_shell_answers_on_v1(pipeline_run: PipelineRun, tmp_path: Path):
+    """The `serve:` line as printed, from another folder and with a PATH that has no venv; only
+    the port is changed, to a free one."""
+    [line] = [line for line in pipeline_run.output.splitlines() if line.strip().startswith("serve:")]
+    command = line.split("serve:", 1)[1].split("  (OpenAI route")[0].strip()
+    port = free_port()
+    command = command.replace("-p 5001", f"-p {port}")
+    with (tmp_path / "server.log").open("w") as log:
+        process = subprocess.Popen(["bash", "-c", command], cwd=tmp_path, env={"PATH": "/usr/bin:/bin", **ONE_THREAD_ENV,
+                                   "HOME": str(tmp_path)}, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+        try:
+            wait_for_http(f"http://127.0.0.1:{port}/ping", process, 180)
+            answer = requests.post(f"http://127.0.0.1:{port}/v1/chat/completions", json={**CHAT, "max_tokens": 4},
+                                   timeout=120)  # fmt: skip
+        finally:
+            os.killpg(process.pid, signal.SIGTERM)
+            process.wait(timeout=60)
+    assert answer.status_code == 200, answer.text[:500]
+    assert answer.json()["choices"][0]["message"]["content"]
 
 
 def test_runs_are_named_after_their_step_and_model(pipeline_run: PipelineRun):

@@ -8,6 +8,7 @@ official `openai` client; metrics; body limit; admission control; memory stays f
 
 from __future__ import annotations
 
+import http.client
 import json
 import re
 import subprocess
@@ -168,18 +169,68 @@ def test_bad_input_gets_the_same_clear_4xx_from_both_models_and_the_server_stays
     assert server.process.poll() is None
 
 
-@pytest.mark.parametrize("route", ROUTES)
-def test_a_chunked_body_past_the_limit_gets_413_without_its_length_announced(server: Server, route: str):
-    def body() -> Iterator[bytes]:  # no Content-Length: the server counts as it reads
-        yield b'{"messages": [{"role": "user", "content": "'
-        yield from (b"x" * 100_000 for _ in range(12))
-        yield b'"}]}'
+OVERSIZED_MB = (2, 8, 32)
 
-    answer = server.post(body(), route)
-    assert answer.status_code == 413, answer.text[:300]
-    assert "larger than 1000000 bytes" in answer.text
-    assert len(answer.content) < 2000
-    assert server.answer(VALID, route)["choices"][0]["message"]["content"] == "Paris."
+
+def oversized_body(megabytes: int) -> bytes:
+    filler = b"x" * (megabytes * 1_000_000)
+    return b'{"messages": [{"role": "user", "content": "' + filler + b'"}]}'
+
+
+def post_oversized(server: Server, route: str, body: bytes, close: bool, chunked: bool) -> tuple[int, bytes]:
+    """POST `body` with http.client, which sends the whole body before it reads the answer, as
+    urllib and most clients do: either with Content-Length in one write, or chunked in slow
+    pieces. `close` sends `Connection: close`."""
+    path = "/invocations" if route == "invocations" else "/v1/chat/completions"
+    connection = http.client.HTTPConnection(server.running.base.removeprefix("http://"), timeout=60)
+    headers = {"Content-Type": "application/json", **({"Connection": "close"} if close else {})}
+
+    def slow_pieces() -> Iterator[bytes]:
+        for start in range(0, len(body), 1 << 20):
+            time.sleep(0.002)
+            yield body[start : start + (1 << 20)]
+
+    try:
+        connection.request(
+            "POST", path, body=slow_pieces() if chunked else body, headers=headers, encode_chunked=chunked
+        )
+        response = connection.getresponse()
+        return response.status, response.read()
+    finally:
+        connection.close()
+
+
+@pytest.mark.parametrize("route", ROUTES)
+def test_oversized_bodies_get_413_in_the_routes_error_shape_however_they_are_sent(server: Server, route: str):
+    """2, 8 and 32 MB, with and without `Connection: close`, announced or chunked: never a reset."""
+    for megabytes in OVERSIZED_MB:
+        body = oversized_body(megabytes)
+        for close in (True, False):
+            for chunked in (False, True):
+                case = f"{megabytes} MB, close={close}, chunked={chunked}"
+                status, answer = post_oversized(server, route, body, close, chunked)
+                assert status == 413, (case, answer[:300])
+                error = json.loads(answer)
+                if route == "openai":
+                    assert error["error"]["code"] == "request_too_large", case
+                    assert error["error"]["type"] == "invalid_request_error", case
+                    assert "larger than 1000000 bytes" in error["error"]["message"], case
+                else:
+                    assert error["error_code"] == "REQUEST_LIMIT_EXCEEDED", case
+                started = time.monotonic()
+                assert server.answer(VALID, route)["choices"][0]["message"]["content"] == "Paris.", case
+                assert time.monotonic() - started < 10, case
+
+
+def test_the_official_client_gets_a_status_error_413_for_an_oversized_body(server: Server):
+    client = server.client()
+    for megabytes in (3, 8):
+        with pytest.raises(openai.APIStatusError) as refused:
+            client.chat.completions.create(
+                model="tiny-phi3", messages=[{"role": "user", "content": "x" * megabytes * 1_000_000}], max_tokens=4
+            )
+        assert refused.value.status_code == 413
+        assert "larger than 1000000 bytes" in refused.value.message
 
 
 def test_openai_client_calls_the_model_with_and_without_streaming(server: Server):

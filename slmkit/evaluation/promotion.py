@@ -103,6 +103,15 @@ def champion_version(name: str) -> ModelVersion | None:
         raise
 
 
+def served_model_uri(registered_names: list[str], fallback: str) -> str:
+    """The model to serve: the first of `registered_names` that has a `champion`, by alias
+    (`models:/<name>@champion`, which follows the gate's later decisions); else `fallback`."""
+    for name in registered_names:
+        if name and champion_version(name) is not None:
+            return f"models:/{name}@{CHAMPION}"
+    return fallback
+
+
 def register_candidate(model_uri: str, name: str, tags: dict[str, str]) -> ModelVersion:
     """Register `model_uri` as a new version of `name` and point `candidate` at it."""
     version = mlflow.register_model(model_uri, name, tags=tags)

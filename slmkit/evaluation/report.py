@@ -6,7 +6,11 @@ The same table goes into the evaluate run as `comparison.md` and into `main`'s s
 from __future__ import annotations
 
 import math
+import shlex
+import sys
 from typing import Any
+
+from slmkit import PROJECT_ROOT
 
 # (metric key, label, format) in the order a reader compares them.
 TABLE_METRICS = (
@@ -115,6 +119,15 @@ def quality_speed_figure(candidates: list[Any], reference_correct_rate: float) -
     return figure
 
 
+def serve_command(tracking_uri: str, model_uri: str, port: int = 5001) -> str:
+    """The shell command that serves `model_uri` as printed, from any folder: it changes to the
+    project, names the store, and runs the interpreter this step runs on, which has the project's
+    environment (outside the venv, a bare `python` would not)."""
+    python, project = shlex.quote(sys.executable), shlex.quote(str(PROJECT_ROOT))
+    uri = shlex.quote(tracking_uri)
+    return f"cd {project} && MLFLOW_TRACKING_URI={uri} {python} -m slmkit.serve -m {shlex.quote(model_uri)} -p {port}"
+
+
 def format_summary(
     parent_run_id: str,
     step_runs: dict[str, str],
@@ -122,8 +135,10 @@ def format_summary(
     eval_metrics: dict[str, float],
     gate: dict[str, str],
     tracking_uri: str,
+    served_model_uri: str,
 ) -> str:
-    """A plain-text summary: run ids, model URIs, the comparison table, the gate, next commands."""
+    """A plain-text summary: run ids, model URIs, the comparison table, the gate, next commands
+    (`served_model_uri` in the serve command: the registered champion, where there is one)."""
     lines = [f"pipeline run {parent_run_id}"]
     lines += [f"  {step:<17} run {run_id}" for step, run_id in step_runs.items()]
     lines.append("models")
@@ -132,10 +147,7 @@ def format_summary(
     if gate:
         lines.append("promotion gate")
         lines += [f"  {name:<17} {decision}" for name, decision in gate.items()]
-    first_uri = next(iter(model_uris.values()), "models:/<id>")
     lines.append("next")
-    lines.append(
-        f"  serve: MLFLOW_TRACKING_URI={tracking_uri} python -m slmkit.serve -m {first_uri} -p 5001  (OpenAI route: /v1)"
-    )
+    lines.append(f"  serve: {serve_command(tracking_uri, served_model_uri)}  (OpenAI route: /v1)")
     lines.append(f"  UI:    mlflow ui --backend-store-uri {tracking_uri}")
     return "\n".join(lines)

@@ -1,8 +1,16 @@
 """ASGI middleware around the whole app: the body limit, the metrics of every request, and OpenAI's
-shape for MLflow's plain-text 504 on `/v1/…`."""
+shape for MLflow's plain-text 504 on `/v1/…`.
+
+An oversized body is read to its end and thrown away before the 413 goes out. Answered while the
+client is still sending, uvicorn closes the connection after the answer whenever it will not be
+kept alive (`Connection: close`, which urllib and many clients send), and the client sees the
+reset instead of the 413. The discarding is bounded (DISCARD_MAX_BYTES, DISCARD_MAX_SECONDS), so
+an endless or stalled sender costs at most that before it gets its 413 and the close.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Any
 
@@ -11,6 +19,9 @@ from mlflow.exceptions import MlflowException
 from slmkit.serving.metrics import ServingMetrics
 from slmkit.serving.protocol import CHAT_ROUTE, TIMEOUT, OpenAIError
 
+# How much of an oversized body is read and thrown away, at most, so that the client reads its 413.
+DISCARD_MAX_BYTES = 64 * 2**20
+DISCARD_MAX_SECONDS = 10.0
 # Routes counted by their own path in the metrics; every other path is counted as "other".
 ROUTES = ("/invocations", CHAT_ROUTE, "/v1/models", "/metrics", "/ping", "/health", "/version")
 
@@ -65,6 +76,7 @@ class Front:
         length = dict(scope["headers"]).get(b"content-length")
         if length is not None:
             if length.isdigit() and int(length) > self.max_body_bytes:
+                await discard_body(receive)
                 return await answer(self._too_large(path))
             return await self.app(scope, receive, send_counted)
         # No length announced (chunked): read the body here, up to the limit, and replay it.
@@ -75,12 +87,34 @@ class Front:
                 return
             body.append(message.get("body", b""))
             size += len(body[-1])
-            if size > self.max_body_bytes:
-                return await answer(self._too_large(path))
             more = message.get("more_body", False)
+            if size > self.max_body_bytes:
+                if more:
+                    await discard_body(receive)
+                return await answer(self._too_large(path))
         replay = [{"type": "http.request", "body": b"".join(body), "more_body": False}]
 
         async def receive_replayed() -> dict[str, Any]:
             return replay.pop() if replay else await receive()
 
         await self.app(scope, receive_replayed, send_counted)
+
+
+async def discard_body(receive: Any) -> None:
+    """Read the request's body to its end and drop it, for at most DISCARD_MAX_BYTES and
+    DISCARD_MAX_SECONDS; returns early when the client leaves."""
+
+    async def drain() -> None:
+        discarded = 0
+        while discarded <= DISCARD_MAX_BYTES:
+            message = await receive()
+            if message["type"] != "http.request":
+                return
+            discarded += len(message.get("body", b""))
+            if not message.get("more_body", False):
+                return
+
+    try:
+        await asyncio.wait_for(drain(), DISCARD_MAX_SECONDS)
+    except TimeoutError:
+        return
