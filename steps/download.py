@@ -13,7 +13,8 @@ Logs (run tags `slmkit.step=download`, `slmkit.cache_key`, `slmkit.source_key`, 
     artifacts `checkpoint/` (safetensors, config, tokenizer, chat template), for GGUF sources
     `gguf/<file>.gguf` (the source file itself, whose quantized weights the ONNX build carries
     over), and `manifest.json` (source, resolved revision, each file's size and sha256, the GGUF
-    under `gguf`); params `model_name`, `license` (the preset's; empty when unknown), `source.*`,
+    under `gguf`); params `model_name`, `license` (the preset's; empty when unknown), `hub_repo_id`
+    (the repo the weights come from, where known: the pipeline model's recorded name), `source.*`,
     `resolved_revision`; metrics `checkpoint_bytes`, `download_seconds`.
 """
 
@@ -41,7 +42,10 @@ def main(args: argparse.Namespace) -> None:
     values = STEPS["download"].values(vars(args))
     with step_run("download", values, spec.name) as run, scratch_dir("download") as scratch:
         mlflow.set_tag(SOURCE_KEY_TAG, source_key(spec))
-        mlflow.log_params({"model_name": spec.name, "license": spec.license, **source_params(spec.source)})
+        mlflow.log_params(
+            {"model_name": spec.name, "license": spec.license, "hub_repo_id": spec.hub_repo_id}
+            | source_params(spec.source)
+        )
         checkpoint, gguf = Path(scratch) / CHECKPOINT_ARTIFACT, Path(scratch) / GGUF_ARTIFACT
         checkpoint.mkdir()
         started = time.perf_counter()

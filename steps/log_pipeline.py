@@ -10,7 +10,8 @@ Params:
     env_manager: how to run `download` when it must run first.
 
 Logs (tags `slmkit.step=log_pipeline`, `slmkit.cache_key`, `slmkit.source_key`, `slmkit.model_uri`):
-    the model `model` (OpenAI-chat signature, pinned pip requirements); tag
+    the model `model` (OpenAI-chat signature, pinned pip requirements; its recorded name is the
+    download's `hub_repo_id` where it has one, else its `model_name`); tag
     `slmkit.download_run_id`; params `resolved_revision`, the generation defaults (from `model_config`); metrics `model_size_bytes`,
     `log_seconds`.
 """
@@ -44,7 +45,7 @@ def main(args: argparse.Namespace) -> None:
         mlflow.set_tags(download.lineage_tags())
         mlflow.log_param("resolved_revision", download.revision)
         checkpoint, manifest = download_checkpoint(download.run_id, scratch)
-        pipeline = build_pipeline(checkpoint, args.torch_dtype, download.model_name or checkpoint.name)
+        pipeline = build_pipeline(checkpoint, args.torch_dtype, download.recorded_name or checkpoint.name)
         started = time.perf_counter()
         with writing_artifacts("the pipeline model"):
             info = mlflow.transformers.log_model(

@@ -113,3 +113,29 @@ def test_the_logged_pipeline_carries_the_license_it_was_given_without_asking_the
         mlflow.transformers.save_model(path=str(tmp_path / "model"), **arguments)
     assert "The declared license type is: 'apache-2.0'" in (tmp_path / "model" / "LICENSE.txt").read_text()
     assert "license: apache-2.0" in (tmp_path / "model" / "model_card_data.yaml").read_text()
+
+
+def test_sources_with_a_hub_repo_name_it_for_the_pipeline_and_local_ones_leave_it_empty(tmp_path: Path):
+    assert resolve_model("phi3-mini-4k").hub_repo_id == "microsoft/Phi-3-mini-4k-instruct"
+    assert resolve_model("smollm2-135m").hub_repo_id == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert resolve_model("org/name").hub_repo_id == "org/name"
+    (tmp_path / "config.json").write_text("{}")
+    assert resolve_model(str(tmp_path)).hub_repo_id == ""
+
+
+def test_mlflows_own_stop_needs_the_hub_and_load_chat_model_does_not(pipeline_dir: Path):
+    """MLflow 3.17 builds `stop`'s criteria from a tokenizer it loads by the recorded name
+    (`mlflow/transformers/llm_inference_utils.py`, `_get_stopping_criteria`): with the hub
+    unreachable plain `pyfunc.load_model` fails, which docs/serving.md says; our loader answers."""
+    import mlflow
+
+    from slmkit.chat.adapters import load_chat_model
+
+    request = {"messages": [{"role": "user", "content": "What is the capital of France?"}], "max_tokens": 8}
+    with hub_offline():
+        plain = mlflow.pyfunc.load_model(str(pipeline_dir))
+        with pytest.raises(OSError, match=r"huggingface|tiny-phi3"):
+            plain.predict({**request, "stop": ["."]})
+        answer = load_chat_model(str(pipeline_dir)).complete({**request, "stop": ["."]})
+    assert answer["choices"][0]["finish_reason"] == "stop"
+    assert "." not in answer["choices"][0]["message"]["content"]

