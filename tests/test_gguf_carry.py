@@ -5,8 +5,6 @@ embedding) built, carried and answering like transformers on the same weights.""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import gguf
@@ -16,7 +14,7 @@ import pytest
 from gguf import GGMLQuantizationType as Q
 from gguf.constants import GGML_QUANT_SIZES
 
-from slmkit.onnx.build import QUANTIZATIONS, builder_command, builder_environment, copy_runtime_files
+from slmkit.onnx.build import QUANTIZATIONS, builder_command, copy_runtime_files
 from slmkit.onnx.gguf_blocks import CARRIED_TYPES, BlockWeights, block_weights, concat_rows
 from slmkit.onnx.gguf_carry import (
     CarryReport,
@@ -29,7 +27,7 @@ from slmkit.onnx.gguf_carry import (
 )
 from slmkit.onnx.greedy import bare_greedy, load
 from slmkit.sources.checkpoint import convert_gguf
-from tests.tiny_models import build_tiny_phi3, write_tiny_phi3_gguf
+from tests.tiny_models import build_in_one_process, build_tiny_phi3, write_tiny_phi3_gguf
 
 # One worker runs the module: its module fixtures (seven tiny GGUFs converted, then built in one
 # builder process, ~9 s of CPU) would otherwise be made again by each worker that runs a test of it.
@@ -132,15 +130,6 @@ def tiny_ggufs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path
     return files
 
 
-# Runs the builder's own command line once per argv given as JSON, in one process.
-ONE_PROCESS_BUILDER = """
-import json, runpy, sys
-for argv in json.loads(sys.argv[1]):
-    sys.argv = argv
-    runpy.run_module("onnxruntime_genai.models.builder", run_name="__main__")
-"""
-
-
 @pytest.fixture(scope="module")
 def built(tiny_ggufs: dict, tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, CarryReport]]:
     """Each tiny GGUF built as `build_onnx` builds int4, then carried (float32 activations).
@@ -153,13 +142,7 @@ def built(tiny_ggufs: dict, tmp_path_factory: pytest.TempPathFactory) -> dict[st
                         recipe.extra_options, recipe.precision)
         for name, (_, checkpoint) in tiny_ggufs.items()
     ]  # fmt: skip
-    assert all(command[1:3] == ["-m", "onnxruntime_genai.models.builder"] for command in commands)
-    argvs = [["builder", *command[3:]] for command in commands]
-    result = subprocess.run(
-        [sys.executable, "-c", ONE_PROCESS_BUILDER, json.dumps(argvs)],
-        capture_output=True, text=True, env=builder_environment(),
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr[-3000:]
+    build_in_one_process(commands)
     carried = {}
     for name, (path, checkpoint) in tiny_ggufs.items():
         copy_runtime_files(scratch / name / "built", scratch / name / "onnx")

@@ -8,6 +8,7 @@ template, so the whole chat path (template, special tokens, stop tokens) runs as
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from harness.templates import PHI3_CHAT_TEMPLATE
 
@@ -20,6 +21,31 @@ TRAINING_TEXT = [
 ]
 
 
+def tiny_tokenizer(chat_template: str | None, special_tokens: list[str] = SPECIAL_TOKENS) -> Any:
+    """A byte-level BPE tokenizer trained in-process on a few sentences (320 tokens), with
+    `chat_template` (None leaves it without one, as a base model's)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=320, special_tokens=special_tokens, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tokenizer.train_from_iterator(TRAINING_TEXT * 20, trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        bos_token=special_tokens[1],
+        eos_token=special_tokens[2],
+        unk_token=special_tokens[0],
+        pad_token=special_tokens[2],
+    )
+    if chat_template is not None:
+        fast.chat_template = chat_template
+    return fast
+
+
 def build_tiny_phi3(dest: Path, seed: int = 0, context_length: int = 512, tied: bool = False) -> Path:
     """Write a random 2-layer Phi-3 checkpoint (hidden size 64) with its tokenizer to `dest`.
 
@@ -29,24 +55,9 @@ def build_tiny_phi3(dest: Path, seed: int = 0, context_length: int = 512, tied: 
     the embedding with the output layer, as SmolLM2 does.
     """
     import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import Phi3Config, Phi3ForCausalLM, PreTrainedTokenizerFast
+    from transformers import Phi3Config, Phi3ForCausalLM
 
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=320, special_tokens=SPECIAL_TOKENS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
-    )
-    tokenizer.train_from_iterator(TRAINING_TEXT * 20, trainer)
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer,
-        bos_token="<s>",
-        eos_token="<|endoftext|>",
-        unk_token="<unk>",
-        pad_token="<|endoftext|>",
-    )
-    fast.chat_template = PHI3_CHAT_TEMPLATE
+    fast = tiny_tokenizer(PHI3_CHAT_TEMPLATE)
     end_ids = [fast.eos_token_id, fast.convert_tokens_to_ids("<|end|>")]
     torch.manual_seed(seed)
     config = Phi3Config(
@@ -154,3 +165,81 @@ def write_tiny_phi3_gguf(checkpoint: Path, dest: Path, quantization: str) -> Pat
     writer.write_tensors_to_file()
     writer.close()
     return dest
+
+
+# A ChatML turn format (Qwen's), for the tiny models of other architectures than Phi-3.
+CHATML_TOKENS = ["<unk>", "<s>", "<|im_end|>", "<|im_start|>"]
+CHATML_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+# One tiny configuration per architecture of slmkit.sources.architectures: 2 layers, hidden size
+# 64 and 4 heads (2 of them for keys and values), with each architecture's own features on
+# (Qwen2's q/k/v biases, Qwen3's and Gemma 3's q/k norms, Gemma 3's sliding layers and two rope
+# bases, Mistral's window). No projection is as wide as the vocabulary: the builder takes any
+# such MatMul for the output layer.
+TINY_ARCHITECTURES = {
+    "LlamaForCausalLM": ("LlamaConfig", {"rope_parameters": {"rope_type": "default", "rope_theta": 5e5}}),
+    "MistralForCausalLM": ("MistralConfig", {"head_dim": 16, "sliding_window": 4}),
+    "Qwen2ForCausalLM": ("Qwen2Config", {"rope_parameters": {"rope_type": "default", "rope_theta": 1e6}}),
+    "Qwen3ForCausalLM": ("Qwen3Config", {"head_dim": 16, "tie_word_embeddings": True}),
+    "Gemma3ForCausalLM": (
+        "Gemma3TextConfig",
+        {"head_dim": 16, "sliding_window": 4, "sliding_window_pattern": 2, "query_pre_attn_scalar": 24,
+         "rope_parameters": {"full_attention": {"rope_type": "default", "rope_theta": 1e6},
+                             "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}},
+    ),
+}  # fmt: skip
+
+
+def build_tiny_model(architecture: str, dest: Path, seed: int = 0) -> Path:
+    """Write a random 2-layer checkpoint of `architecture` (a TINY_ARCHITECTURES key) with a
+    ChatML tokenizer to `dest`. Norm weights are perturbed so that no norm is the identity."""
+    import torch
+    import transformers
+
+    fast = tiny_tokenizer(CHATML_TEMPLATE, CHATML_TOKENS)
+    config_class, features = TINY_ARCHITECTURES[architecture]
+    config = getattr(transformers, config_class)(
+        vocab_size=len(fast), hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=512, bos_token_id=fast.bos_token_id,
+        eos_token_id=fast.eos_token_id, pad_token_id=fast.pad_token_id, **features,
+    )  # fmt: skip
+    torch.manual_seed(seed)
+    model = getattr(transformers, architecture)(config).eval()
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "norm" in name:
+                parameter.add_(torch.randn_like(parameter) * 0.3)
+        model.get_output_embeddings().weight[fast.eos_token_id] *= 0.01  # answers run to their limit
+    dest.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(dest)
+    fast.save_pretrained(dest)
+    return dest
+
+
+# Runs the builder's own command line once per argv given as JSON, in one process: its imports
+# (torch, transformers, onnx) take ten times the CPU of a tiny build.
+ONE_PROCESS_BUILDER = """
+import json, runpy, sys
+for argv in json.loads(sys.argv[1]):
+    sys.argv = argv
+    runpy.run_module("onnxruntime_genai.models.builder", run_name="__main__")
+"""
+
+
+def build_in_one_process(commands: list[list[str]]) -> None:
+    """Run builder command lines (slmkit.onnx.build.builder_command) in one builder process."""
+    import json
+    import subprocess
+    import sys
+
+    from slmkit.onnx.build import builder_environment
+
+    assert all(command[1:3] == ["-m", "onnxruntime_genai.models.builder"] for command in commands)
+    argvs = [["builder", *command[3:]] for command in commands]
+    result = subprocess.run(
+        [sys.executable, "-c", ONE_PROCESS_BUILDER, json.dumps(argvs)],
+        capture_output=True, text=True, env=builder_environment(), check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]

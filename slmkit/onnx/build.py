@@ -3,12 +3,14 @@ in one of the quantizations below, the GGUF carry-over (slmkit.onnx.gguf_carry) 
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from slmkit.errors import UserError
 from slmkit.onnx.gguf_carry import CarryReport, carry_gguf_weights
@@ -88,6 +90,45 @@ def builder_command(
     ]  # fmt: skip
 
 
+def builder_config(config: dict[str, Any]) -> dict[str, Any]:
+    """The checkpoint's config as the 0.18 builder needs to read it; transformers 5 reads both alike.
+
+    - Gemma 3: transformers 5 writes `rope_parameters` per layer type (`{"full_attention": {...},
+      "sliding_attention": {...}}`), and the builder reads one flat dict (`rope_type` in
+      `make_rope_init`, then `rope_theta` and `rope_local_base_freq` as attributes). The flat keys
+      go beside the per-type ones, from them: global layers' theta, sliding layers' theta.
+    - Mistral with a `sliding_window` and no `layer_types`: the builder windows only the layers
+      `layer_types` names, so every layer is named sliding, as transformers windows them.
+    """
+    config = dict(config)
+    rope = config.get("rope_parameters") or {}
+    if {"full_attention", "sliding_attention"} <= set(rope):
+        full, sliding = rope["full_attention"], rope["sliding_attention"]
+        config["rope_parameters"] = {**rope, "rope_type": full.get("rope_type", "default"),
+                                     "rope_theta": full["rope_theta"], "rope_local_base_freq": sliding["rope_theta"]}  # fmt: skip
+    if config.get("model_type") == "mistral" and config.get("sliding_window") and not config.get("layer_types"):
+        config["layer_types"] = ["sliding_attention"] * config["num_hidden_layers"]
+    return config
+
+
+def builder_input(checkpoint: Path, scratch: Path) -> Path:
+    """The folder the builder reads: the checkpoint itself, or, where its config needs
+    `builder_config`'s changes, a folder of links to its files with the changed config.json (the
+    checkpoint stays as it was logged)."""
+    config = json.loads((checkpoint / "config.json").read_text())
+    changed = builder_config(config)
+    if changed == config:
+        return checkpoint
+    folder = scratch / "builder-input"
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    for path in checkpoint.iterdir():
+        if path.name != "config.json":
+            (folder / path.name).symlink_to(path.resolve())
+    (folder / "config.json").write_text(json.dumps(changed, indent=2))
+    return folder
+
+
 def builder_environment() -> dict[str, str]:
     """The builder's environment: this one, offline, since it reads a local checkpoint only."""
     return {**os.environ, "HF_HUB_OFFLINE": "1"}
@@ -116,7 +157,7 @@ def build_onnx(
     recipe = QUANTIZATIONS[quantization]
     build_dir = scratch / f"builder-output-{quantization}"
     command = builder_command(
-        checkpoint,
+        builder_input(checkpoint, scratch),
         build_dir,
         scratch / "builder-cache",
         execution_provider,

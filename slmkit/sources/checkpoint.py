@@ -22,6 +22,7 @@ from pathlib import Path
 
 from slmkit.errors import UserError
 from slmkit.manifest import describe_files, file_sha256, tree_sha256
+from slmkit.sources.architectures import check_architecture
 from slmkit.sources.presets import GgufFileSource, HubSource, LocalDirSource, Source, WheelSource, offline_presets
 
 logger = logging.getLogger(__name__)
@@ -119,7 +120,17 @@ def fetch_checkpoint(source: Source, dest: Path, allow_pickle: bool = False, ggu
     else:
         raise TypeError(f"unsupported source {source!r}")
     convert_pickled_weights(dest)  # only hub and local sources, and only with allow_pickle, bring any
+    check_architecture(dest, describe_source(source))
     return revision
+
+
+def describe_source(source: Source) -> str:
+    """The source as a user named it, for messages."""
+    if isinstance(source, HubSource):
+        return f"hub repo {source.repo_id}"
+    if isinstance(source, WheelSource):
+        return f"{source.requirement}'s {Path(source.member).name}"
+    return source.path
 
 
 def copy_local_checkpoint(folder: Path, dest: Path, allow_pickle: bool = False) -> str:

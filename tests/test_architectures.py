@@ -1,0 +1,129 @@
+"""The architecture matrix: every architecture `download` accepts builds and answers as
+transformers does, and any other is refused in one line.
+
+For each of slmkit.sources.architectures' architectures a tiny random checkpoint (2 layers, its
+own features on) is built into ONNX as `log_onnx_wrapper` builds fp32 (`build_onnx`'s command
+and `builder_input`, all in one builder process), and greedy decoding through onnxruntime-genai
+must give transformers' float32 tokens; the transformers pipeline, logged as `log_pipeline`
+logs it, must answer the chat contract.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from slmkit.chat.adapters import load_chat_model
+from slmkit.errors import UserError
+from slmkit.onnx.build import QUANTIZATIONS, builder_command, builder_config, builder_input, copy_runtime_files
+from slmkit.onnx.greedy import bare_greedy, load
+from slmkit.sources.architectures import SUPPORTED_ARCHITECTURES
+from slmkit.sources.checkpoint import fetch_checkpoint
+from slmkit.sources.presets import LocalDirSource
+from tests.conftest import hub_offline
+from tests.tiny_models import TINY_ARCHITECTURES, build_in_one_process, build_tiny_model
+
+pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("architectures")]
+
+MESSAGES = [{"role": "user", "content": "What is the capital of France?"}]
+NEW_TOKENS = 12
+# Phi-3 is the tiny Phi-3 of every other test (tests/test_gguf_carry.py answers as transformers).
+MATRIX = [architecture for architecture in SUPPORTED_ARCHITECTURES if architecture != "Phi3ForCausalLM"]
+
+
+def test_the_matrix_covers_every_supported_architecture_but_phi3():
+    assert set(TINY_ARCHITECTURES) == set(MATRIX)
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("architectures")
+    return {architecture: build_tiny_model(architecture, root / architecture) for architecture in MATRIX}
+
+
+@pytest.fixture(scope="module")
+def fp32_builds(checkpoints: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    scratch, recipe = tmp_path_factory.mktemp("fp32"), QUANTIZATIONS["fp32"]
+    commands = [
+        builder_command(builder_input(checkpoint, scratch / name), scratch / name / "built", scratch / "cache", "cpu",
+                        recipe.extra_options, recipe.precision)
+        for name, checkpoint in checkpoints.items()
+    ]  # fmt: skip
+    build_in_one_process(commands)
+    for name in checkpoints:
+        copy_runtime_files(scratch / name / "built", scratch / name / "onnx")
+    return {name: scratch / name / "onnx" for name in checkpoints}
+
+
+@pytest.mark.parametrize("architecture", MATRIX)
+def test_the_fp32_build_answers_like_transformers_token_for_token(architecture: str, checkpoints, fp32_builds):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    checkpoint = checkpoints[architecture]
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    reference = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32)
+    inputs = tokenizer.apply_chat_template(MESSAGES, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    expected = reference.generate(**inputs, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False)
+    model, onnx_tokenizer = load(fp32_builds[architecture])
+    tokens, prompt_length = bare_greedy(model, onnx_tokenizer, MESSAGES, NEW_TOKENS)
+    assert prompt_length == inputs["input_ids"].shape[1]  # the same template, rendered alike
+    assert tokens == expected[0, prompt_length:].tolist()
+
+
+@pytest.mark.parametrize("architecture", MATRIX)
+def test_the_pipeline_model_answers_the_chat_contract(architecture: str, checkpoints, tmp_path: Path):
+    import mlflow
+
+    from slmkit.models.pipeline import build_pipeline, generation_config, pipeline_model_arguments
+
+    pipeline = build_pipeline(checkpoints[architecture], "auto", architecture.lower())
+    with hub_offline():
+        mlflow.transformers.save_model(
+            path=str(tmp_path / "model"), **pipeline_model_arguments(pipeline, generation_config(0, 8))
+        )
+        answer = load_chat_model(str(tmp_path / "model")).complete(
+            {"messages": MESSAGES, "max_tokens": 4, "stop": ["."]}
+        )
+    assert answer["object"] == "chat.completion"
+    assert answer["model"] == architecture.lower()
+    assert answer["usage"]["completion_tokens"] <= 4
+    assert answer["choices"][0]["finish_reason"] in ("stop", "length")
+
+
+def test_builder_config_flattens_gemma3s_rope_and_windows_mistrals_layers():
+    gemma = {"model_type": "gemma3_text", "rope_parameters": {"full_attention": {"rope_type": "default", "rope_theta": 1e6},
+                                                              "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}}  # fmt: skip
+    flat = builder_config(gemma)["rope_parameters"]
+    assert (flat["rope_type"], flat["rope_theta"], flat["rope_local_base_freq"]) == ("default", 1e6, 1e4)
+    assert flat["full_attention"] == gemma["rope_parameters"]["full_attention"]  # transformers still reads these
+    mistral = {"model_type": "mistral", "sliding_window": 4, "num_hidden_layers": 3}
+    assert builder_config(mistral)["layer_types"] == ["sliding_attention"] * 3
+    llama = {"model_type": "llama", "rope_parameters": {"rope_type": "default", "rope_theta": 5e5}}
+    assert builder_config(llama) == llama
+
+
+def test_a_checkpoint_the_builder_needs_no_change_for_is_built_from_its_own_folder(checkpoints, tmp_path: Path):
+    assert builder_input(checkpoints["LlamaForCausalLM"], tmp_path) == checkpoints["LlamaForCausalLM"]
+    linked = builder_input(checkpoints["Gemma3ForCausalLM"], tmp_path)
+    assert linked != checkpoints["Gemma3ForCausalLM"]
+    assert "rope_local_base_freq" in json.loads((linked / "config.json").read_text())["rope_parameters"]
+    assert "rope_local_base_freq" not in json.loads((checkpoints["Gemma3ForCausalLM"] / "config.json").read_text())["rope_parameters"]  # fmt: skip
+
+
+def test_download_refuses_an_architecture_it_cannot_build_in_one_line_naming_the_supported(checkpoints, tmp_path: Path):
+    source = tmp_path / "gpt2"
+    source.mkdir()
+    for path in checkpoints["LlamaForCausalLM"].iterdir():
+        (source / path.name).write_bytes(path.read_bytes())
+    config = json.loads((source / "config.json").read_text())
+    (source / "config.json").write_text(json.dumps({**config, "architectures": ["GPT2LMHeadModel"]}))
+    (tmp_path / "dest").mkdir()
+    with pytest.raises(UserError) as refused:
+        fetch_checkpoint(LocalDirSource(str(source)), tmp_path / "dest")
+    message = str(refused.value)
+    assert "\n" not in message
+    assert "GPT2LMHeadModel" in message
+    assert all(architecture in message for architecture in SUPPORTED_ARCHITECTURES)
