@@ -7,6 +7,9 @@ Params:
     allow_pickle: "true" accepts a source whose only weights are pickled (`.bin`, `.pt`) and
         converts them to safetensors here; unpickling can run code hidden in the file, so only
         for sources you trust. Default "false" refuses such sources.
+    chat_template: a Jinja file, or a preset whose template to use, for both models' prompts;
+        empty keeps the checkpoint's own, else the preset's. A checkpoint left without one is
+        refused (slmkit.sources.chat_templates).
 
 Logs (run tags `slmkit.step=download`, `slmkit.cache_key`, `slmkit.source_key`, `slmkit.resolved_revision`,
 `slmkit.manifest_sha256`):
@@ -14,7 +17,7 @@ Logs (run tags `slmkit.step=download`, `slmkit.cache_key`, `slmkit.source_key`, 
     `gguf/<file>.gguf` (the source file itself, whose quantized weights the ONNX build carries
     over), and `manifest.json` (source, resolved revision, each file's size and sha256, the GGUF
     under `gguf`); params `model_name`, `license` (the preset's; empty when unknown), `hub_repo_id`
-    (the repo the weights come from, where known: the pipeline model's recorded name), `source.*`,
+    (the repo the weights come from, where known: the pipeline model's recorded name), `chat_template_from` (`checkpoint`, or the template file put in), `source.*`,
     `resolved_revision`; metrics `checkpoint_bytes`, `download_seconds`.
 """
 
@@ -27,8 +30,9 @@ from pathlib import Path
 import mlflow
 
 from slmkit.manifest import MANIFEST_NAME, build_manifest, describe_files, file_sha256, write_manifest
+from slmkit.sources.chat_templates import settle_chat_template
 from slmkit.sources.checkpoint import fetch_checkpoint
-from slmkit.sources.presets import resolve_model, source_params
+from slmkit.sources.presets import load_presets, resolve_model, source_params
 from slmkit.workflow.cache import step_run, tag_download_key
 from slmkit.workflow.cli import parse_bool, run_cli
 from slmkit.workflow.databricks import publish_task_value
@@ -50,6 +54,10 @@ def main(args: argparse.Namespace) -> None:
         checkpoint.mkdir()
         started = time.perf_counter()
         revision = fetch_checkpoint(spec.source, checkpoint, allow_pickle, gguf)
+        mlflow.log_param(
+            "chat_template_from",
+            settle_chat_template(checkpoint, args.chat_template, spec.chat_template, load_presets()),
+        )
         tag_download_key(values, revision)
         manifest = build_manifest(checkpoint, source_params(spec.source), revision)
         if gguf.is_dir():

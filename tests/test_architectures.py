@@ -18,8 +18,9 @@ import pytest
 from slmkit.chat.adapters import load_chat_model
 from slmkit.errors import UserError
 from slmkit.onnx.build import QUANTIZATIONS, builder_command, builder_config, builder_input, copy_runtime_files
-from slmkit.onnx.greedy import bare_greedy, load
+from slmkit.onnx.greedy import bare_greedy, chat_prompt_ids, load
 from slmkit.sources.architectures import SUPPORTED_ARCHITECTURES
+from slmkit.sources.chat_templates import TEMPLATE_FILE, has_chat_template, settle_chat_template
 from slmkit.sources.checkpoint import fetch_checkpoint
 from slmkit.sources.presets import LocalDirSource
 from tests.conftest import hub_offline
@@ -37,10 +38,34 @@ def test_the_matrix_covers_every_supported_architecture_but_phi3():
     assert set(TINY_ARCHITECTURES) == set(MATRIX)
 
 
+# A turn format given by file, as `-P chat_template=<file>` gives it (Gemma's).
+GIVEN_TEMPLATE = (
+    "{% for message in messages %}{{ '<start_of_turn>' + ('model' if message['role'] == 'assistant' else message['role'])"
+    " + '\\n' + message['content'] + '<end_of_turn>\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<start_of_turn>model\\n' }}{% endif %}"
+)
+GIVEN = "base-with-given-template"
+
+
+def without_chat_template(checkpoint: Path) -> Path:
+    """The checkpoint as a base model comes: no chat template anywhere in its tokenizer files."""
+    (checkpoint / TEMPLATE_FILE).unlink(missing_ok=True)
+    config = json.loads((checkpoint / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (checkpoint / "tokenizer_config.json").write_text(json.dumps(config))
+    assert not has_chat_template(checkpoint)
+    return checkpoint
+
+
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Each architecture's tiny checkpoint, and a base Llama given a template as `download` gives it."""
     root = tmp_path_factory.mktemp("architectures")
-    return {architecture: build_tiny_model(architecture, root / architecture) for architecture in MATRIX}
+    built = {architecture: build_tiny_model(architecture, root / architecture) for architecture in MATRIX}
+    base = without_chat_template(build_tiny_model("LlamaForCausalLM", root / GIVEN, seed=1))
+    (root / "gemma.jinja").write_text(GIVEN_TEMPLATE)
+    assert settle_chat_template(base, str(root / "gemma.jinja"), "", {}) == str(root / "gemma.jinja")
+    return {**built, GIVEN: base}
 
 
 @pytest.fixture(scope="module")
@@ -127,3 +152,20 @@ def test_download_refuses_an_architecture_it_cannot_build_in_one_line_naming_the
     assert "\n" not in message
     assert "GPT2LMHeadModel" in message
     assert all(architecture in message for architecture in SUPPORTED_ARCHITECTURES)
+
+
+def test_a_checkpoint_without_a_chat_template_is_refused_naming_the_parameter(tmp_path: Path):
+    base = without_chat_template(build_tiny_model("Qwen2ForCausalLM", tmp_path / "base"))
+    with pytest.raises(UserError, match=r"no chat template .*-P chat_template=") as refused:
+        settle_chat_template(base, "", "", {})
+    assert "\n" not in str(refused.value)
+
+
+def test_a_given_template_renders_the_same_prompt_ids_in_both_models(checkpoints, fp32_builds):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(checkpoints[GIVEN])
+    pipeline_ids = tokenizer.apply_chat_template(MESSAGES, add_generation_prompt=True, return_dict=True)["input_ids"]
+    _, onnx_tokenizer = load(fp32_builds[GIVEN])
+    assert chat_prompt_ids(onnx_tokenizer, MESSAGES).tolist() == list(pipeline_ids)
+    assert tokenizer.decode(pipeline_ids).startswith("<start_of_turn>user\n")

@@ -215,8 +215,9 @@ def test_oversized_bodies_get_413_in_the_routes_error_shape_however_they_are_sen
                     assert error["error"]["code"] == "request_too_large", case
                     assert error["error"]["type"] == "invalid_request_error", case
                     assert "larger than 1000000 bytes" in error["error"]["message"], case
-                else:
-                    assert error["error_code"] == "REQUEST_LIMIT_EXCEEDED", case
+                else:  # MLflow's shape
+                    assert set(error) == {"error_code", "message"}, case
+                    assert "larger than 1000000 bytes" in error["message"], case
                 started = time.monotonic()
                 assert server.answer(VALID, route)["choices"][0]["message"]["content"] == "Paris.", case
                 assert time.monotonic() - started < 10, case

@@ -85,6 +85,8 @@ class ModelSpec:
     # `hub_repo_id` a preset declares for its wheel. The pipeline model records it as its name, the
     # one MLflow's transformers flavor loads a tokenizer by for `stop` (docs/serving.md).
     hub_repo_id: str = ""
+    # The chat template a preset declares for a checkpoint that has none (a Jinja file under config/).
+    chat_template: str = ""
 
 
 def default_quantization(source: Source) -> str:
@@ -139,7 +141,8 @@ def resolve_model(model: str, revision: str = "", presets: dict[str, dict[str, A
             )
         quantization = str(raw.get("quantization") or default_quantization(source))
         hub_repo_id = str(raw.get("hub_repo_id") or (source.repo_id if isinstance(source, HubSource) else ""))
-        spec = ModelSpec(model, source, onnx, quantization, str(raw.get("license", "")), hub_repo_id)
+        spec = ModelSpec(model, source, onnx, quantization, str(raw.get("license", "")), hub_repo_id,
+                         str(raw.get("chat_template", "")))  # fmt: skip
     else:
         spec = _spec_from_location(model, presets)
     if revision:

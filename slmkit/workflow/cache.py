@@ -36,9 +36,10 @@ import mlflow
 from slmkit import PROJECT_ROOT
 from slmkit.errors import UserError
 from slmkit.manifest import file_sha256
+from slmkit.sources.chat_templates import template_digest
 from slmkit.sources.checkpoint import source_revision
 from slmkit.sources.eval_set import eval_set_digest
-from slmkit.sources.presets import resolve_model
+from slmkit.sources.presets import load_presets, resolve_model
 from slmkit.workflow.lineage import check_env_manager, run_entry_point, run_name
 from slmkit.workflow.steps import CACHE_KEY_TAG, MODEL_URI_TAG, ORDER, SHARED_FILES, STEP_TAG, STEPS
 
@@ -92,16 +93,20 @@ def cache_key(step: str, values: dict[str, str], inputs: dict[str, str], root: P
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
-def download_key_inputs(revision: str) -> dict[str, str]:
-    """What decides a download beyond its params and code: the source's resolved revision."""
-    return {"source_revision": revision}
+def download_key_inputs(revision: str, values: dict[str, str]) -> dict[str, str]:
+    """What decides a download beyond its params and code: the source's resolved revision, and
+    the content of the chat template the params name."""
+    inputs = {"source_revision": revision}
+    if values.get("chat_template"):
+        inputs["chat_template"] = template_digest(values["chat_template"], load_presets())
+    return inputs
 
 
 def key_inputs(step: str, values: dict[str, str]) -> dict[str, str]:
     """What decides a step's result beyond its params and code (see the module docstring)."""
     if step == "download":
         spec = resolve_model(values["model"], values["revision"])
-        return download_key_inputs(source_revision(spec.source, values["allow_pickle"] == "true"))
+        return download_key_inputs(source_revision(spec.source, values["allow_pickle"] == "true"), values)
     if step == "evaluate":
         return {"eval_set": eval_set_digest(values["eval_set"])}
     return {}
@@ -207,7 +212,7 @@ def tag_download_key(values: dict[str, str], revision: str) -> None:
 
     Resolving it again when the run starts would cost a second hub call, or a second hash of
     every file of a local folder (7.6 GB for Phi-3-mini) beside the manifest's own."""
-    mlflow.set_tag(CACHE_KEY_TAG, cache_key("download", values, download_key_inputs(revision)))
+    mlflow.set_tag(CACHE_KEY_TAG, cache_key("download", values, download_key_inputs(revision, values)))
 
 
 @contextlib.contextmanager

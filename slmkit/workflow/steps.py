@@ -110,7 +110,7 @@ class _StepParser(argparse.ArgumentParser):
 MODEL = Param("model", default="phi3-mini-4k")
 ENV_MANAGER = Param("env_manager", default="local", affects_result=False, choices=ENV_MANAGERS)
 GENERATION = (Param("temperature", "float", 0.0), Param("max_new_tokens", "int", 256))
-SOURCE = (MODEL, Param("revision"), Param("allow_pickle", default="false"))
+SOURCE = (MODEL, Param("revision"), Param("allow_pickle", default="false"), Param("chat_template"))
 ONNX = (
     Param("execution_provider", default="cpu", choices=EXECUTION_PROVIDERS),
     Param("onnx_source", default="auto", choices=ONNX_SOURCES),
