@@ -10,7 +10,8 @@ Params:
     max_rows: evaluate only the first rows (0: all); max_tokens: completion length per answer.
     pipeline_registered_model, onnx_registered_model: registry names (`catalog.schema.model`
         for Unity Catalog); empty skips registering that model.
-    min_correct_rate, max_regression, min_parity: the promotion gate (slmkit.evaluation.promotion).
+    min_correct_rate, max_regression, min_parity: the promotion gate (slmkit.evaluation.promotion);
+        parity_metric: what min_parity applies to, exact_match_rate or top1_agreement.
     fail_on_gate: `true` makes a failed gate fail the run, for CI-style use.
     engine: `local` answers every row in process; `spark` takes the answers (quality, parity)
         from the batch path (`mlflow.pyfunc.spark_udf`, as `batch_infer`) and times the first
@@ -20,7 +21,8 @@ Params:
 Logs (tags `slmkit.step=evaluate`, `slmkit.cache_key`): the eval set as a dataset input; one
 nested run per model whose traces carry `mlflow.genai.evaluate`'s per-row assessments; metrics
 (computed once, by slmkit.evaluation.scoring) `pipeline/*`,
-`onnx/*` and `parity/*`; artifacts `eval_results.json` (per-row table), `comparison.md`,
+`onnx/*` and `parity/*` (the answers' `exact_match_rate`, and the ONNX model's fidelity to the
+float model, `top1_agreement` and `kl_divergence` over `fidelity_positions`, slmkit.evaluation.fidelity); artifacts `eval_results.json` (per-row table), `comparison.md`,
 `plots/latency.png`, `plots/overview.png`; tags `gate.<model>` with the gate's decision.
 """
 
@@ -92,7 +94,7 @@ def main(args: argparse.Namespace) -> None:
     }
     policies = {
         "pipeline": GatePolicy(args.min_correct_rate, args.max_regression),
-        "onnx": GatePolicy(args.min_correct_rate, args.max_regression, args.min_parity),
+        "onnx": GatePolicy(args.min_correct_rate, args.max_regression, args.min_parity, args.parity_metric),
     }
     with scratch_dir("evaluate") as scratch_name:
         scratch = Path(scratch_name)

@@ -260,3 +260,20 @@ def test_8_bit_carried_weights_compute_what_transformers_computes(name: str, tin
     generator.append_tokens(ids["input_ids"][0].numpy().astype(np.int32))
     logits = generator.get_logits()[0].reshape(-1)
     assert np.abs(logits - expected).max() <= 0.02 * np.abs(expected).max()
+
+
+def test_carried_weights_with_float_activations_keep_the_float_models_distributions(tiny_ggufs, built):
+    """Fidelity as llama-perplexity measures it, on the shipped text and one answer: the file's own
+    weights with float32 activations are the float model but for summation order."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from slmkit.evaluation.fidelity import measure_fidelity
+
+    folder, _ = built["Q4_1"]
+    checkpoint = tiny_ggufs["Q4_1"][1]
+    reference = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32)
+    scored = measure_fidelity(reference, AutoTokenizer.from_pretrained(checkpoint), folder, [(MESSAGES, "Paris.")])
+    assert scored.positions >= 2000
+    assert scored.top1_agreement >= 0.99
+    assert scored.kl_divergence < 1e-3

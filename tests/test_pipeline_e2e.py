@@ -107,6 +107,10 @@ def test_steps_log_params_metrics_and_lineage(pipeline_run: PipelineRun):
         for metric in ("answer_correct_rate", "latency_mean_s", "decode_tokens_per_s_median", "ttft_median_s"):
             assert f"{model}/{metric}" in evaluation.data.metrics
     assert 0 <= evaluation.data.metrics["parity/exact_match_rate"] <= 1
+    # The ONNX model's fidelity to the float pipeline, on the answers and the shipped text.
+    assert evaluation.data.metrics["parity/fidelity_positions"] >= 2000
+    assert 0.5 <= evaluation.data.metrics["parity/top1_agreement"] <= 1
+    assert 0 <= evaluation.data.metrics["parity/kl_divergence"] < 1
     assert evaluation.data.params["eval_rows"] == "3"
 
 

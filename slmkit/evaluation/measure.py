@@ -14,13 +14,15 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from slmkit.chat.adapters import load_pyfunc
 from slmkit.errors import UserError
+from slmkit.evaluation.fidelity import measure_fidelity
 from slmkit.evaluation.scoring import RowResult, evaluate_model
 from slmkit.manifest import folder_bytes
+from slmkit.models.onnx_wrapper import onnx_folder
 from slmkit.sources.eval_set import EvalRow, load_eval_set, write_eval_set
 
 
@@ -32,6 +34,8 @@ class Measurement:
     peak_rss_bytes: int
     model_size_bytes: int
     load_seconds: float
+    # The ONNX model's fidelity to this one, measured beside it (slmkit.evaluation.fidelity).
+    fidelity: dict[str, float] | None = None
 
     def size_metrics(self) -> dict[str, float]:
         return {
@@ -41,8 +45,15 @@ class Measurement:
         }
 
 
-def measure(model_uri: str, rows: list[EvalRow], max_tokens: int, download_dir: Path) -> Measurement:
-    """Download `model_uri` into `download_dir`, load and evaluate it in this process."""
+def measure(
+    model_uri: str, rows: list[EvalRow], max_tokens: int, download_dir: Path, fidelity_of: str = ""
+) -> Measurement:
+    """Download `model_uri` into `download_dir`, load and evaluate it in this process.
+
+    With `fidelity_of` (an ONNX wrapper's URI), `model_uri` is the transformers pipeline, and the
+    ONNX model's fidelity to it is measured after the peak memory is read: teacher-forced along the
+    pipeline's own answers and the shipped text, with the float model already loaded here.
+    """
     import mlflow
 
     mlflow.tracing.disable()  # traces per request would cost time and clutter the experiment
@@ -52,10 +63,19 @@ def measure(model_uri: str, rows: list[EvalRow], max_tokens: int, download_dir: 
     load_seconds = time.perf_counter() - started
     results = evaluate_model(model.predict, rows, max_tokens)
     peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
-    return Measurement(results, peak_kib * 1024, folder_bytes(local), load_seconds)
+    measured = Measurement(results, peak_kib * 1024, folder_bytes(local), load_seconds)
+    if not fidelity_of:
+        return measured
+    pipeline = model.get_raw_model()
+    conversations = [(row.messages, result.answer) for row, result in zip(rows, results, strict=True)]
+    onnx_dir = onnx_folder(Path(mlflow.artifacts.download_artifacts(fidelity_of, dst_path=str(download_dir / "onnx"))))
+    scored = measure_fidelity(pipeline.model, pipeline.tokenizer, onnx_dir, conversations)
+    return replace(measured, fidelity=scored.metrics())
 
 
-def measure_in_subprocess(model_uri: str, rows: list[EvalRow], max_tokens: int, scratch: Path) -> Measurement:
+def measure_in_subprocess(
+    model_uri: str, rows: list[EvalRow], max_tokens: int, scratch: Path, fidelity_of: str = ""
+) -> Measurement:
     """Run `measure` in a child Python process and read its result back.
 
     Raises:
@@ -67,7 +87,7 @@ def measure_in_subprocess(model_uri: str, rows: list[EvalRow], max_tokens: int, 
     # so only one model at a time takes disk (Phi-3's pipeline is 7.6 GB).
     with tempfile.TemporaryDirectory(prefix="model-", dir=scratch) as download_dir:
         command = [sys.executable, "-m", "slmkit.evaluation.measure", model_uri, str(rows_path), str(max_tokens), str(result_path),
-                   download_dir]  # fmt: skip
+                   download_dir, fidelity_of]  # fmt: skip
         completed = subprocess.run(command, capture_output=True, text=True, check=False)
     if completed.returncode != 0:
         tail = "\n".join(completed.stderr.strip().splitlines()[-12:])
@@ -84,8 +104,11 @@ def _main() -> None:
     parser.add_argument("max_tokens", type=int)
     parser.add_argument("output", type=Path)
     parser.add_argument("download_dir", type=Path)
+    parser.add_argument("fidelity_of", nargs="?", default="")
     args = parser.parse_args()
-    measurement = measure(args.model_uri, load_eval_set(args.rows), args.max_tokens, args.download_dir)
+    measurement = measure(
+        args.model_uri, load_eval_set(args.rows), args.max_tokens, args.download_dir, args.fidelity_of
+    )
     args.output.write_text(json.dumps(asdict(measurement)))
 
 

@@ -19,13 +19,12 @@ from mlflow.exceptions import MlflowException
 
 from slmkit.errors import UserError
 from slmkit.workflow.lineage import model_run
-from slmkit.workflow.steps import DOWNLOAD_RUN_TAG, MANIFEST_SHA_TAG, REVISION_TAG, SOURCE_KEY_TAG
+from slmkit.workflow.steps import DOWNLOAD_RUN_TAG, MANIFEST_SHA_TAG, PARITY_METRICS, REVISION_TAG, SOURCE_KEY_TAG
 
 CANDIDATE = "candidate"
 CHAMPION = "champion"
 # Quality metrics a new champion must not lose, beyond the tolerance, against the old one.
 QUALITY_METRICS = ("answer_correct_rate", "token_f1_mean")
-PARITY_METRIC = "exact_match_rate"
 # A registered version's tag naming the rows and settings its `eval.*` tags were measured on.
 EVAL_FINGERPRINT_TAG = "eval.fingerprint"
 # A workspace name (`slm-chat-onnx`) or a Unity Catalog three-level name (`main.models.slm_chat`).
@@ -34,11 +33,13 @@ _REGISTERED_NAME = re.compile(r"^[A-Za-z0-9_\-]+(\.[A-Za-z0-9_\-]+){0,2}$")
 
 @dataclass(frozen=True)
 class GatePolicy:
-    """Thresholds of the gate; `min_parity` is None for models that are not quantized copies."""
+    """Thresholds of the gate; `min_parity` is None for models that are not quantized copies, and
+    applies to `parity_metric`: the answers' exact-match rate, or the fidelity's top-1 agreement."""
 
     min_correct_rate: float
     max_regression: float
     min_parity: float | None = None
+    parity_metric: str = PARITY_METRICS[0]
 
 
 @dataclass(frozen=True)
@@ -76,10 +77,9 @@ def decide(
     if policy.min_parity is not None:
         if parity is None:
             raise ValueError("the policy has a parity floor but no parity was measured")
-        value = parity[PARITY_METRIC]
-        checks.append(
-            (value >= policy.min_parity, f"parity {PARITY_METRIC} {value:.3f} vs floor {policy.min_parity:.3f}")
-        )
+        metric = policy.parity_metric
+        value = parity.get(metric, float("nan"))
+        checks.append((value >= policy.min_parity, f"parity {metric} {value:.3f} vs floor {policy.min_parity:.3f}"))
     reasons = tuple(f"{'ok' if ok else 'FAIL'} {text}" for ok, text in checks)
     return GateDecision(all(ok for ok, _ in checks), reasons)
 

@@ -45,3 +45,11 @@ def wrapper_model_arguments(
         "pip_requirements": model_requirements(onnx_packages(execution_provider)),
         "model_config": {"model_name": model_name, TRACING_KEY: str(tracing).lower(), **generation},
     }
+
+
+def onnx_folder(model_dir: Path) -> Path:
+    """The ONNX folder inside a local copy of a logged wrapper (its `onnx_model` artifact)."""
+    import yaml
+
+    flavor = yaml.safe_load((model_dir / "MLmodel").read_text())["flavors"]["python_function"]
+    return model_dir / flavor["artifacts"][ONNX_ARTIFACT]["path"]

@@ -28,6 +28,9 @@ DOWNLOAD_RUN_TAG = "slmkit.download_run_id"
 MANIFEST_SHA_TAG = "slmkit.manifest_sha256"
 OUTPUT_TAG = "slmkit.output"
 
+# What the gate's `min_parity` applies to: the share of answers equal to the pipeline's, or the
+# share of positions whose top-1 token is the float model's (slmkit.evaluation.fidelity).
+PARITY_METRICS = ("exact_match_rate", "top1_agreement")
 # How the steps run their upstream steps (`mlflow run --env-manager`).
 ENV_MANAGERS = ("local", "virtualenv", "uv", "conda")
 # MLproject's param types, and how a step parses each from its command line.
@@ -129,6 +132,7 @@ EVALUATION = (
     Param("min_correct_rate", "float", 0.0),
     Param("max_regression", "float", 0.05),
     Param("min_parity", "float", 0.0),
+    Param("parity_metric", default="exact_match_rate", choices=PARITY_METRICS),
     Param("fail_on_gate", default="false"),
 )
 
