@@ -1,8 +1,9 @@
 """Logged models keep working across slmkit's layouts, and carry every line of code they import.
 
-`tests/data/flat-layout-onnx-wrapper` is a tiny ONNX chat wrapper saved by slmkit's flat layout
-(commit e2e3065, before the subpackages), with the answer it gave then beside it. It carries its
-own `slmkit` (`code_paths`), whose module names this layout no longer has.
+`tests/data/flat-layout-onnx-wrapper.tar.gz` is a tiny ONNX chat wrapper saved by slmkit's flat
+layout (commit e2e3065, before the subpackages), with the answer it gave then beside it. It carries
+its own `slmkit` (`code_paths`), whose module names this layout no longer has; it is kept packed,
+as a model is shipped, so that its copy of the old code is not read as part of this tree.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import openai
@@ -23,8 +25,16 @@ from tests.conftest import bare_env
 
 pytestmark = pytest.mark.integration
 
+
+@pytest.fixture(scope="module")
+def flat_layout_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("flat-layout")
+    with tarfile.open(DATA / "flat-layout-onnx-wrapper.tar.gz") as archive:
+        archive.extractall(folder, filter="data")
+    return folder / "flat-layout-onnx-wrapper"
+
+
 DATA = PROJECT_ROOT / "tests" / "data"
-FLAT_LAYOUT_MODEL = DATA / "flat-layout-onnx-wrapper"
 RECORDED = json.loads((DATA / "flat-layout-onnx-wrapper.answer.json").read_text())
 
 # Run in a fresh interpreter from a folder outside the project, with `-P` (no script folder on
@@ -50,8 +60,10 @@ def answer_in_fresh_process(model: Path, request: dict, home: Path) -> dict:
 
 
 @pytest.mark.parametrize("layout", ["flat", "current"])
-def test_a_logged_wrapper_answers_in_a_fresh_process_from_the_code_it_carries(layout, wrapper_dir, tmp_path):
-    model = FLAT_LAYOUT_MODEL if layout == "flat" else wrapper_dir
+def test_a_logged_wrapper_answers_in_a_fresh_process_from_the_code_it_carries(
+    layout, flat_layout_model, wrapper_dir, tmp_path
+):
+    model = flat_layout_model if layout == "flat" else wrapper_dir
     request = RECORDED["request"]
     answered = answer_in_fresh_process(model, request, tmp_path)
     assert Path(answered["slmkit"]).is_relative_to(model / "code" / "slmkit")
@@ -66,10 +78,10 @@ def test_a_logged_wrapper_answers_in_a_fresh_process_from_the_code_it_carries(la
     assert answered["choice"]["finish_reason"] == expected["finish_reason"]
 
 
-def test_a_model_logged_by_the_flat_layout_serves_on_both_routes_as_it_answered_then(tmp_path):
+def test_a_model_logged_by_the_flat_layout_serves_on_both_routes_as_it_answered_then(flat_layout_model, tmp_path):
     """`python -m slmkit.serve` imports this layout's slmkit before it loads the model: the model
     must still import its own (`slmkit.chat.adapters.load_pyfunc`)."""
-    with served(FLAT_LAYOUT_MODEL, bare_env(tmp_path), tmp_path / "server.log", front=SLMKIT_SERVE) as server:
+    with served(flat_layout_model, bare_env(tmp_path), tmp_path / "server.log", front=SLMKIT_SERVE) as server:
         invoked = requests.post(server.url, json=RECORDED["request"], timeout=60)
         assert invoked.status_code == 200, invoked.text
         client = openai.OpenAI(base_url=f"{server.base}/v1", api_key="unused")

@@ -26,6 +26,8 @@ from slmkit import PROJECT_ROOT
 TEXT = PROJECT_ROOT / "data" / "fidelity_text.txt"
 WINDOW = 256
 CONTEXT = 32
+# The text is read until answers and text together give this many positions, and no further.
+MIN_POSITIONS = 2000
 
 # (token ids, index of the first token to predict): positions first..len-1 are scored.
 Sequence = tuple[list[int], int]
@@ -124,5 +126,8 @@ def measure_fidelity(reference: Any, tokenizer: Any, onnx_dir: Path,
     model, _ = load(onnx_dir)
     window = min(int(reference.config.max_position_embeddings), WINDOW)
     sequences = answer_sequences(tokenizer, conversations)
-    sequences += text_sequences(tokenizer(text.read_text(), add_special_tokens=False)["input_ids"], window)
+    for sequence in text_sequences(tokenizer(text.read_text(), add_special_tokens=False)["input_ids"], window):
+        if sum(len(ids) - first for ids, first in sequences) >= MIN_POSITIONS:
+            break
+        sequences.append(sequence)
     return fidelity(sequences, transformers_logits(reference), onnx_logits(model))
