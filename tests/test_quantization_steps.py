@@ -13,7 +13,7 @@ import pytest
 from slmkit.manifest import file_sha256, read_manifest
 from slmkit.workflow.steps import DOWNLOAD_RUN_TAG, MODEL_URI_TAG, STEP_TAG
 from tests.conftest import TRAINED_ROWS, TrackingServer, run_step_module, runs_of
-from tests.tiny_models import build_tiny_phi3, write_tiny_phi3_gguf
+from tests.tiny_models import build_tiny_phi3, write_tiny_gguf
 
 pytestmark = pytest.mark.integration
 CHAT = {"messages": [{"role": "user", "content": "What is the capital of France?"}], "max_tokens": 6}
@@ -23,7 +23,7 @@ CHAT = {"messages": [{"role": "user", "content": "What is the capital of France?
 def tiny_gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny Phi-3 as a Q4_1 GGUF file (4k context, as Phi-3-mini-4k)."""
     root = tmp_path_factory.mktemp("tiny-gguf")
-    return write_tiny_phi3_gguf(build_tiny_phi3(root / "phi3", context_length=4096), root / "tiny-phi3.gguf", "Q4_1")
+    return write_tiny_gguf(build_tiny_phi3(root / "phi3", context_length=4096), root / "tiny-phi3.gguf", "Q4_1")
 
 
 def newest(experiment: str, step: str) -> mlflow.entities.Run:

@@ -118,11 +118,30 @@ def train_tiny_phi3(dest: Path, conversations: list[tuple[list[dict[str, str]], 
     return dest
 
 
-def write_tiny_phi3_gguf(checkpoint: Path, dest: Path, quantization: str) -> Path:
-    """Write the Phi-3 checkpoint at `checkpoint` as a GGUF file, as llama.cpp's converter lays it
-    out (tensor names from gguf's own name map, `phi3` metadata, the byte-level BPE tokenizer and
-    chat template), with its 2-D weights quantized by the gguf package (`Q4_0`, `Q4_1`, `Q5_0`, `Q5_1`, `Q8_0`).
-    """
+# The GGUF architecture llama.cpp's converter writes each checkpoint class as (a Mistral as `llama`,
+# as real Mistral GGUFs are: gguf has no `mistral` architecture).
+GGUF_ARCHITECTURES = {
+    "Phi3ForCausalLM": "PHI3",
+    "LlamaForCausalLM": "LLAMA",
+    "MistralForCausalLM": "LLAMA",
+    "Qwen2ForCausalLM": "QWEN2",
+    "Qwen3ForCausalLM": "QWEN3",
+    "Gemma3ForCausalLM": "GEMMA3",
+}
+
+
+def llama_permute(weight: Any, heads: int) -> Any:
+    """llama.cpp's `LlamaModel.permute` of q and k rows, which transformers' GGUF loader undoes."""
+    return (
+        weight.reshape(heads, 2, weight.shape[0] // heads // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
+    )
+
+
+def write_tiny_gguf(checkpoint: Path, dest: Path, quantization: str) -> Path:
+    """Write a tiny checkpoint as a GGUF file, as llama.cpp's converter lays it out: tensor names
+    from gguf's own name map for its architecture, its metadata, the byte-level BPE tokenizer and
+    chat template, q and k rows permuted for Llama, Gemma's norms stored as weight + 1, and its 2-D
+    weights quantized by the gguf package (`Q4_0`, `Q4_1`, `Q5_0`, `Q5_1`, `Q8_0`, `F16`)."""
     import json
 
     import gguf
@@ -130,19 +149,29 @@ def write_tiny_phi3_gguf(checkpoint: Path, dest: Path, quantization: str) -> Pat
 
     config = json.loads((checkpoint / "config.json").read_text())
     tokenizer = json.loads((checkpoint / "tokenizer.json").read_text())
+    template = json.loads((checkpoint / "tokenizer_config.json").read_text()).get("chat_template")
+    if template is None and (checkpoint / "chat_template.jinja").is_file():
+        template = (checkpoint / "chat_template.jinja").read_text()
+    arch = gguf.MODEL_ARCH[GGUF_ARCHITECTURES[config["architectures"][0]]]
     qtype = gguf.GGMLQuantizationType[quantization]
-    layers = config["num_hidden_layers"]
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.PHI3, layers)
-    writer = gguf.GGUFWriter(str(dest), "phi3")
+    layers, heads, kv_heads = config["num_hidden_layers"], config["num_attention_heads"], config["num_key_value_heads"]
+    head_dim = config.get("head_dim") or config["hidden_size"] // heads
+    names = gguf.get_tensor_name_map(arch, layers)
+    writer = gguf.GGUFWriter(str(dest), gguf.MODEL_ARCH_NAMES[arch])
     writer.add_context_length(config["max_position_embeddings"])
     writer.add_embedding_length(config["hidden_size"])
     writer.add_feed_forward_length(config["intermediate_size"])
     writer.add_block_count(layers)
-    writer.add_head_count(config["num_attention_heads"])
-    writer.add_head_count_kv(config["num_key_value_heads"])
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(kv_heads)
     writer.add_layer_norm_rms_eps(config["rms_norm_eps"])
-    writer.add_rope_dimension_count(config["hidden_size"] // config["num_attention_heads"])
-    writer.add_rope_freq_base(config["rope_parameters"]["rope_theta"])
+    writer.add_key_length(head_dim)
+    writer.add_value_length(head_dim)
+    rope = config["rope_parameters"]
+    writer.add_rope_freq_base((rope.get("full_attention") or rope)["rope_theta"])
+    writer.add_rope_dimension_count(head_dim)
+    if config.get("sliding_window") and arch == gguf.MODEL_ARCH.GEMMA3:
+        writer.add_sliding_window(config["sliding_window"])
     vocab = sorted(tokenizer["model"]["vocab"].items(), key=lambda item: item[1])
     special = {token["id"] for token in tokenizer["added_tokens"]}
     writer.add_tokenizer_model("gpt2")
@@ -152,10 +181,20 @@ def write_tiny_phi3_gguf(checkpoint: Path, dest: Path, quantization: str) -> Pat
     writer.add_bos_token_id(config["bos_token_id"])
     writer.add_eos_token_id(config["pad_token_id"])
     writer.add_pad_token_id(config["pad_token_id"])
-    writer.add_chat_template(PHI3_CHAT_TEMPLATE)
+    if template:
+        writer.add_chat_template(template)
     for hf_name, weight in sorted(load_file(checkpoint / "model.safetensors").items()):
-        name = f"{names.get_name(hf_name.removesuffix('.weight'))}.weight"
+        if hf_name == "lm_head.weight" and config.get("tie_word_embeddings"):
+            continue
+        suffix = ".bias" if hf_name.endswith(".bias") else ".weight"
+        name = f"{names.get_name(hf_name.removesuffix(suffix))}{suffix}"
         weight = weight.astype("float32")
+        if arch == gguf.MODEL_ARCH.GEMMA3 and name.endswith("norm.weight"):
+            weight = weight + 1
+        if arch == gguf.MODEL_ARCH.LLAMA and ".attn_q." in name:
+            weight = llama_permute(weight, heads)
+        if arch == gguf.MODEL_ARCH.LLAMA and ".attn_k." in name:
+            weight = llama_permute(weight, kv_heads)
         if weight.ndim == 2:
             writer.add_tensor(name, gguf.quants.quantize(weight, qtype), raw_dtype=qtype)
         else:
@@ -182,7 +221,8 @@ TINY_ARCHITECTURES = {
     "LlamaForCausalLM": ("LlamaConfig", {"rope_parameters": {"rope_type": "default", "rope_theta": 5e5}}),
     "MistralForCausalLM": ("MistralConfig", {"head_dim": 16, "sliding_window": 4}),
     "Qwen2ForCausalLM": ("Qwen2Config", {"rope_parameters": {"rope_type": "default", "rope_theta": 1e6}}),
-    "Qwen3ForCausalLM": ("Qwen3Config", {"head_dim": 16, "tie_word_embeddings": True}),
+    # head_dim 128, as every Qwen3: transformers' GGUF loader does not read it from the file.
+    "Qwen3ForCausalLM": ("Qwen3Config", {"head_dim": 128, "tie_word_embeddings": True}),
     "Gemma3ForCausalLM": (
         "Gemma3TextConfig",
         {"head_dim": 16, "sliding_window": 4, "sliding_window_pattern": 2, "query_pre_attn_scalar": 24,
@@ -243,3 +283,34 @@ def build_in_one_process(commands: list[list[str]]) -> None:
         capture_output=True, text=True, env=builder_environment(), check=False,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
+
+
+def carried_node_mismatches(folder: Path, gguf_path: Path, checkpoint: Path) -> list[str]:
+    """The MatMulNBits nodes of a carried ONNX model whose weights differ from gguf's own
+    dequantization of the file's tensors (in the checkpoint's row order, halves taken where the
+    builder splits a fused weight); empty when every carried node holds the file's weights."""
+    import json
+
+    import gguf
+    import numpy as np
+    import onnx
+    from safetensors import safe_open
+
+    from slmkit.onnx.gguf_carry import GgufWeights, node_parts, node_weights
+
+    weights = GgufWeights(gguf_path, json.loads((checkpoint / "config.json").read_text()))
+    with safe_open(str(checkpoint / "model.safetensors"), framework="numpy") as handle:
+        names = set(handle.keys())
+    model = onnx.load(str(folder / "model.onnx"))
+    mismatches = []
+    for node in (node for node in model.graph.node if node.op_type == "MatMulNBits"):
+        pieces = []
+        for part in node_parts(node.name, names) or []:
+            name = weights.gguf_name(part.hf_name)
+            tensor = weights.tensors[name]
+            values = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
+            values = values[weights.row_order(name, values.shape[0])]
+            pieces.append(values[part.select(values.shape[0])])
+        if not pieces or not np.array_equal(node_weights(model, node), np.concatenate(pieces)):
+            mismatches.append(node.name)
+    return mismatches
