@@ -41,7 +41,8 @@ def comparison_table(metrics: dict[str, float], models: tuple[str, ...] = ("pipe
     for key, label, style in TABLE_METRICS:
         lines.append(f"| {label} | " + " | ".join(_format(metrics.get(f"{m}/{key}"), style) for m in models) + " |")
     for key in sorted(k for k in metrics if k.startswith("parity/")):
-        lines.append(f"| {key} | {metrics[key]:.3f} |" + " |" * (len(models) - 1))
+        # Four significant digits: a KL divergence of 0.0028 is not 0.003, and a count stays whole.
+        lines.append(f"| {key} | {metrics[key]:.4g} |" + " |" * (len(models) - 1))
     return "\n".join(lines)
 
 
