@@ -8,6 +8,8 @@ Params:
     eval_set: JSONL of {"messages": [...], "answers": [...]}: a path (relative to the project
         folder) or an artifact URI (`runs:/…`, `s3://…`, …).
     max_rows: evaluate only the first rows (0: all); max_tokens: completion length per answer.
+    fidelity_positions: at least this many positions for the ONNX model's fidelity to the float
+        model (slmkit.evaluation.fidelity); each costs a float forward pass; 0 measures none.
     pipeline_registered_model, onnx_registered_model: registry names (`catalog.schema.model`
         for Unity Catalog); empty skips registering that model.
     min_correct_rate, max_regression, min_parity: the promotion gate (slmkit.evaluation.promotion);
@@ -87,6 +89,8 @@ def log_results(rows: list[EvalRow], evaluated: Evaluated) -> None:
 
 def main(args: argparse.Namespace) -> None:
     positive_int("max_tokens", args.max_tokens)
+    if args.fidelity_positions < 0:
+        raise UserError(f"fidelity_positions={args.fidelity_positions}: must be >= 0 (0 measures no fidelity)")
     fail_on_gate = parse_bool("fail_on_gate", args.fail_on_gate)
     registered = {
         name: check_registered_name(getattr(args, f"{name}_registered_model"), f"{name}_registered_model")
@@ -107,7 +111,7 @@ def main(args: argparse.Namespace) -> None:
             mlflow.log_input(dataset, context="evaluation")
             mlflow.log_params({"eval_rows": len(rows), "eval_fingerprint": fingerprint})
             mlflow.log_params({f"{name}_model_uri_used": uri for name, uri in uris.items()})
-            evaluated = measure_models(uris, rows, args.max_tokens, args.engine, scratch)
+            evaluated = measure_models(uris, rows, args.max_tokens, args.engine, scratch, args.fidelity_positions)
             log_results(rows, evaluated)
 
             def champion_quality_now(champion_uri: str) -> dict[str, float]:

@@ -39,7 +39,9 @@ def test_smollm2_preset_runs_end_to_end_and_answers(tracking_server: TrackingSer
     mlflow.create_experiment(SMOLLM2_EXPERIMENT, artifact_location=(tmp_path / "artifacts").as_uri())
     result = mlflow_run(
         tracking_server, "--experiment-name", SMOLLM2_EXPERIMENT, "-P", "model=smollm2-135m", "-P", "max_rows=4", "-P", "max_tokens=24",
-        timeout_s=1200,
+        # 600 positions of fidelity, not 2,000: each is a float forward pass of SmolLM2, and this is
+        # the suite's longest test. make run measures the default.
+        "-P", "fidelity_positions=600", timeout_s=1200,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     runs = {r.data.tags.get(STEP_TAG): r for r in runs_of(SMOLLM2_EXPERIMENT)}  # the newest run per step
@@ -60,6 +62,10 @@ def test_smollm2_preset_runs_end_to_end_and_answers(tracking_server: TrackingSer
     # The GGUF's own weights, carried over: the ONNX model keeps the pipeline's answers.
     assert metrics["onnx/answer_correct_rate"] >= metrics["pipeline/answer_correct_rate"] - 0.05
     assert metrics["parity/exact_match_rate"] >= 0.6
+    # Fidelity to the float model (make run, 2,075 positions: 0.934 and 0.0140).
+    assert metrics["parity/fidelity_positions"] >= 600
+    assert metrics["parity/top1_agreement"] >= 0.85
+    assert 0 < metrics["parity/kl_divergence"] < 0.05
     onnx_run = runs["log_onnx_wrapper"]
     assert onnx_run.data.params["onnx_quantization"] == "gguf"
     assert onnx_run.data.params["gguf_tensors"] == "carried=151,requantized=0"

@@ -22,12 +22,18 @@ SPARK_PARTITIONS = 2
 
 
 def measure_on_spark(
-    spark, uri: str, rows: list[EvalRow], max_tokens: int, scratch: Path, fidelity_of: str = ""
+    spark,
+    uri: str,
+    rows: list[EvalRow],
+    max_tokens: int,
+    scratch: Path,
+    fidelity_of: str = "",
+    fidelity_positions: int = 0,
 ) -> tuple[Measurement, float]:
     """engine=spark: every row's answer from the batch path, timings (and fidelity) on the first
     TIMING_ROWS rows in process; and how often the two paths gave the same answer on those rows."""
     scratch.mkdir(parents=True, exist_ok=True)
-    timed = measure_in_subprocess(uri, rows[:TIMING_ROWS], max_tokens, scratch, fidelity_of)
+    timed = measure_in_subprocess(uri, rows[:TIMING_ROWS], max_tokens, scratch, fidelity_of, fidelity_positions)
     responses = answer_eval_rows(spark, uri, rows, max_tokens, scratch, SPARK_PARTITIONS)
     answered = [scored(row, response) for row, response in zip(rows, responses, strict=True)]
     agreement = answer_agreement(timed.results, answered)
@@ -55,20 +61,23 @@ class Evaluated:
         return {**metrics, **{f"parity/{key}": value for key, value in self.parity.items()}}
 
 
-def measure_models(uris: dict[str, str], rows: list[EvalRow], max_tokens: int, engine: str, scratch: Path) -> Evaluated:
+def measure_models(
+    uris: dict[str, str], rows: list[EvalRow], max_tokens: int, engine: str, scratch: Path, fidelity_positions: int
+) -> Evaluated:
     """Each model measured alike, locally or with its answers from Spark, its rows scored by MLflow's
     scorers; the pipeline's process also measures the ONNX model's fidelity to it (`parity/top1_agreement`,
-    `parity/kl_divergence`, beside the answers' exact-match parity)."""
+    `parity/kl_divergence`, beside the answers' exact-match parity) over `fidelity_positions`
+    positions at least; 0 measures none."""
     spark = spark_session(SPARK_PARTITIONS) if engine == "spark" else None
     measurements, agreement = {}, {}
     for name, uri in uris.items():
-        fidelity_of = uris["onnx"] if name == "pipeline" else ""
+        fidelity_of = uris["onnx"] if name == "pipeline" and fidelity_positions > 0 else ""
         if spark:
             measurements[name], agreement[name] = measure_on_spark(
-                spark, uri, rows, max_tokens, scratch / name, fidelity_of
+                spark, uri, rows, max_tokens, scratch / name, fidelity_of, fidelity_positions
             )
         else:
-            measurements[name] = measure_in_subprocess(uri, rows, max_tokens, scratch, fidelity_of)
+            measurements[name] = measure_in_subprocess(uri, rows, max_tokens, scratch, fidelity_of, fidelity_positions)
         record_scores(name, rows, measurements[name].results)
     quality = {name: summarize(measurement.results) for name, measurement in measurements.items()}
     answers = parity(measurements["pipeline"].results, measurements["onnx"].results)

@@ -26,7 +26,8 @@ from slmkit import PROJECT_ROOT
 TEXT = PROJECT_ROOT / "data" / "fidelity_text.txt"
 WINDOW = 256
 CONTEXT = 32
-# The text is read until answers and text together give this many positions, and no further.
+# The text is read until answers and text together give this many positions, and no further
+# (the `fidelity_positions` param; each costs a float forward pass of the model, minutes for a 3.8B one).
 MIN_POSITIONS = 2000
 
 # (token ids, index of the first token to predict): positions first..len-1 are scored.
@@ -116,8 +117,8 @@ def answer_sequences(tokenizer: Any, conversations: list[tuple[list[dict[str, st
     return sequences
 
 
-def measure_fidelity(reference: Any, tokenizer: Any, onnx_dir: Path,
-                     conversations: list[tuple[list[dict[str, str]], str]], text: Path = TEXT) -> Fidelity:  # fmt: skip
+def measure_fidelity(reference: Any, tokenizer: Any, onnx_dir: Path, conversations: list[tuple[list[dict[str, str]], str]],
+                     min_positions: int = MIN_POSITIONS, text: Path = TEXT) -> Fidelity:  # fmt: skip
     """The ONNX model in `onnx_dir` against `reference`, a transformers causal LM cast to float32
     here (a bf16 checkpoint's weights are exact in float32), on the conversations and the text."""
     from slmkit.onnx.greedy import load
@@ -127,7 +128,7 @@ def measure_fidelity(reference: Any, tokenizer: Any, onnx_dir: Path,
     window = min(int(reference.config.max_position_embeddings), WINDOW)
     sequences = answer_sequences(tokenizer, conversations)
     for sequence in text_sequences(tokenizer(text.read_text(), add_special_tokens=False)["input_ids"], window):
-        if sum(len(ids) - first for ids, first in sequences) >= MIN_POSITIONS:
+        if sum(len(ids) - first for ids, first in sequences) >= min_positions:
             break
         sequences.append(sequence)
     return fidelity(sequences, transformers_logits(reference), onnx_logits(model))

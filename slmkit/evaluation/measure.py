@@ -19,7 +19,7 @@ from pathlib import Path
 
 from slmkit.chat.adapters import load_pyfunc
 from slmkit.errors import UserError
-from slmkit.evaluation.fidelity import measure_fidelity
+from slmkit.evaluation.fidelity import MIN_POSITIONS, measure_fidelity
 from slmkit.evaluation.scoring import RowResult, evaluate_model
 from slmkit.manifest import folder_bytes
 from slmkit.models.onnx_wrapper import onnx_folder
@@ -46,7 +46,12 @@ class Measurement:
 
 
 def measure(
-    model_uri: str, rows: list[EvalRow], max_tokens: int, download_dir: Path, fidelity_of: str = ""
+    model_uri: str,
+    rows: list[EvalRow],
+    max_tokens: int,
+    download_dir: Path,
+    fidelity_of: str = "",
+    fidelity_positions: int = MIN_POSITIONS,
 ) -> Measurement:
     """Download `model_uri` into `download_dir`, load and evaluate it in this process.
 
@@ -69,12 +74,17 @@ def measure(
     pipeline = model.get_raw_model()
     conversations = [(row.messages, result.answer) for row, result in zip(rows, results, strict=True)]
     onnx_dir = onnx_folder(Path(mlflow.artifacts.download_artifacts(fidelity_of, dst_path=str(download_dir / "onnx"))))
-    scored = measure_fidelity(pipeline.model, pipeline.tokenizer, onnx_dir, conversations)
+    scored = measure_fidelity(pipeline.model, pipeline.tokenizer, onnx_dir, conversations, fidelity_positions)
     return replace(measured, fidelity=scored.metrics())
 
 
 def measure_in_subprocess(
-    model_uri: str, rows: list[EvalRow], max_tokens: int, scratch: Path, fidelity_of: str = ""
+    model_uri: str,
+    rows: list[EvalRow],
+    max_tokens: int,
+    scratch: Path,
+    fidelity_of: str = "",
+    fidelity_positions: int = MIN_POSITIONS,
 ) -> Measurement:
     """Run `measure` in a child Python process and read its result back.
 
@@ -87,7 +97,7 @@ def measure_in_subprocess(
     # so only one model at a time takes disk (Phi-3's pipeline is 7.6 GB).
     with tempfile.TemporaryDirectory(prefix="model-", dir=scratch) as download_dir:
         command = [sys.executable, "-m", "slmkit.evaluation.measure", model_uri, str(rows_path), str(max_tokens), str(result_path),
-                   download_dir, fidelity_of]  # fmt: skip
+                   download_dir, fidelity_of, str(fidelity_positions)]  # fmt: skip
         completed = subprocess.run(command, capture_output=True, text=True, check=False)
     if completed.returncode != 0:
         tail = "\n".join(completed.stderr.strip().splitlines()[-12:])
@@ -105,9 +115,15 @@ def _main() -> None:
     parser.add_argument("output", type=Path)
     parser.add_argument("download_dir", type=Path)
     parser.add_argument("fidelity_of", nargs="?", default="")
+    parser.add_argument("fidelity_positions", nargs="?", type=int, default=MIN_POSITIONS)
     args = parser.parse_args()
     measurement = measure(
-        args.model_uri, load_eval_set(args.rows), args.max_tokens, args.download_dir, args.fidelity_of
+        args.model_uri,
+        load_eval_set(args.rows),
+        args.max_tokens,
+        args.download_dir,
+        args.fidelity_of,
+        args.fidelity_positions,
     )
     args.output.write_text(json.dumps(asdict(measurement)))
 

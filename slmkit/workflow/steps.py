@@ -127,6 +127,7 @@ EVALUATION = (
     Param("eval_set", default="data/eval_set.jsonl"),
     Param("max_rows", "int", 0),
     Param("max_tokens", "int", 64),
+    Param("fidelity_positions", "int", 2000),
     Param("pipeline_registered_model", default="slm-chat-pipeline"),
     Param("onnx_registered_model", default="slm-chat-onnx"),
     Param("min_correct_rate", "float", 0.0),
