@@ -55,6 +55,9 @@ GIVEN_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<start_of_turn>model\\n' }}{% endif %}"
 )
 GIVEN = "base-with-given-template"
+# A Gemma 3 whose window (48) is longer than a short request (a prompt of ~15 tokens and 4 new
+# ones), as Gemma 3 270M's 512 is: onnxruntime refuses a KV cache shorter than the window.
+WIDE_WINDOW = "gemma3-window-48"
 
 
 def without_chat_template(checkpoint: Path) -> Path:
@@ -75,7 +78,8 @@ def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     base = without_chat_template(build_tiny_model("LlamaForCausalLM", root / GIVEN, seed=1))
     (root / "gemma.jinja").write_text(GIVEN_TEMPLATE)
     assert settle_chat_template(base, str(root / "gemma.jinja"), "", {}) == str(root / "gemma.jinja")
-    return {**built, GIVEN: base}
+    wide = build_tiny_model("Gemma3ForCausalLM", root / WIDE_WINDOW, sliding_window=48)
+    return {**built, GIVEN: base, WIDE_WINDOW: wide}
 
 
 @pytest.fixture(scope="module")
@@ -209,3 +213,33 @@ def test_a_given_template_renders_the_same_prompt_ids_in_both_models(checkpoints
     _, onnx_tokenizer = load(fp32_builds[GIVEN])
     assert chat_prompt_ids(onnx_tokenizer, MESSAGES).tolist() == list(pipeline_ids)
     assert tokenizer.decode(pipeline_ids).startswith("<start_of_turn>user\n")
+
+
+def test_a_short_request_to_a_model_whose_window_is_longer_answers_in_both_loops(checkpoints, fp32_builds, tmp_path):
+    """The generator's cache is sized to the sliding window, and each answer stops at its own
+    length: the bare loop and the wrapper's batched decoder give transformers' first tokens."""
+    import mlflow
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from slmkit.models.onnx_wrapper import seal_onnx_folder, wrapper_model_arguments
+    from slmkit.onnx.session import model_tokens
+
+    folder, checkpoint = fp32_builds[WIDE_WINDOW], checkpoints[WIDE_WINDOW]
+    assert model_tokens(folder).min_cache_length >= 48
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    reference = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32)
+    inputs = tokenizer.apply_chat_template(MESSAGES, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    expected = reference.generate(**inputs, max_new_tokens=4, min_new_tokens=4, do_sample=False)[
+        0, inputs["input_ids"].shape[1] :
+    ]
+    model, onnx_tokenizer = load(folder)
+    tokens, _ = bare_greedy(model, onnx_tokenizer, MESSAGES, 4, model_tokens(folder))
+    assert tokens == expected.tolist()
+    seal_onnx_folder(folder, "test-build:gemma3", "test")
+    mlflow.pyfunc.save_model(
+        str(tmp_path / "wrapper"), **wrapper_model_arguments(folder, "gemma3", {"do_sample": False}, tracing=False)
+    )
+    answer = mlflow.pyfunc.load_model(str(tmp_path / "wrapper")).predict({"messages": MESSAGES, "max_tokens": 4})[0]
+    assert answer["usage"]["completion_tokens"] == 4
+    assert answer["choices"][0]["message"]["content"] == tokenizer.decode(expected)

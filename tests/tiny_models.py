@@ -232,9 +232,10 @@ TINY_ARCHITECTURES = {
 }  # fmt: skip
 
 
-def build_tiny_model(architecture: str, dest: Path, seed: int = 0) -> Path:
-    """Write a random 2-layer checkpoint of `architecture` (a TINY_ARCHITECTURES key) with a
-    ChatML tokenizer to `dest`. Norm weights are perturbed so that no norm is the identity."""
+def build_tiny_model(architecture: str, dest: Path, seed: int = 0, **overrides: Any) -> Path:
+    """Write a random 2-layer checkpoint of `architecture` (a TINY_ARCHITECTURES key, its config
+    changed by `overrides`) with a ChatML tokenizer to `dest`. Norm weights are perturbed so that
+    no norm is the identity."""
     import torch
     import transformers
 
@@ -243,7 +244,7 @@ def build_tiny_model(architecture: str, dest: Path, seed: int = 0) -> Path:
     config = getattr(transformers, config_class)(
         vocab_size=len(fast), hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=512, bos_token_id=fast.bos_token_id,
-        eos_token_id=fast.eos_token_id, pad_token_id=fast.pad_token_id, **features,
+        eos_token_id=fast.eos_token_id, pad_token_id=fast.pad_token_id, **{**features, **overrides},
     )  # fmt: skip
     torch.manual_seed(seed)
     model = getattr(transformers, architecture)(config).eval()

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from slmkit import PROJECT_ROOT
+from slmkit.onnx.session import ModelTokens, model_tokens
 
 TEXT = PROJECT_ROOT / "data" / "fidelity_text.txt"
 WINDOW = 256
@@ -92,13 +93,13 @@ def transformers_logits(model: Any) -> Logits:
     return logits
 
 
-def onnx_logits(model: Any) -> Logits:
+def onnx_logits(model: Any, tokens_of: ModelTokens) -> Logits:
     """All positions' logits of an onnxruntime-genai model: the sequence appended in one prefill."""
     import onnxruntime_genai as og
 
     def logits(ids: list[int]) -> np.ndarray:
         params = og.GeneratorParams(model)
-        params.set_search_options(max_length=len(ids) + 1)
+        params.set_search_options(max_length=tokens_of.max_length(len(ids) + 1))
         generator = og.Generator(model, params)
         generator.append_tokens(np.asarray(ids, dtype=np.int32))
         return np.asarray(generator.get_output("logits"))[0].astype(np.float32)
@@ -131,4 +132,4 @@ def measure_fidelity(reference: Any, tokenizer: Any, onnx_dir: Path, conversatio
         if sum(len(ids) - first for ids, first in sequences) >= min_positions:
             break
         sequences.append(sequence)
-    return fidelity(sequences, transformers_logits(reference), onnx_logits(model))
+    return fidelity(sequences, transformers_logits(reference), onnx_logits(model, model_tokens(onnx_dir)))

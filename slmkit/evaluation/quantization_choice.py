@@ -114,12 +114,14 @@ def reference_answers(checkpoint: Path, rows: list[EvalRow], max_tokens: int) ->
 def onnx_answers(folder: Path, rows: list[EvalRow], max_tokens: int) -> tuple[list[str], float]:
     """Greedy answers of an ONNX build (bare onnxruntime-genai loop) and its decode tokens/s."""
     from slmkit.onnx.greedy import bare_greedy, load
+    from slmkit.onnx.session import model_tokens
 
     model, tokenizer = load(folder)
+    tokens_of = model_tokens(folder)
     answers, tokens, seconds = [], 0, 0.0
     for row in rows:
         started = time.perf_counter()
-        generated, _ = bare_greedy(model, tokenizer, row.messages, max_tokens)
+        generated, _ = bare_greedy(model, tokenizer, row.messages, max_tokens, tokens_of)
         seconds += time.perf_counter() - started
         tokens += len(generated)
         answers.append(tokenizer.decode(generated))

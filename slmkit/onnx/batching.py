@@ -209,7 +209,7 @@ class BatchedDecoder:
             return
         width = max(len(slot.prompt) for slot in rows)
         options: dict[str, Any] = {
-            "max_length": min(width + max(slot.max_new_tokens for slot in rows), self._model_tokens.context_length),
+            "max_length": self._model_tokens.max_length(width + max(slot.max_new_tokens for slot in rows)),
             "batch_size": len(rows),
             **(rows[0].sampling or {"do_sample": False}),
         }

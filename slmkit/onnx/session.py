@@ -42,14 +42,24 @@ class ModelTokens:
     pad_id: int
     eos_ids: frozenset[int]
     context_length: int
+    # A model with sliding-window layers (Gemma 3: 512) needs a KV cache at least that long,
+    # whatever the request: onnxruntime's GroupQueryAttention refuses a shorter one.
+    min_cache_length: int = 0
+
+    def max_length(self, wanted: int) -> int:
+        """The generator's `max_length` for `wanted` tokens (prompt and new ones): at least the
+        sliding window, at most the context. Callers stop each row at its own token count."""
+        return min(max(wanted, self.min_cache_length), self.context_length)
 
 
 def model_tokens(folder: Path) -> ModelTokens:
-    """The pad id, end-of-text ids (one or a list in the file) and context length of `folder`."""
+    """The pad id, end-of-text ids (one or a list in the file), context length and sliding window of `folder`."""
     config = json.loads((folder / "genai_config.json").read_text())["model"]
     eos = config["eos_token_id"]
+    window = config["decoder"].get("sliding_window") or {}
     return ModelTokens(
         pad_id=int(config["pad_token_id"]),
         eos_ids=frozenset(eos if isinstance(eos, list) else [eos]),
         context_length=int(config["context_length"]),
+        min_cache_length=int(window.get("window_size", 0)) + int(window.get("cache_slack", 0)),
     )
