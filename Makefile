@@ -8,6 +8,9 @@ export PATH := $(BIN):$(PATH)
 export MLFLOW_TRACKING_URI ?= sqlite:///$(CURDIR)/mlflow.db
 EXPERIMENT ?= slm-chat
 MODEL ?= smollm2-135m
+# A chat template for a checkpoint without one (a Jinja file, or a preset whose template to use):
+# `make run MODEL=gemma-3-270m-q4_k_m.gguf CHAT_TEMPLATE=gemma3-270m`.
+CHAT_TEMPLATE ?=
 
 .PHONY: run test test-fast lint bench serve clean java-check
 
@@ -25,7 +28,7 @@ $(STAMP): conda.yaml requirements-dev.txt slmkit/environment.py
 	touch $(STAMP)
 
 run: $(STAMP)
-	$(BIN)/mlflow run . --env-manager local --experiment-name $(EXPERIMENT) -P model=$(MODEL)
+	$(BIN)/mlflow run . --env-manager local --experiment-name $(EXPERIMENT) -P model=$(MODEL) -P chat_template=$(CHAT_TEMPLATE)
 
 # One pytest worker per core; tests/conftest.py keeps the tests that share a store on one worker.
 TEST_WORKERS ?= auto
