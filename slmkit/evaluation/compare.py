@@ -11,7 +11,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from slmkit.batch.spark import answer_eval_rows, spark_session
-from slmkit.evaluation.measure import Measurement, measure_in_subprocess
+from slmkit.evaluation.measure import FidelityOf, Measurement, measure_in_subprocess
 from slmkit.evaluation.scorers import record_scores
 from slmkit.evaluation.scoring import answer_agreement, parity, scored, summarize, with_timings
 from slmkit.sources.eval_set import EvalRow
@@ -22,18 +22,12 @@ SPARK_PARTITIONS = 2
 
 
 def measure_on_spark(
-    spark,
-    uri: str,
-    rows: list[EvalRow],
-    max_tokens: int,
-    scratch: Path,
-    fidelity_of: str = "",
-    fidelity_positions: int = 0,
+    spark, uri: str, rows: list[EvalRow], max_tokens: int, scratch: Path, fidelity_of: FidelityOf | None = None
 ) -> tuple[Measurement, float]:
     """engine=spark: every row's answer from the batch path, timings (and fidelity) on the first
     TIMING_ROWS rows in process; and how often the two paths gave the same answer on those rows."""
     scratch.mkdir(parents=True, exist_ok=True)
-    timed = measure_in_subprocess(uri, rows[:TIMING_ROWS], max_tokens, scratch, fidelity_of, fidelity_positions)
+    timed = measure_in_subprocess(uri, rows[:TIMING_ROWS], max_tokens, scratch, fidelity_of)
     responses = answer_eval_rows(spark, uri, rows, max_tokens, scratch, SPARK_PARTITIONS)
     answered = [scored(row, response) for row, response in zip(rows, responses, strict=True)]
     agreement = answer_agreement(timed.results, answered)
@@ -71,13 +65,14 @@ def measure_models(
     spark = spark_session(SPARK_PARTITIONS) if engine == "spark" else None
     measurements, agreement = {}, {}
     for name, uri in uris.items():
-        fidelity_of = uris["onnx"] if name == "pipeline" and fidelity_positions > 0 else ""
+        wanted = name == "pipeline" and fidelity_positions > 0
+        fidelity_of = FidelityOf(uris["onnx"], fidelity_positions) if wanted else None
         if spark:
             measurements[name], agreement[name] = measure_on_spark(
-                spark, uri, rows, max_tokens, scratch / name, fidelity_of, fidelity_positions
+                spark, uri, rows, max_tokens, scratch / name, fidelity_of
             )
         else:
-            measurements[name] = measure_in_subprocess(uri, rows, max_tokens, scratch, fidelity_of, fidelity_positions)
+            measurements[name] = measure_in_subprocess(uri, rows, max_tokens, scratch, fidelity_of)
         record_scores(name, rows, measurements[name].results)
     quality = {name: summarize(measurement.results) for name, measurement in measurements.items()}
     answers = parity(measurements["pipeline"].results, measurements["onnx"].results)

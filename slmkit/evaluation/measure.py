@@ -45,19 +45,22 @@ class Measurement:
         }
 
 
+@dataclass(frozen=True)
+class FidelityOf:
+    """Which ONNX wrapper's fidelity the pipeline's measuring process measures, over how many positions."""
+
+    onnx_model_uri: str
+    positions: int = MIN_POSITIONS
+
+
 def measure(
-    model_uri: str,
-    rows: list[EvalRow],
-    max_tokens: int,
-    download_dir: Path,
-    fidelity_of: str = "",
-    fidelity_positions: int = MIN_POSITIONS,
+    model_uri: str, rows: list[EvalRow], max_tokens: int, download_dir: Path, fidelity_of: FidelityOf | None = None
 ) -> Measurement:
     """Download `model_uri` into `download_dir`, load and evaluate it in this process.
 
-    With `fidelity_of` (an ONNX wrapper's URI), `model_uri` is the transformers pipeline, and the
-    ONNX model's fidelity to it is measured after the peak memory is read: teacher-forced along the
-    pipeline's own answers and the shipped text, with the float model already loaded here.
+    With `fidelity_of`, `model_uri` is the transformers pipeline, and the ONNX model's fidelity to
+    it is measured after the peak memory is read: teacher-forced along the pipeline's own answers
+    and the shipped text, with the float model already loaded here.
     """
     import mlflow
 
@@ -73,18 +76,14 @@ def measure(
         return measured
     pipeline = model.get_raw_model()
     conversations = [(row.messages, result.answer) for row, result in zip(rows, results, strict=True)]
-    onnx_dir = onnx_folder(Path(mlflow.artifacts.download_artifacts(fidelity_of, dst_path=str(download_dir / "onnx"))))
-    scored = measure_fidelity(pipeline.model, pipeline.tokenizer, onnx_dir, conversations, fidelity_positions)
+    onnx_copy = mlflow.artifacts.download_artifacts(fidelity_of.onnx_model_uri, dst_path=str(download_dir / "onnx"))
+    onnx_dir = onnx_folder(Path(onnx_copy))
+    scored = measure_fidelity(pipeline.model, pipeline.tokenizer, onnx_dir, conversations, fidelity_of.positions)
     return replace(measured, fidelity=scored.metrics())
 
 
 def measure_in_subprocess(
-    model_uri: str,
-    rows: list[EvalRow],
-    max_tokens: int,
-    scratch: Path,
-    fidelity_of: str = "",
-    fidelity_positions: int = MIN_POSITIONS,
+    model_uri: str, rows: list[EvalRow], max_tokens: int, scratch: Path, fidelity_of: FidelityOf | None = None
 ) -> Measurement:
     """Run `measure` in a child Python process and read its result back.
 
@@ -97,7 +96,9 @@ def measure_in_subprocess(
     # so only one model at a time takes disk (Phi-3's pipeline is 7.6 GB).
     with tempfile.TemporaryDirectory(prefix="model-", dir=scratch) as download_dir:
         command = [sys.executable, "-m", "slmkit.evaluation.measure", model_uri, str(rows_path), str(max_tokens), str(result_path),
-                   download_dir, fidelity_of, str(fidelity_positions)]  # fmt: skip
+                   download_dir]  # fmt: skip
+        if fidelity_of is not None:
+            command += [fidelity_of.onnx_model_uri, str(fidelity_of.positions)]
         completed = subprocess.run(command, capture_output=True, text=True, check=False)
     if completed.returncode != 0:
         tail = "\n".join(completed.stderr.strip().splitlines()[-12:])
@@ -114,17 +115,11 @@ def _main() -> None:
     parser.add_argument("max_tokens", type=int)
     parser.add_argument("output", type=Path)
     parser.add_argument("download_dir", type=Path)
-    parser.add_argument("fidelity_of", nargs="?", default="")
+    parser.add_argument("fidelity_of", nargs="?", default="", help="an ONNX wrapper's URI")
     parser.add_argument("fidelity_positions", nargs="?", type=int, default=MIN_POSITIONS)
     args = parser.parse_args()
-    measurement = measure(
-        args.model_uri,
-        load_eval_set(args.rows),
-        args.max_tokens,
-        args.download_dir,
-        args.fidelity_of,
-        args.fidelity_positions,
-    )
+    fidelity_of = FidelityOf(args.fidelity_of, args.fidelity_positions) if args.fidelity_of else None
+    measurement = measure(args.model_uri, load_eval_set(args.rows), args.max_tokens, args.download_dir, fidelity_of)
     args.output.write_text(json.dumps(asdict(measurement)))
 
 
