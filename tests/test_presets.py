@@ -10,11 +10,11 @@ from slmkit.sources.presets import (
     HubSource,
     LocalDirSource,
     WheelSource,
-    check_execution_provider,
     load_presets,
     offline_presets,
     resolve_model,
 )
+from slmkit.workflow.steps import STEPS
 from tests.conftest import hub_offline
 
 
@@ -85,9 +85,10 @@ def test_empty_model_is_refused():
 
 
 def test_execution_provider_must_be_cpu_or_cuda():
-    assert check_execution_provider("cuda") == "cuda"
+    parser = STEPS["log_onnx_wrapper"].build_parser(None)
+    assert parser.parse_args(["--execution-provider", "cuda"]).execution_provider == "cuda"
     with pytest.raises(UserError, match="choose one of cpu, cuda"):
-        check_execution_provider("tpu")
+        parser.parse_args(["--execution-provider", "tpu"])
 
 
 def test_offline_presets_exclude_hub_sources():

@@ -18,7 +18,7 @@ from typing import Any
 
 from slmkit import LIBRARY, PROJECT_ROOT
 from slmkit.batch.rows import ANSWER_COLUMN, OUTPUT_DDL, OUTPUT_TYPES, REQUEST_COLUMN, answers_frame, row_request
-from slmkit.errors import UserError, check_choice
+from slmkit.errors import UserError
 from slmkit.onnx.session import THREADS_ENV
 
 ENGINES = ("spark", "local")
@@ -32,10 +32,6 @@ JAVA_HINT = (
     "Spark needs Java 17 or later, and `java` is not on PATH: install a JDK (Debian/Ubuntu: "
     "`sudo apt-get install openjdk-17-jre-headless`) or set JAVA_HOME, or run with -P engine=local"
 )
-
-
-def check_engine(engine: str) -> str:
-    return check_choice("engine", engine, ENGINES)
 
 
 def is_table_name(value: str) -> bool:

@@ -244,15 +244,18 @@ def _own_library_while_loading() -> Iterator[None]:
         sys.modules.update(ours)
 
 
-def load_pyfunc(model_uri: str, model_config: dict[str, Any] | None = None) -> Any:
+def load_pyfunc(
+    model_uri: str, model_config: dict[str, Any] | None = None, flavors: Mapping[str, Any] | None = None
+) -> Any:
     """`mlflow.pyfunc.load_model`, also for an ONNX wrapper logged by slmkit's flat layout.
 
     A model that carries code is fetched to a local folder first (as MLflow does itself), so the
-    copy of slmkit it carries can be looked at before it is imported.
+    copy of slmkit it carries can be looked at before it is imported. `flavors`, from an MLmodel
+    the caller read already, saves reading it again.
     """
     import mlflow
 
-    flavors = mlflow.models.Model.load(model_uri).flavors
+    flavors = mlflow.models.Model.load(model_uri).flavors if flavors is None else flavors
     if not flavors.get("python_function", {}).get("code"):
         return mlflow.pyfunc.load_model(model_uri, model_config=model_config)
     model_dir = Path(model_uri) if Path(model_uri).is_dir() else Path(mlflow.artifacts.download_artifacts(model_uri))
@@ -285,7 +288,7 @@ def load_chat_model(model_uri: str, traced: bool = True) -> ChatModel:
         stopper.tokenizer = model.get_raw_model().tokenizer
         return PipelineChat(model, stopper)
     if "python_function" in flavors:
-        model = load_pyfunc(model_uri, model_config=None if traced else {TRACING_KEY: "false"})
+        model = load_pyfunc(model_uri, None if traced else {TRACING_KEY: "false"}, flavors)
         if hasattr(model.unwrap_python_model(), "observe_batches"):
             return WrapperChat(model)
     raise UserError(f"{model_uri} is neither an slmkit ONNX chat wrapper nor a transformers llm/v1/chat model")

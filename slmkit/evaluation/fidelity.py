@@ -128,8 +128,10 @@ def measure_fidelity(reference: Any, tokenizer: Any, onnx_dir: Path, conversatio
     model, _ = load(onnx_dir)
     window = min(int(reference.config.max_position_embeddings), WINDOW)
     sequences = answer_sequences(tokenizer, conversations)
-    for sequence in text_sequences(tokenizer(text.read_text(), add_special_tokens=False)["input_ids"], window):
-        if sum(len(ids) - first for ids, first in sequences) >= min_positions:
+    positions = sum(len(ids) - first for ids, first in sequences)
+    for ids, first in text_sequences(tokenizer(text.read_text(), add_special_tokens=False)["input_ids"], window):
+        if positions >= min_positions:
             break
-        sequences.append(sequence)
+        sequences.append((ids, first))
+        positions += len(ids) - first
     return fidelity(sequences, transformers_logits(reference), onnx_logits(model, model_tokens(onnx_dir)))

@@ -13,7 +13,7 @@ from typing import Any
 import yaml
 
 from slmkit import PROJECT_ROOT
-from slmkit.errors import UserError, check_choice
+from slmkit.errors import UserError
 
 PRESETS_YAML = PROJECT_ROOT / "config" / "presets.yaml"
 EXECUTION_PROVIDERS = ("cpu", "cuda")
@@ -180,12 +180,6 @@ def _spec_from_location(model: str, presets: dict[str, dict[str, Any]]) -> Model
         f"unknown model {model!r}: use a preset ({', '.join(sorted(presets))}), "
         "a local checkpoint folder, a local .gguf file, or a hub repo id like org/name"
     )
-
-
-def check_execution_provider(execution_provider: str) -> str:
-    """Refuse execution providers the wrapper cannot run on."""
-    check_choice("execution_provider", execution_provider, EXECUTION_PROVIDERS)
-    return execution_provider
 
 
 def source_params(source: Source) -> dict[str, str]:
