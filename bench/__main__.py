@@ -34,6 +34,7 @@ import requests
 
 from bench.batch import batch_figures
 from bench.batching import engine_batch, prompt_and_step_ms, static_batch
+from bench.fidelity import fidelity_figures, node_figures
 from bench.figures import (
     PROMPTS,
     RESULTS,
@@ -53,9 +54,9 @@ from bench.figures import (
     wrapper_over_bare,
 )
 from bench.front import front_figures
-from bench.quality import peer_figures, quantization_figures
+from bench.quality import LLAMA_SERVER_ENV, llama_server, peer_figures, quantization_figures
 from bench.scale import phi3_mini_figures
-from harness.servers import BIN, SLMKIT_SERVE, served
+from harness.servers import BIN, SLMKIT_SERVE, served, stop_process
 from slmkit import PROJECT_ROOT
 from slmkit.models.onnx_wrapper import ONNX_ARTIFACT, wrapper_model_arguments
 from slmkit.models.pipeline import build_pipeline, generation_config, pipeline_model_arguments
@@ -316,6 +317,27 @@ def quality_and_peer(bench: Bench) -> list[Figure]:
     return figures
 
 
+def fidelity_beside_llama_cpp(bench: Bench) -> list[Figure]:
+    """14. Where the carried model's divergence comes from, node by node, and its fidelity beside
+    llama-server's on the same positions and the same GGUF file (bench/fidelity.py)."""
+    gguf = gguf_of(bench.download_run_id, bench.work)
+    if gguf is None:
+        print("fidelity figures skipped: the source is not a GGUF file")
+        return []
+    figures = node_figures(bench.checkpoint, gguf)
+    binary = os.environ.get(LLAMA_SERVER_ENV, "")
+    if not binary:
+        print(f"llama-server fidelity skipped: {LLAMA_SERVER_ENV} is not set (bench/README.md: building llama-server)")
+        return figures + fidelity_figures(bench.checkpoint, bench.onnx_dir, None)
+    process, chat_url = llama_server(binary, gguf, bench.work / "llama-server-fidelity.log")
+    try:
+        return figures + fidelity_figures(
+            bench.checkpoint, bench.onnx_dir, chat_url.removesuffix("/v1/chat/completions")
+        )
+    finally:
+        stop_process(process)
+
+
 def serving_front(bench: Bench) -> list[Figure]:
     """11 and 12. Streamed first token over HTTP, and tok/s against `mlflow models serve` (bench/front.py)."""
     import mlflow
@@ -372,6 +394,7 @@ FIGURES: tuple[Callable[[Bench], list[Figure]], ...] = (
     onnx_over_pipeline,
     memory_wall,
     quality_and_peer,
+    fidelity_beside_llama_cpp,
     serving_front,
     batch_inference,
     logging_cost,

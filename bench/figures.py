@@ -79,6 +79,8 @@ TARGETS = {
     "streamed first token over HTTP / in process": Target("<=", 1.2),
     "front /v1 / mlflow models serve tok/s, 1 client": Target(">=", 0.95),
     "front /v1 / mlflow models serve tok/s, 4 clients": Target(">=", 0.95),
+    "fidelity top-1: ONNX - llama-server": Target(">=", -0.005),
+    "fidelity KLD: ONNX / llama-server": Target("<=", 1.1),
 }
 
 

@@ -28,7 +28,8 @@ from bench.figures import (
     served_generate,
 )
 from harness.servers import free_port, stop_process, wait_for_http
-from slmkit.evaluation.quantization_choice import onnx_answers, reference_answers, score_answers
+from slmkit.evaluation.fidelity import MIN_POSITIONS, fidelity, onnx_dir_logits
+from slmkit.evaluation.quantization_choice import calibrate, onnx_answers, score_answers
 from slmkit.evaluation.scoring import answer_correct
 from slmkit.manifest import folder_bytes
 from slmkit.onnx.build import QUANTIZATIONS, build_onnx
@@ -61,8 +62,8 @@ def quantization_figures(
 ) -> list[Figure]:
     """The quality-against-speed table as one report figure, and the carry-over's targets:
     answers within 0.05 of the source, exact match >= 0.6, decode >= 0.9x today's int4 build."""
-    reference = reference_answers(checkpoint, rows, max_tokens)
-    reference_correct, _ = score_answers(reference, reference, rows)
+    calibration = calibrate(checkpoint, rows, max_tokens, MIN_POSITIONS)
+    reference, reference_correct = calibration.answers, calibration.correct_rate
     folders = build_variants(checkpoint, gguf, work)
     table: dict[str, dict[str, Any]] = {}
     models = {name: load(folder) for name, folder in folders.items()}
@@ -75,7 +76,10 @@ def quantization_figures(
     for name, folder in folders.items():
         answers, _ = onnx_answers(folder, rows, max_tokens)
         correct, exact = score_answers(answers, reference, rows)
+        scored = fidelity(calibration.sequences, calibration.reference_rows, onnx_dir_logits(folder))
         table[name] = {
+            "top1_agreement": scored.top1_agreement,
+            "kl_divergence": scored.kl_divergence,
             "size_mib": folder_bytes(folder) / 2**20,
             "exact_match": exact,
             "correct": correct,

@@ -9,8 +9,9 @@ Params:
         build), hub, or build.
     quantization: gguf, int4, int4-kquant, int8, fp32, fp16/bf16 (cuda) or auto; empty takes the
         preset's (config/presets.yaml): gguf for GGUF sources, int4 otherwise.
-    calibration_set, calibration_rows, max_quality_drop: for quantization=auto, the rows whose
-        greedy answers decide, and how far below the source's own correct rate a build may be.
+    calibration_set, calibration_rows, min_top1_agreement: for quantization=auto, the rows whose
+        float answers (with the shipped text) the candidates are teacher-forced along, and the
+        share of positions whose top-1 token must be the float model's for a build to be kept.
     temperature, max_new_tokens: the wrapper's defaults, as for `log_pipeline`.
     tracing: `true` records an MLflow trace per request (prompt and decode spans), `false` not.
     env_manager: how to run `download` when it must run first.
@@ -36,7 +37,8 @@ from pathlib import Path
 import mlflow
 
 from slmkit.errors import UserError, check_choice
-from slmkit.evaluation.quantization_choice import AutoChoice, auto_quantization, good_enough
+from slmkit.evaluation.fidelity import MIN_POSITIONS
+from slmkit.evaluation.quantization_choice import AutoChoice, auto_quantization, calibrate, good_enough
 from slmkit.evaluation.report import quality_speed_figure
 from slmkit.models.onnx_wrapper import ONNX_ARTIFACT, seal_onnx_folder, wrapper_model_arguments
 from slmkit.models.pipeline import generation_config
@@ -86,16 +88,17 @@ def use_hub_variant(spec: ModelSpec | None, onnx_source: str, execution_provider
     return onnx_source == "hub" or (onnx_source == "auto" and available and quantization == HUB_QUANTIZATION)
 
 
-def log_auto_choice(choice: AutoChoice, max_quality_drop: float) -> None:
-    """Log every candidate `quantization=auto` tried, as a table and a quality-speed plot."""
+def log_auto_choice(choice: AutoChoice, min_top1_agreement: float) -> None:
+    """Log every candidate `quantization=auto` tried, as a table and a fidelity-speed plot."""
     rows = [candidate.as_row() for candidate in choice.tried]
     mlflow.log_table({key: [row[key] for row in rows] for key in rows[0]}, CANDIDATES_TABLE)
-    mlflow.log_figure(quality_speed_figure(choice.tried, choice.reference_correct_rate), CANDIDATES_PLOT)
-    mlflow.log_metric("calibration/reference_correct_rate", choice.reference_correct_rate)
-    if not good_enough(choice.kept, choice.reference_correct_rate, max_quality_drop):
-        logger.warning("quantization=auto: no candidate within %s of the source; kept the best", max_quality_drop)
+    mlflow.log_figure(quality_speed_figure(choice.tried, min_top1_agreement), CANDIDATES_PLOT)
+    mlflow.log_metrics({"calibration/reference_correct_rate": choice.reference_correct_rate,
+                        "calibration/fidelity_positions": choice.fidelity_positions})  # fmt: skip
+    if not good_enough(choice.kept, min_top1_agreement):
+        logger.warning("quantization=auto: no candidate reaches min_top1_agreement=%s; kept the best", min_top1_agreement)
         mlflow.set_tag(
-            "quantization.auto", f"no candidate within max_quality_drop; kept the best, {choice.kept.quantization}"
+            "quantization.auto", f"no candidate reaches min_top1_agreement; kept the best, {choice.kept.quantization}"
         )
 
 
@@ -128,16 +131,17 @@ def main(args: argparse.Namespace) -> None:
             check_quantization(quantization, args.execution_provider, gguf is not None)
             if quantization == AUTO:
                 rows = load_eval_set(eval_set_path(args.calibration_set), args.calibration_rows)
+                calibration = calibrate(checkpoint, rows, CALIBRATION_MAX_TOKENS, MIN_POSITIONS)
                 choice = auto_quantization(
                     checkpoint,
                     gguf,
                     Path(scratch),
                     args.execution_provider,
-                    rows,
-                    args.max_quality_drop,
+                    calibration,
+                    args.min_top1_agreement,
                     CALIBRATION_MAX_TOKENS,
                 )
-                log_auto_choice(choice, args.max_quality_drop)
+                log_auto_choice(choice, args.min_top1_agreement)
                 quantization, report = choice.kept.quantization, choice.report
                 shutil.move(choice.folder, onnx_dir)
             else:

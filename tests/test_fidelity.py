@@ -6,7 +6,7 @@ import math
 
 import numpy as np
 
-from slmkit.evaluation.fidelity import WINDOW, compare_positions, fidelity, text_sequences
+from slmkit.evaluation.fidelity import WINDOW, compare_positions, fidelity, scored_rows, text_sequences
 
 
 def test_identical_logits_agree_everywhere_with_zero_divergence():
@@ -47,7 +47,7 @@ def test_positions_predict_the_next_token_and_are_counted_once():
         return rows
 
     ids = [1, 2, 0, 3, 0, 5]
-    scored = fidelity([(ids, 2)], one_hot_of_next, always_zero)
+    scored = fidelity([(ids, 2)], scored_rows([(ids, 2)], one_hot_of_next), always_zero)
     assert scored.positions == 4
     assert scored.top1_agreement == 0.5  # tokens 0, 3, 0, 5 follow: the candidate gets the two zeros
     assert scored.kl_divergence > 1

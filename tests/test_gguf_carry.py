@@ -17,6 +17,7 @@ from gguf.constants import GGML_QUANT_SIZES
 from slmkit.onnx.build import QUANTIZATIONS, builder_command, copy_runtime_files
 from slmkit.onnx.gguf_blocks import CARRIED_TYPES, BlockWeights, block_weights, concat_rows
 from slmkit.onnx.gguf_carry import (
+    DEFAULT_ACTIVATIONS,
     CarryReport,
     GgufWeights,
     Part,
@@ -92,15 +93,44 @@ def test_builder_nodes_map_to_checkpoint_weights():
     assert node_parts("/model/layers.0/attn/rotary/MatMul", llama) is None
 
 
-def test_activation_precision_reblocks_4_bit_weights_exactly_and_leaves_8_bit_ones():
+def test_activation_precision_reblocks_4_bit_weights_and_leaves_8_bit_ones():
     q4 = block_weights(random_blocks(Q.Q4_1, 3, 64), Q.Q4_1, 3, 64)
     level, reblocked = node_precision(q4, "int8-16")
     assert (level, reblocked.block_size) == (4, 16)
-    assert np.array_equal(reblocked.dequantize(), q4.dequantize())
-    assert node_precision(q4, "int8-32") == (4, q4)
-    assert node_precision(q4, "float32") == (1, q4)
+    assert np.allclose(reblocked.dequantize(), q4.dequantize(), rtol=0, atol=1e-6)
+    assert [(level, w.block_size) for level, w in (node_precision(q4, "int8-32"), node_precision(q4, "float32"))] == [
+        (4, 32),
+        (1, 32),
+    ]
     q8 = block_weights(random_blocks(Q.Q8_0, 3, 64), Q.Q8_0, 3, 64)
-    assert node_precision(q8, "float32") == (4, q8)  # no fast 8-bit kernel at level 1
+    assert node_precision(q8, "float32")[0] == 4  # no fast 8-bit kernel at level 1
+
+
+def test_the_default_reblocks_only_the_attention_input_projections():
+    q4 = block_weights(random_blocks(Q.Q4_0, 3, 64), Q.Q4_0, 3, 64)
+    blocks = {
+        node: node_precision(q4, DEFAULT_ACTIVATIONS, node)[1].block_size
+        for node in ("/model/layers.3/attn/qkv_proj/MatMul_Q4", "/model/layers.0/attn/v_proj/MatMul",
+                     "/model/layers.3/attn/o_proj/MatMul_Q4", "/model/layers.3/mlp/down_proj/MatMul_Q4", "/lm_head/MatMul")
+    }  # fmt: skip
+    assert list(blocks.values()) == [16, 16, 32, 32, 32]
+
+
+@pytest.mark.parametrize("qtype", sorted(CARRIED_TYPES), ids=lambda q: q.name)
+def test_recentred_weights_keep_their_values_with_the_default_zero_point(qtype: Q):
+    """Stored recentred, every type needs no zero-point input; a symmetric type's values stay
+    exact, and a type with minimums stores codes centred on the zero point (what keeps int8
+    activations' rounding from meeting the codes' common offset) within float rounding."""
+    weights = block_weights(random_blocks(qtype, 3, 256), qtype, 3, 256)
+    stored = weights.recentered()
+    assert np.all(stored.zero_points == 1 << (weights.bits - 1))
+    if weights.mins is None:
+        assert np.array_equal(stored.dequantize(), weights.dequantize())
+    else:
+        assert np.allclose(stored.dequantize(), weights.dequantize(), rtol=0, atol=1e-5)
+        offsets = stored.codes.astype(np.int16) - (1 << (weights.bits - 1))
+        half = 1 << (weights.code_bits - 1)
+        assert (offsets.min(), offsets.max()) == (-half, half - 1)
 
 
 @pytest.fixture(scope="module")

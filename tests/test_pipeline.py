@@ -103,7 +103,7 @@ def test_job_tasks_pass_declared_flags_and_job_defaults_match_the_steps(job: dic
 def test_parsers_are_built_from_the_declaration():
     args = STEPS["log_onnx_wrapper"].build_parser(None).parse_args(["--calibration-rows", "3"])
     assert args.calibration_rows == 3
-    assert args.max_quality_drop == 0.05
+    assert args.min_top1_agreement == 0.9
     assert args.tracing == "true"
 
 

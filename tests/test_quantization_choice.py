@@ -20,28 +20,30 @@ def measured(results: dict[str, Candidate]):
     return measure, tried
 
 
-def test_the_first_candidate_within_the_drop_is_kept_and_nothing_larger_is_built():
+def test_the_first_candidate_that_keeps_the_float_models_top_token_is_kept_and_nothing_larger_is_built():
+    """By fidelity, not by answers: int4 answers as many rows correctly as int8 but keeps fewer
+    of the float model's next-token choices."""
     results = {
-        "int4": Candidate("int4", 10, correct_rate=0.5),
-        "int8": Candidate("int8", 20, correct_rate=0.80),
-        "fp32": Candidate("fp32", 40, correct_rate=0.85),
+        "int4": Candidate("int4", 10, top1_agreement=0.6, correct_rate=0.85),
+        "int8": Candidate("int8", 20, top1_agreement=0.97, correct_rate=0.85),
+        "fp32": Candidate("fp32", 40, top1_agreement=1.0, correct_rate=0.85),
     }
     measure, tried = measured(results)
-    kept, candidates = choose(["int4", "int8", "fp32"], measure, reference_correct_rate=0.83, max_quality_drop=0.05)
+    kept, candidates = choose(["int4", "int8", "fp32"], measure, min_top1_agreement=0.9)
     assert kept == results["int8"]
     assert tried == ["int4", "int8"]
     assert candidates == [results["int4"], results["int8"]]
 
 
-def test_a_skipped_candidate_never_counts_and_without_a_close_one_the_best_is_kept():
+def test_a_skipped_candidate_never_counts_and_without_a_faithful_one_the_most_faithful_is_kept():
     results = {
         "gguf": Candidate("gguf", skipped="the model fails to load"),
-        "int4": Candidate("int4", 10, correct_rate=0.4),
-        "int8": Candidate("int8", 20, correct_rate=0.6),
+        "int4": Candidate("int4", 10, top1_agreement=0.4, correct_rate=0.9),
+        "int8": Candidate("int8", 20, top1_agreement=0.6, correct_rate=0.5),
     }
     measure, _ = measured(results)
-    kept, candidates = choose(["gguf", "int4", "int8"], measure, reference_correct_rate=0.9, max_quality_drop=0.05)
+    kept, candidates = choose(["gguf", "int4", "int8"], measure, min_top1_agreement=0.9)
     assert kept == results["int8"]
     assert [c.quantization for c in candidates] == ["gguf", "int4", "int8"]
     measure, _ = measured({"gguf": results["gguf"]})
-    assert choose(["gguf"], measure, 0.0, 0.05) == (None, [results["gguf"]])
+    assert choose(["gguf"], measure, 0.0) == (None, [results["gguf"]])

@@ -56,7 +56,7 @@ def test_a_gguf_source_is_carried_over_by_default_and_logged_with_its_tensor_rep
 
 
 @pytest.mark.slow(seconds=25)
-def test_auto_keeps_the_smallest_build_that_keeps_the_sources_quality_and_logs_every_candidate(
+def test_auto_keeps_the_smallest_build_that_keeps_the_float_models_top_tokens_and_logs_every_candidate(
     tracking_server: TrackingServer, trained_tiny_phi3: Path
 ):
     # In an experiment of its own, off pipeline_run's worker: the step runs its download itself.
@@ -72,12 +72,15 @@ def test_auto_keeps_the_smallest_build_that_keeps_the_sources_quality_and_logs_e
     rows = [dict(zip(table["columns"], values, strict=True)) for values in table["data"]]
     reference = run.data.metrics["calibration/reference_correct_rate"]
     assert reference == 1.0  # the trained rows are answered by the source itself
-    # Tried smallest first, stopping at the first within max_quality_drop (0.05) of the source.
+    assert run.data.metrics["calibration/fidelity_positions"] >= 2000
+    # Tried smallest first, stopping at the first that keeps min_top1_agreement (0.9) of the
+    # float model's top-1 tokens.
     assert [r["quantization"] for r in rows] == ["int4", "int4-kquant", "int8", "fp32"][: len(rows)]
-    kept = [r for r in rows if not r["skipped"] and r["correct_rate"] >= reference - 0.05]
+    kept = [r for r in rows if not r["skipped"] and r["top1_agreement"] >= 0.9]
     assert kept, rows
     assert kept[0] is rows[-1]
     assert run.data.params["onnx_quantization"] == kept[0]["quantization"]
+    assert all(0 <= r["kl_divergence"] < 1 for r in kept)
     assert all(r["size_bytes"] > 0 and r["decode_tokens_per_s"] > 0 for r in rows if not r["skipped"])
     artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id, "plots")}
     assert artifacts == {"plots/quantization_quality_speed.png"}

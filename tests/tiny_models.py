@@ -289,7 +289,11 @@ def build_in_one_process(commands: list[list[str]]) -> None:
 def carried_node_mismatches(folder: Path, gguf_path: Path, checkpoint: Path) -> list[str]:
     """The MatMulNBits nodes of a carried ONNX model whose weights differ from gguf's own
     dequantization of the file's tensors (in the checkpoint's row order, halves taken where the
-    builder splits a fused weight); empty when every carried node holds the file's weights."""
+    builder splits a fused weight); empty when every carried node holds the file's weights.
+
+    Codes, scales and rows are compared exactly in effect: a minimum moved by the recentring
+    (slmkit.onnx.gguf_blocks.BlockWeights.recentered) is the only float rounding allowed, a few
+    ulps of the row's largest value, where one wrong code moves a value by a whole scale."""
     import json
 
     import gguf
@@ -312,6 +316,15 @@ def carried_node_mismatches(folder: Path, gguf_path: Path, checkpoint: Path) -> 
             values = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
             values = values[weights.row_order(name, values.shape[0])]
             pieces.append(values[part.select(values.shape[0])])
-        if not pieces or not np.array_equal(node_weights(model, node), np.concatenate(pieces)):
+        if not pieces or not _same_up_to_rounding(node_weights(model, node), np.concatenate(pieces)):
             mismatches.append(node.name)
     return mismatches
+
+
+def _same_up_to_rounding(actual, expected) -> bool:
+    import numpy as np
+
+    if actual.shape != expected.shape:
+        return False
+    row_scale = np.abs(expected).max(axis=1, keepdims=True)  # bounds |min| and |scale · code| of each block
+    return bool(np.all(np.abs(actual - expected) <= 8 * np.finfo(np.float32).eps * row_scale))

@@ -66,14 +66,17 @@ def text_sequences(token_ids: list[int], window: int = WINDOW, context: int = CO
     return [(token_ids[start : start + window], context) for start in range(0, len(token_ids) - window + 1, window)]
 
 
-def fidelity(sequences: Iterable[Sequence], reference: Logits, candidate: Logits) -> Fidelity:
-    """Both models teacher-forced along every sequence; the logits at position i predict token i+1."""
+def scored_rows(sequences: Iterable[Sequence], logits: Logits) -> list[np.ndarray]:
+    """Each sequence's logits at its scored positions (position i predicts token i+1): what a
+    reference is kept as, to compare several candidates without running it again."""
+    return [logits(ids)[first - 1 : len(ids) - 1] for ids, first in sequences if first < len(ids)]
+
+
+def fidelity(sequences: Iterable[Sequence], reference: list[np.ndarray], candidate: Logits) -> Fidelity:
+    """The candidate teacher-forced along every sequence, against the reference's scored rows."""
     agree, kl = [], []
-    for ids, first in sequences:
-        if first >= len(ids):
-            continue
-        rows = slice(first - 1, len(ids) - 1)
-        same, divergence = compare_positions(reference(ids)[rows], candidate(ids)[rows])
+    for rows, candidate_rows in zip(reference, scored_rows(sequences, candidate), strict=True):
+        same, divergence = compare_positions(rows, candidate_rows)
         agree.append(same)
         kl.append(divergence)
     if not agree:
@@ -118,15 +121,9 @@ def answer_sequences(tokenizer: Any, conversations: list[tuple[list[dict[str, st
     return sequences
 
 
-def measure_fidelity(reference: Any, tokenizer: Any, onnx_dir: Path, conversations: list[tuple[list[dict[str, str]], str]],
-                     min_positions: int = MIN_POSITIONS, text: Path = TEXT) -> Fidelity:  # fmt: skip
-    """The ONNX model in `onnx_dir` against `reference`, a transformers causal LM cast to float32
-    here (a bf16 checkpoint's weights are exact in float32), on the conversations and the text."""
-    from slmkit.onnx.greedy import load
-
-    reference = reference.float().eval()
-    model, _ = load(onnx_dir)
-    window = min(int(reference.config.max_position_embeddings), WINDOW)
+def scored_sequences(tokenizer: Any, conversations: list[tuple[list[dict[str, str]], str]], window: int,
+                     min_positions: int = MIN_POSITIONS, text: Path = TEXT) -> list[Sequence]:  # fmt: skip
+    """The conversations' answers, then the text's windows until `min_positions` are scored."""
     sequences = answer_sequences(tokenizer, conversations)
     positions = sum(len(ids) - first for ids, first in sequences)
     for ids, first in text_sequences(tokenizer(text.read_text(), add_special_tokens=False)["input_ids"], window):
@@ -134,4 +131,25 @@ def measure_fidelity(reference: Any, tokenizer: Any, onnx_dir: Path, conversatio
             break
         sequences.append((ids, first))
         positions += len(ids) - first
-    return fidelity(sequences, transformers_logits(reference), onnx_logits(model, model_tokens(onnx_dir)))
+    return sequences
+
+
+def measure_fidelity(reference: Any, tokenizer: Any, onnx_dir: Path, conversations: list[tuple[list[dict[str, str]], str]],
+                     min_positions: int = MIN_POSITIONS, text: Path = TEXT) -> Fidelity:  # fmt: skip
+    """The ONNX model in `onnx_dir` against `reference`, a transformers causal LM cast to float32
+    here (a bf16 checkpoint's weights are exact in float32), on the conversations and the text."""
+    reference = reference.float().eval()
+    sequences = scored_sequences(tokenizer, conversations, reference_window(reference), min_positions, text)
+    return fidelity(sequences, scored_rows(sequences, transformers_logits(reference)), onnx_dir_logits(onnx_dir))
+
+
+def reference_window(reference: Any) -> int:
+    """The text window: WINDOW, or the model's whole context when that is shorter."""
+    return min(int(reference.config.max_position_embeddings), WINDOW)
+
+
+def onnx_dir_logits(onnx_dir: Path) -> Logits:
+    from slmkit.onnx.greedy import load
+
+    model, _ = load(onnx_dir)
+    return onnx_logits(model, model_tokens(onnx_dir))

@@ -1,10 +1,13 @@
-"""`quantization=auto`: the smallest ONNX build whose answers keep the source's quality.
+"""`quantization=auto`: the smallest ONNX build that keeps the float model's next-token choices.
 
-Candidates are tried from the smallest expected size up. Each is built, then answers the
-calibration rows greedily; the first whose answer-correct rate reaches the source's own
-(transformers on the same checkpoint, same rows, greedy) within `max_quality_drop` is kept, and
-no larger one is built. A candidate that fails to build or to load is skipped with its reason.
-If none is good enough, the one with the best correct rate is kept, and the table says so.
+Candidates are tried from the smallest expected size up. Each is built, then teacher-forced along
+the source's own greedy answers to the calibration rows and the shipped text
+(slmkit.evaluation.fidelity, the way llama-perplexity measures a quantization): the first whose
+top-1 agreement with transformers in float32 reaches `min_top1_agreement` is kept, and no larger
+one is built. Thousands of positions tell builds apart where a few dozen answers cannot (one of
+24 rows is 4 points of correct rate). Each candidate's greedy answers and decode speed are
+recorded beside it. A candidate that fails to build or to load is skipped with its reason. If
+none is good enough, the one with the best agreement is kept, and the table says so.
 """
 
 from __future__ import annotations
@@ -17,6 +20,15 @@ from pathlib import Path
 from typing import Any
 
 from slmkit.errors import UserError
+from slmkit.evaluation.fidelity import (
+    Sequence,
+    fidelity,
+    onnx_dir_logits,
+    reference_window,
+    scored_rows,
+    scored_sequences,
+    transformers_logits,
+)
 from slmkit.evaluation.scoring import answer_correct
 from slmkit.manifest import folder_bytes
 from slmkit.onnx.build import QUANTIZATIONS, build_onnx
@@ -33,6 +45,8 @@ class Candidate:
 
     quantization: str
     size_bytes: int = 0
+    top1_agreement: float = 0.0
+    kl_divergence: float = 0.0
     correct_rate: float = 0.0
     exact_match_rate: float = 0.0
     decode_tokens_per_s: float = 0.0
@@ -57,33 +71,31 @@ class AutoChoice:
     kept: Candidate
     tried: list[Candidate]
     reference_correct_rate: float
+    fidelity_positions: int
     folder: Path
     report: CarryReport | None
 
 
-def good_enough(candidate: Candidate, reference_correct_rate: float, max_quality_drop: float) -> bool:
-    return not candidate.skipped and candidate.correct_rate >= reference_correct_rate - max_quality_drop - 1e-9
+def good_enough(candidate: Candidate, min_top1_agreement: float) -> bool:
+    return not candidate.skipped and candidate.top1_agreement >= min_top1_agreement - 1e-9
 
 
 def choose(
-    order: list[str],
-    measure: Callable[[str], Candidate],
-    reference_correct_rate: float,
-    max_quality_drop: float,
+    order: list[str], measure: Callable[[str], Candidate], min_top1_agreement: float
 ) -> tuple[Candidate | None, list[Candidate]]:
     """Measure candidates in `order` until one is good enough; return the kept one and all tried.
 
-    The kept one is the first good enough, else the built one with the best correct rate (the
+    The kept one is the first good enough, else the built one with the best top-1 agreement (the
     smaller on ties), else None when nothing built.
     """
     tried = []
     for quantization in order:
         candidate = measure(quantization)
         tried.append(candidate)
-        if good_enough(candidate, reference_correct_rate, max_quality_drop):
+        if good_enough(candidate, min_top1_agreement):
             return candidate, tried
     built = [c for c in tried if not c.skipped]
-    return (max(built, key=lambda c: c.correct_rate) if built else None), tried
+    return (max(built, key=lambda c: c.top1_agreement) if built else None), tried
 
 
 def score_answers(answers: list[str], reference: list[str], rows: list[EvalRow]) -> tuple[float, float]:
@@ -93,13 +105,10 @@ def score_answers(answers: list[str], reference: list[str], rows: list[EvalRow])
     return correct, exact
 
 
-def reference_answers(checkpoint: Path, rows: list[EvalRow], max_tokens: int) -> list[str]:
+def reference_answers(model: Any, tokenizer: Any, rows: list[EvalRow], max_tokens: int) -> list[str]:
     """The source's own greedy answers: transformers on the float checkpoint, in float32."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
-    model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32)
     answers = []
     with torch.inference_mode():
         for row in rows:
@@ -109,6 +118,41 @@ def reference_answers(checkpoint: Path, rows: list[EvalRow], max_tokens: int) ->
             output = model.generate(**inputs, max_new_tokens=max_tokens, do_sample=False)
             answers.append(tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True))
     return answers
+
+
+def float_reference(checkpoint: Path) -> tuple[Any, Any]:
+    """transformers' model (float32, eval mode) and tokenizer of the checkpoint."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
+    return model, AutoTokenizer.from_pretrained(checkpoint)
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """What every candidate is measured against: the rows, the source's greedy answers to them and
+    its correct rate, and the scored sequences with the float model's logits along them."""
+
+    rows: list[EvalRow]
+    answers: list[str]
+    correct_rate: float
+    sequences: list[Sequence]
+    reference_rows: list[Any]
+
+    @property
+    def positions(self) -> int:
+        return sum(len(rows) for rows in self.reference_rows)
+
+
+def calibrate(checkpoint: Path, rows: list[EvalRow], max_tokens: int, min_positions: int) -> Calibration:
+    """Run the float model once: its answers, and its logits along them and the shipped text."""
+    model, tokenizer = float_reference(checkpoint)
+    answers = reference_answers(model, tokenizer, rows, max_tokens)
+    correct, _ = score_answers(answers, answers, rows)
+    conversations = [(row.messages, answer) for row, answer in zip(rows, answers, strict=True)]
+    sequences = scored_sequences(tokenizer, conversations, reference_window(model), min_positions)
+    return Calibration(rows, answers, correct, sequences, scored_rows(sequences, transformers_logits(model)))
 
 
 def onnx_answers(folder: Path, rows: list[EvalRow], max_tokens: int) -> tuple[list[str], float]:
@@ -128,39 +172,45 @@ def onnx_answers(folder: Path, rows: list[EvalRow], max_tokens: int) -> tuple[li
     return answers, tokens / seconds if seconds else 0.0
 
 
+def measure_candidate(folder: Path, calibration: Calibration, max_tokens: int) -> dict[str, float]:
+    """A built candidate's fidelity along the calibration's sequences, and its greedy answers' scores."""
+    scored = fidelity(calibration.sequences, calibration.reference_rows, onnx_dir_logits(folder))
+    answers, speed = onnx_answers(folder, calibration.rows, max_tokens)
+    correct, exact = score_answers(answers, calibration.answers, calibration.rows)
+    return {"top1_agreement": scored.top1_agreement, "kl_divergence": scored.kl_divergence,
+            "correct_rate": correct, "exact_match_rate": exact, "decode_tokens_per_s": speed}  # fmt: skip
+
+
 def auto_quantization(
     checkpoint: Path,
     gguf: Path | None,
     scratch: Path,
     execution_provider: str,
-    rows: list[EvalRow],
-    max_quality_drop: float,
+    calibration: Calibration,
+    min_top1_agreement: float,
     max_tokens: int,
 ) -> AutoChoice:
-    """Build candidates smallest first (into `scratch`) and keep the first whose greedy answers on
-    `rows` keep the source's quality; see the module docstring.
+    """Build candidates smallest first (into `scratch`) and keep the first whose top-1 agreement
+    with the float model reaches `min_top1_agreement`; see the module docstring.
 
     Raises:
         UserError: no candidate could be built; the message gives each one's reason.
     """
-    reference = reference_answers(checkpoint, rows, max_tokens)
-    reference_correct, _ = score_answers(reference, reference, rows)
     builds: dict[str, tuple[Path, CarryReport | None]] = {}
 
     def measure(quantization: str) -> Candidate:
         folder = scratch / f"candidate-{quantization}"
         try:
             report = build_onnx(quantization, checkpoint, folder, scratch, execution_provider, gguf)
-            answers, speed = onnx_answers(folder, rows, max_tokens)
+            measured = measure_candidate(folder, calibration, max_tokens)
         except Exception as error:  # a candidate that fails to build or load is skipped, not fatal
             reason = str(error).strip().splitlines()[-1][:300] if str(error).strip() else type(error).__name__
             return Candidate(quantization, skipped=reason)
         builds[quantization] = folder, report
-        correct, exact = score_answers(answers, reference, rows)
-        return Candidate(quantization, folder_bytes(folder), correct, exact, speed)
+        return Candidate(quantization, folder_bytes(folder), **measured)
 
     gguf_bits = 32 * gguf.stat().st_size / folder_bytes(checkpoint, ".safetensors") if gguf else None
-    kept, tried = choose(candidate_order(execution_provider, gguf_bits), measure, reference_correct, max_quality_drop)
+    kept, tried = choose(candidate_order(execution_provider, gguf_bits), measure, min_top1_agreement)
     if kept is None:
         raise UserError(f"quantization=auto: no candidate could be built ({'; '.join(c.skipped for c in tried)})")
-    return AutoChoice(kept, tried, reference_correct, *builds[kept.quantization])
+    return AutoChoice(kept, tried, calibration.correct_rate, calibration.positions, *builds[kept.quantization])

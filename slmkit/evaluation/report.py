@@ -96,9 +96,9 @@ def overview_figure(metrics: dict[str, float], models: tuple[str, ...] = ("pipel
     return figure
 
 
-def quality_speed_figure(candidates: list[Any], reference_correct_rate: float) -> Any:
-    """Answer-correct rate against decode tokens/s of each built quantization candidate, with
-    the source's own correct rate as a line (quantization=auto)."""
+def quality_speed_figure(candidates: list[Any], min_top1_agreement: float) -> Any:
+    """Top-1 agreement with the float model against decode tokens/s of each built quantization
+    candidate, with the bar a build must reach as a line (quantization=auto)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -106,14 +106,14 @@ def quality_speed_figure(candidates: list[Any], reference_correct_rate: float) -
 
     figure, axis = plt.subplots(figsize=(6, 4))
     for candidate in (c for c in candidates if not c.skipped):
-        axis.scatter(candidate.decode_tokens_per_s, candidate.correct_rate, s=40)
+        axis.scatter(candidate.decode_tokens_per_s, candidate.top1_agreement, s=40)
         label = f"{candidate.quantization} ({candidate.size_bytes / 2**20:.0f} MiB)"
         axis.annotate(
-            label, (candidate.decode_tokens_per_s, candidate.correct_rate), textcoords="offset points", xytext=(5, 5)
+            label, (candidate.decode_tokens_per_s, candidate.top1_agreement), textcoords="offset points", xytext=(5, 5)
         )
-    axis.axhline(reference_correct_rate, linestyle="--", color="grey", label="source (transformers)")
+    axis.axhline(min_top1_agreement, linestyle="--", color="grey", label="min_top1_agreement")
     axis.set_xlabel("decode tokens/s")
-    axis.set_ylabel("answer correct rate")
+    axis.set_ylabel("top-1 agreement with the float model")
     axis.set_title("Quantization candidates")
     axis.legend(loc="lower right")
     figure.tight_layout()

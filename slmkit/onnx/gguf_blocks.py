@@ -74,6 +74,26 @@ class BlockWeights:
             self.code_bits,
         )
 
+    def recentered(self) -> BlockWeights:
+        """The same weight with every zero point at MatMulNBits' default, 2^(bits−1), so that the
+        node needs no zero-point input and the codes it multiplies with int8 activations are
+        centred on zero.
+
+        A symmetric type's codes only shift (Q5_0's zero point 16 becomes 128 in 8 bits), exactly.
+        A type with minimums stores `scale · code + min` with codes from 0 up: their common
+        offset would meet the activations' rounding error at full size, while llama.cpp's
+        `m · Σ x_q` uses the rounded activations' own sums and cancels it. Here the codes are
+        centred at 2^(code_bits−1) and `scale · 2^(code_bits−1)` moves into the minimum, which the
+        graph adds with the exact activations (equal to the file's values up to float rounding).
+        """
+        default = 1 << (self.bits - 1)
+        centre = 0 if self.mins is None else 1 << (self.code_bits - 1)
+        shift = default - centre - self.zero_points.astype(np.int16)  # per block
+        codes = self.codes.astype(np.int16) + np.repeat(shift, self.block_size, axis=1)
+        mins = None if self.mins is None else self.mins + self.scales * np.float32(centre)
+        zero_points = np.full_like(self.zero_points, default)
+        return BlockWeights(codes.astype(np.uint8), self.scales, zero_points, mins, self.block_size, self.code_bits)
+
 
 def concat_rows(parts: list[BlockWeights]) -> BlockWeights:
     """Stack weights along N (a packed q/k/v MatMul), in the smallest block size and widest codes."""

@@ -38,19 +38,40 @@ _MODULE_PREFIX = {"attn": "self_attn", "mlp": "mlp"}
 # half of a fused checkpoint weight (Phi-3's gate_up_proj).
 _FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj")}
 _SPLIT = {"gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}
-# Activation precision (MatMulNBits' accuracy_level, and the block its int8 activations are
-# quantized by, which is the weight's block). On SmolLM2's Q4_1 file, greedy, 24 eval rows,
-# against transformers in float32 (exact match / correct; the source answers 20):
-#   int8-32  int8 per block of 32, as llama.cpp does (q8_0/q8_1): 12 / 16, fastest
-#   int8-16  4-bit weights re-blocked to 16 (each scale and min repeated, exactly): 16 / 21
-#   float32  accuracy level 1 for 4-bit weights: 22 / 20, slowest
-# int8-16 is the default: integer arithmetic gives each row of a batch the same result as alone,
-# so the wrapper's batched answers stay equal to its lone ones (float32 activations in the down
-# projection alone answered 18 / 20, but onnxruntime's float kernels sum differently for a batch
-# than for one row, and batched answers changed). 8-bit weights always take int8-32: below level
-# 4 onnxruntime 1.32 has no fast kernel for them (1.2 ms against 38 µs for 576×1536).
-ACTIVATIONS = {"int8-32": (4, None), "int8-16": (4, 16), "float32": (1, None)}
-DEFAULT_ACTIVATIONS = "int8-16"
+@dataclass(frozen=True)
+class Activations:
+    """How a carried 4-bit node's activations are computed: MatMulNBits' accuracy_level (4: int8,
+    quantized per block of the weights; 1: float32), and the block the weights are re-blocked to
+    (each scale and minimum repeated, so the values stay exact), in the attention's q/k/v input
+    projections and in the other nodes (None: the file's own, 32)."""
+
+    level: int
+    attention_block: int | None = None
+    block: int | None = None
+
+
+# On SmolLM2's Q4_1 file, 1,792 positions of the shipped text, against transformers in float32
+# (top-1 agreement, KLD over the whole vocabulary; bench/fidelity.py; llama-server on the same
+# positions: 95.0%, and 0.0035 against our 0.0040 for int8-32 over the reference's top 20):
+#   int8-32      llama.cpp's own arithmetic (q8_0/q8_1 per 32)        94.8%  0.0052
+#   int8-16-qkv  per 16 in q/k/v only (default)                       95.8%  0.0042
+#   int8-16      per 16 everywhere (MLAS's slower tile kernel)        96.7%  0.0033
+#   float32      accuracy level 1, about half the decode speed       97.8%  0.0007
+# The q/k/v projections read RMSNorm's output, whose outlier channels make their int8 rounding
+# error twice the other nodes' (bench/fidelity.py's node table), so halving their block buys most
+# of int8-16's fidelity for 16% of the weights, at no measurable decode cost. Integer arithmetic
+# gives each row of a batch the same result as alone, so the wrapper's batched answers stay equal
+# to its lone ones; onnxruntime's float kernels sum a batch differently. 8-bit weights always
+# take int8 per 32: below level 4 onnxruntime 1.32 has no fast kernel for them (1.2 ms against
+# 38 µs for 576×1536).
+ACTIVATIONS = {
+    "int8-32": Activations(4),
+    "int8-16-qkv": Activations(4, attention_block=16),
+    "int8-16": Activations(4, attention_block=16, block=16),
+    "float32": Activations(1),
+}
+DEFAULT_ACTIVATIONS = "int8-16-qkv"
+_ATTENTION_INPUTS = frozenset({"qkv_proj", "q_proj", "k_proj", "v_proj"})
 
 
 @dataclass(frozen=True)
@@ -179,13 +200,18 @@ def carry_node_weights(
     return carried, "+".join(types)
 
 
-def node_precision(weights: BlockWeights, activations: str) -> tuple[int, BlockWeights]:
-    """MatMulNBits' accuracy_level for carried weights, and the weights in the block size their
+def node_precision(weights: BlockWeights, activations: str, node_name: str = "") -> tuple[int, BlockWeights]:
+    """MatMulNBits' accuracy_level for a carried node, and its weights as the node stores them:
+    recentred on the default zero point (BlockWeights.recentered), in the block size its
     activations are quantized by (see ACTIVATIONS)."""
-    level, block_size = ACTIVATIONS[activations] if weights.bits == 4 else ACTIVATIONS["int8-32"]
+    precision = ACTIVATIONS[activations] if weights.bits == 4 else ACTIVATIONS["int8-32"]
+    match = _LAYER_NODE.match(node_name)
+    attention = bool(match) and match.group(3) in _ATTENTION_INPUTS
+    block_size = precision.attention_block if attention else precision.block
+    weights = weights.recentered()
     if block_size and block_size < weights.block_size:
         weights = weights.with_block_size(block_size)
-    return level, weights
+    return precision.level, weights
 
 
 def carry_gguf_weights(
@@ -218,7 +244,7 @@ def carry_gguf_weights(
             except (KeyError, ValueError) as error:
                 report.requantized[node.name] = str(error).strip("'\"")
                 continue
-            graph.set_matmul_weights(node, *node_precision(carried, activations))
+            graph.set_matmul_weights(node, *node_precision(carried, activations, node.name))
             report.carried[node.name] = types
     (onnx_dir / DATA_FILE).unlink(missing_ok=True)
     onnx.save_model(model, str(onnx_dir / MODEL_FILE), save_as_external_data=True, location=DATA_FILE)
@@ -254,15 +280,6 @@ def pack_codes(codes: np.ndarray, bits: int, block_size: int) -> np.ndarray:
     if bits == 4:
         codes = codes[:, 0::2] | (codes[:, 1::2] << np.uint8(4))
     return np.ascontiguousarray(codes.reshape(rows, columns // block_size, -1))
-
-
-def pack_zero_points(zero_points: np.ndarray, bits: int) -> np.ndarray:
-    """MatMulNBits' zero points: [N, blocks] uint8 for 8 bits; two a byte for 4 bits, padded."""
-    if bits == 8:
-        return np.ascontiguousarray(zero_points)
-    if zero_points.shape[1] % 2:
-        zero_points = np.pad(zero_points, ((0, 0), (0, 1)))
-    return np.ascontiguousarray(zero_points[:, 0::2] | (zero_points[:, 1::2] << np.uint8(4)))
 
 
 def unpack_matmul_nbits(
@@ -312,19 +329,16 @@ class ModelGraph:
         tied = [n for n in self._consumers(weight_name) if n is not node]
         columns = weights.shape[1]
         bits = weights.bits
+        if np.any(weights.zero_points != 1 << (bits - 1)):
+            raise ValueError("carried weights are stored recentred, with the default zero points")
         self._set_initializer(weight_name, pack_codes(weights.codes, bits, weights.block_size))
         self._set_initializer(scales_name, weights.scales)
-        default_zero = bool(np.all(weights.zero_points == 1 << (bits - 1)))
-        zero_name = f"{weight_name}_zero_points"
         del node.input[3:]
-        if not default_zero:
-            self._set_initializer(zero_name, pack_zero_points(weights.zero_points, bits))
-            node.input.append(zero_name)
         for attribute, value in (("bits", bits), ("block_size", weights.block_size), ("accuracy_level", level)):
             node.attribute.remove(next(a for a in node.attribute if a.name == attribute))
             node.attribute.append(helper.make_attribute(attribute, value))
         for reshape in tied:
-            self._retie_embedding(reshape, weights, None if default_zero else zero_name)
+            self._retie_embedding(reshape, weights)
         if weights.mins is not None:
             self._add_block_sums(node, weights.mins, columns // weights.block_size, weights.block_size)
 
@@ -351,7 +365,7 @@ class ModelGraph:
         for offset, new in enumerate(added):
             self.model.graph.node.insert(position + offset, new)
 
-    def _retie_embedding(self, reshape, weights: BlockWeights, zero_name: str | None) -> None:
+    def _retie_embedding(self, reshape, weights: BlockWeights) -> None:
         """Point the embedding at the carried weights: GatherBlockQuantized for symmetric types
         (its shape constant follows the new code width), a float Gather of the exact values when
         the type has mins, which GatherBlockQuantized cannot add."""
@@ -372,9 +386,7 @@ class ModelGraph:
             return
         reshape.input[1] = f"{reshape.name}.carried_shape"  # the builder's shape is a Constant node
         self._set_initializer(reshape.input[1], np.array([rows, columns * weights.bits // 8], dtype=np.int64))
-        del gather.input[3:]
-        if zero_name:
-            gather.input.append(zero_name)
+        del gather.input[3:]  # the default zero points, as in the MatMul
         for attribute, value in (("bits", weights.bits), ("block_size", weights.block_size)):
             gather.attribute.remove(next(a for a in gather.attribute if a.name == attribute))
             gather.attribute.append(helper.make_attribute(attribute, value))

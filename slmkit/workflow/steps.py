@@ -120,7 +120,7 @@ ONNX = (
     Param("quantization"),
     Param("calibration_set", default="data/eval_set.jsonl"),
     Param("calibration_rows", "int", 8),
-    Param("max_quality_drop", "float", 0.05),
+    Param("min_top1_agreement", "float", 0.9),
     Param("tracing", default="true"),
 )
 EVALUATION = (
