@@ -27,6 +27,7 @@ from bench.figures import (
     decode_rates,
     served_generate,
 )
+from bench.front import http_first_token_s
 from harness.servers import free_port, stop_process, wait_for_http
 from slmkit.evaluation.fidelity import MIN_POSITIONS, fidelity, onnx_dir_logits
 from slmkit.evaluation.quantization_choice import calibrate, onnx_answers, score_answers
@@ -124,6 +125,35 @@ def llama_server(binary: str, gguf: Path, log: Path):
     return process, f"http://127.0.0.1:{port}/v1/chat/completions"
 
 
+CONVERSATION = [
+    "Write a short story about a robot who learns to paint.",
+    "Now make it sadder.",
+    "Give the robot a name and tell the story again.",
+    "What would the robot paint next?",
+    "Summarise everything in two sentences.",
+    "Translate the summary into French.",
+]
+
+
+def conversation_turns(chat_url: str, max_tokens: int) -> list[list[dict[str, str]]]:
+    """The messages of each turn of one conversation, each turn resending the whole history, as
+    a chat client does; the assistant's answers are `chat_url`'s own, so both servers get the
+    same requests."""
+    history: list[dict[str, str]] = []
+    turns = []
+    for question in CONVERSATION:
+        history.append({"role": "user", "content": question})
+        turns.append(list(history))
+        answer = chat_completion(chat_url, history, max_tokens)["choices"][0]["message"]["content"]
+        history.append({"role": "assistant", "content": answer})
+    return turns
+
+
+def multi_turn_first_token_s(chat_url: str, turns: list[list[dict[str, str]]], max_tokens: int) -> list[float]:
+    """Streamed time to first token of each turn, in order (so a server may reuse the last turn's cache)."""
+    return [http_first_token_s(chat_url, {"messages": m, "max_tokens": max_tokens, "temperature": 0}) for m in turns]
+
+
 def peer_figures(served_url: str, gguf: Path | None, rows: list[EvalRow], work: Path, max_tokens: int) -> list[Figure]:
     """Our served model over llama-server on the same GGUF, at 1 and at 4 clients, same sitting."""
     binary = os.environ.get(LLAMA_SERVER_ENV, "")
@@ -139,10 +169,15 @@ def peer_figures(served_url: str, gguf: Path | None, rows: list[EvalRow], work: 
             "onnx_correct": served_correct_rate(served_url, rows, max_tokens),
             "llama_server_correct": served_correct_rate(llama_url, rows, max_tokens),
         }
+        turns = conversation_turns(served_url, max_tokens)
+        first_token = {"onnx_s": multi_turn_first_token_s(served_url, turns, max_tokens),
+                       "llama_server_s": multi_turn_first_token_s(llama_url, turns, max_tokens)}  # fmt: skip
     finally:
         stop_process(process)
     detail = {"onnx_tok_s": ours, "llama_server_tok_s": theirs, **quality}
+    last_turn = first_token["onnx_s"][-1] / first_token["llama_server_s"][-1]
     return [
-        Figure(f"served ONNX / llama-server tok/s, {k} client{'s' * (k > 1)}", ours[k] / theirs[k], detail)
-        for k in (1, 4)
+        *(Figure(f"served ONNX / llama-server tok/s, {k} client{'s' * (k > 1)}", ours[k] / theirs[k], detail)
+          for k in (1, 4)),
+        Figure("multi-turn first token, last turn: ONNX / llama-server", last_turn, first_token),
     ]  # fmt: skip

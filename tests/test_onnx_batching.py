@@ -11,7 +11,15 @@ import numpy as np
 import pytest
 
 from slmkit.models.onnx_wrapper import ONNX_ARTIFACT
-from slmkit.onnx.batching import MAX_BATCH_SIZE_ENV, BatchedDecoder, Slot, admit, max_batch_size, right_padded
+from slmkit.onnx.batching import (
+    MAX_BATCH_SIZE_ENV,
+    BatchedDecoder,
+    Slot,
+    admit,
+    max_batch_size,
+    reusable_prefix,
+    right_padded,
+)
 from slmkit.onnx.greedy import chat_prompt_ids, load
 from slmkit.onnx.session import model_tokens
 
@@ -149,3 +157,34 @@ def test_a_failed_batch_raises_in_its_callers_and_the_decoder_serves_on(ask, dec
         list(decoder.generate(too_long))
     prompt = ask("Hi")[0]
     assert list(decoder.generate(Slot(prompt, 3)))
+
+
+def test_reusable_prefix_is_the_shared_prompt_start_leaving_two_tokens_to_append():
+    kept = np.array([1, 2, 3, 4, 5])
+    assert reusable_prefix(kept, np.array([1, 2, 3, 4, 5, 6, 7, 8])) == 5
+    assert reusable_prefix(kept, np.array([1, 2, 9, 4, 5, 6, 7])) == 2
+    assert reusable_prefix(kept, np.array([1, 2, 3, 4, 5, 6])) == 4  # two tokens are always appended
+    assert reusable_prefix(kept, np.array([7, 2, 3])) == 0
+
+
+def test_a_conversation_reuses_its_last_prompts_cache_and_gets_the_answers_of_a_fresh_generator(
+    model_and_tokenizer, onnx_folder, decoder
+):
+    """Each turn resends the conversation, as a chat client does; the decoder rewinds the last
+    lone request's Generator to the shared prompt, and every answer is the one a decoder with
+    nothing kept gives, token for token. A batch of two in between leaves the kept cache alone."""
+    model, tokenizer = model_and_tokenizer
+    conversation, reused = [], []
+    for turn, question in enumerate(["Hi", "What is the capital of France?", "Why?", "Tell me more."]):
+        conversation.append({"role": "user", "content": question})
+        prompt = chat_prompt_ids(tokenizer, conversation)
+        fresh = list(BatchedDecoder(model, model_tokens(onnx_folder)).generate(Slot(prompt, 12)))
+        kept = Slot(prompt, 12)
+        assert list(decoder.generate(kept)) == fresh
+        reused.append(kept.reused_tokens)
+        conversation.append({"role": "assistant", "content": tokenizer.decode(fresh)})
+        if turn == 1:
+            pair = [Slot(p, 4) for p in (prompt, prompt)]
+            assert [len(list(s)) for s in [decoder.generate(slot) for slot in pair]] == [4, 4]
+    assert reused[0] == 0
+    assert all(count > 0 for count in reused[1:]), reused

@@ -15,6 +15,16 @@ The batches are static: a Generator cannot take a row once it has started, so a 
 arrives while a batch runs waits for the next batch. There is no scheduler thread: each waiting
 caller takes the decoder's lock in turn and advances the current batch by one token for everyone,
 or forms the next batch when none runs; a lone request therefore decodes at the bare loop's speed.
+
+A chat client sends the whole conversation again every turn. A lone greedy request's Generator is
+kept when it ends, sized for one more turn, and the next lone greedy request rewinds it
+(`rewind_to`) to the longest prefix it shares with the kept prompt and appends only the rest, as
+llama-server's `cache_prompt` does. Only prompt tokens are reused, never generated ones, and at
+least two tokens are appended: a position's keys and values computed one token at a time (the
+decode path) differ in the last bits from a prefill's and would change greedy answers, while a
+prefill chunk computes each row as the whole prompt's prefill does, so the answers stay exactly
+those of a fresh Generator (`tests/test_onnx_batching.py`). Models with sliding-window layers
+never reuse: their cache wraps around.
 """
 
 from __future__ import annotations
@@ -33,6 +43,9 @@ from slmkit.onnx.session import ModelTokens
 
 MAX_BATCH_SIZE_ENV = "SLMKIT_MAX_BATCH_SIZE"
 DEFAULT_MAX_BATCH_SIZE = 4
+# A lone greedy Generator holds room for its request, its answer again and this many tokens more:
+# the next turn of a conversation (this answer and a new question) then fits and reuses its cache.
+NEXT_QUESTION_TOKENS = 256
 
 
 def max_batch_size(configured: int | None = None) -> int:
@@ -72,6 +85,26 @@ class Slot:
     timed_out: bool = False
     abandoned: bool = False  # its caller stopped reading: the row is no longer worth decoding
     error: BaseException | None = None
+    reused_tokens: int = 0  # prompt tokens whose KV cache came from the previous lone request
+
+
+@dataclass(frozen=True)
+class KeptPrompt:
+    """The Generator of the last lone greedy request, whose prompt's KV cache the next may reuse."""
+
+    generator: Any
+    prompt: np.ndarray
+    capacity: int  # the Generator's max_length
+
+
+def reusable_prefix(kept: np.ndarray, prompt: np.ndarray) -> int:
+    """How many leading tokens of `prompt` can take the kept prompt's cache: their common prefix,
+    leaving at least two tokens to append (one would take the decode path; see the module)."""
+    limit = min(len(kept), len(prompt) - 2)
+    if limit <= 0:
+        return 0
+    same = kept[:limit] == prompt[:limit]
+    return limit if same.all() else int(np.argmin(same))
 
 
 def right_padded(prompts: Sequence[np.ndarray], pad_id: int) -> np.ndarray:
@@ -134,6 +167,7 @@ class BatchedDecoder:
         self._generator: Any = None
         self._rows: list[Slot] = []
         self._in_flight = 1  # most requests waiting or running at once since the last batch began
+        self._kept: KeptPrompt | None = None
         # Told the row count of each batch as it starts (the serving front's batch-size metric).
         self.on_batch: Callable[[int], None] | None = None
 
@@ -208,23 +242,45 @@ class BatchedDecoder:
         if not rows:
             return
         width = max(len(slot.prompt) for slot in rows)
-        options: dict[str, Any] = {
-            "max_length": self._model_tokens.max_length(width + max(slot.max_new_tokens for slot in rows)),
-            "batch_size": len(rows),
-            **(rows[0].sampling or {"do_sample": False}),
-        }
+        wanted = width + max(slot.max_new_tokens for slot in rows)
+        lone = len(rows) == 1 and rows[0].sampling is None and not self._model_tokens.min_cache_length
         for slot in rows:
             slot.batch_size = len(rows)
         self._rows = rows
         if self.on_batch is not None:
             self.on_batch(len(rows))
         try:
+            if lone and self._reuse(rows[0], wanted):
+                return
+            room = rows[0].max_new_tokens + NEXT_QUESTION_TOKENS if lone else 0
+            options: dict[str, Any] = {
+                "max_length": self._model_tokens.max_length(wanted + room),
+                "batch_size": len(rows),
+                **(rows[0].sampling or {"do_sample": False}),
+            }
             params = og.GeneratorParams(self._model)
             params.set_search_options(**options)
             self._generator = og.Generator(self._model, params)
             self._generator.append_tokens(right_padded([slot.prompt for slot in rows], self._model_tokens.pad_id))
+            if lone:
+                self._kept = KeptPrompt(self._generator, rows[0].prompt, options["max_length"])
         except Exception as error:  # onnxruntime-genai's failure, handed to every caller of the batch
             self._end_batch(error)
+
+    def _reuse(self, slot: Slot, wanted: int) -> bool:
+        """Start `slot` on the kept Generator, rewound to the prefix it shares with the kept
+        prompt; False (nothing done) when it has no room for the request or nothing to share."""
+        kept = self._kept
+        reused = reusable_prefix(kept.prompt, slot.prompt) if kept and wanted <= kept.capacity else 0
+        if not reused:
+            return False
+        self._generator = kept.generator
+        self._kept = None  # until the Generator holds this prompt
+        self._generator.rewind_to(reused)
+        self._generator.append_tokens(slot.prompt[reused:].astype(np.int32).reshape(1, -1))
+        self._kept = KeptPrompt(self._generator, slot.prompt, kept.capacity)
+        slot.reused_tokens = reused
+        return True
 
     def _wait_for_company(self) -> None:
         """Wait up to the window for as many requests as were in flight (lock held, released while waiting)."""
@@ -237,6 +293,8 @@ class BatchedDecoder:
             self._lock.wait(remaining)
 
     def _end_batch(self, error: BaseException | None) -> None:
+        if error is not None and self._kept is not None and self._kept.generator is self._generator:
+            self._kept = None  # its cache may hold half a step
         for slot in self._rows:
             slot.error = slot.error or error
             slot.finished = True
