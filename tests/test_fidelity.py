@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import pytest
 
 from slmkit.evaluation.fidelity import WINDOW, compare_positions, fidelity, scored_rows, text_sequences
 
@@ -51,3 +52,17 @@ def test_positions_predict_the_next_token_and_are_counted_once():
     assert scored.positions == 4
     assert scored.top1_agreement == 0.5  # tokens 0, 3, 0, 5 follow: the candidate gets the two zeros
     assert scored.kl_divergence > 1
+
+
+def test_the_benchs_bucketed_kld_bounds_the_full_one_from_below_and_is_zero_for_the_same_model():
+    """bench/fidelity.py compares llama-server by its top log-probabilities only: the KLD over the
+    reference's top tokens and one bucket for the rest never exceeds the full KLD."""
+    from bench.fidelity import bucketed_kld, top_logprobs
+    from slmkit.evaluation.fidelity import log_softmax
+
+    rng = np.random.default_rng(0)
+    reference, candidate = rng.normal(size=(2, 500)) * 3
+    log_p, log_q = log_softmax(reference[None])[0], log_softmax(candidate[None])[0]
+    full = float((np.exp(log_p) * (log_p - log_q)).sum())
+    assert bucketed_kld(log_p, top_logprobs(reference[None])[0]) == pytest.approx(0.0, abs=1e-9)
+    assert 0 < bucketed_kld(log_p, top_logprobs(candidate[None])[0]) <= full
