@@ -111,6 +111,20 @@ def builds(checkpoints, ggufs, tmp_path_factory: pytest.TempPathFactory) -> dict
     return {key: scratch / key[1] / key[0] / "onnx" for key in inputs}
 
 
+def test_a_build_is_stamped_with_the_builders_own_version_not_the_projects_commit(builds):
+    """The builder stamps `git rev-parse HEAD` of the folder five above its file, which in a
+    project's .venv is the project's checkout: the same checkpoint then built new bytes at each of
+    our commits. builder_environment hides the repository, so the stamp is the wheel's."""
+    import onnx
+    import onnxruntime_genai
+
+    expected = f"{onnxruntime_genai.__version__}+{onnxruntime_genai.__commit__[:7]}"
+    stamps = {
+        onnx.load(str(folder / "model.onnx"), load_external_data=False).producer_version for folder in builds.values()
+    }
+    assert stamps == {expected}
+
+
 @pytest.fixture(scope="module")
 def fp32_builds(builds) -> dict[str, Path]:
     return {name: folder for (name, kind), folder in builds.items() if kind == "fp32"}

@@ -130,8 +130,14 @@ def builder_input(checkpoint: Path, scratch: Path) -> Path:
 
 
 def builder_environment() -> dict[str, str]:
-    """The builder's environment: this one, offline, since it reads a local checkpoint only."""
-    return {**os.environ, "HF_HUB_OFFLINE": "1"}
+    """The builder's environment: this one, offline, since it reads a local checkpoint only.
+
+    Without a git repository: the 0.18 builder stamps `producer_version` with `git rev-parse HEAD`
+    run five folders above its own file (`builders/base.py`, `get_genai_commit`), which inside a
+    project's `.venv` is the project's own checkout, so every commit of ours changed the built
+    model.onnx. With no repository it takes the wheel's commit, and the same checkpoint builds the
+    same bytes."""
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "GIT_DIR": os.devnull}
 
 
 def build_onnx(
