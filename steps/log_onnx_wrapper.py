@@ -96,7 +96,9 @@ def log_auto_choice(choice: AutoChoice, min_top1_agreement: float) -> None:
     mlflow.log_metrics({"calibration/reference_correct_rate": choice.reference_correct_rate,
                         "calibration/fidelity_positions": choice.fidelity_positions})  # fmt: skip
     if not good_enough(choice.kept, min_top1_agreement):
-        logger.warning("quantization=auto: no candidate reaches min_top1_agreement=%s; kept the best", min_top1_agreement)
+        logger.warning(
+            "quantization=auto: no candidate reaches min_top1_agreement=%s; kept the best", min_top1_agreement
+        )
         mlflow.set_tag(
             "quantization.auto", f"no candidate reaches min_top1_agreement; kept the best, {choice.kept.quantization}"
         )

@@ -38,6 +38,8 @@ _MODULE_PREFIX = {"attn": "self_attn", "mlp": "mlp"}
 # half of a fused checkpoint weight (Phi-3's gate_up_proj).
 _FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj")}
 _SPLIT = {"gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}
+
+
 @dataclass(frozen=True)
 class Activations:
     """How a carried 4-bit node's activations are computed: MatMulNBits' accuracy_level (4: int8,
