@@ -22,7 +22,9 @@ Logs (tags `slmkit.step=log_onnx_wrapper`, `slmkit.cache_key`, `slmkit.source_ke
     requirements without torch; params `onnx_origin`, `onnx_revision`, `onnx_quantization` (the one
     built); for gguf the param `gguf_tensors` (carried and re-quantized counts) and the artifact
     `gguf_tensors.tsv` (each MatMul node, carried with its GGUF types or re-quantized and why);
-    for auto the table `quantization_candidates.json` and `plots/quantization_quality_speed.png`;
+    for auto the table `quantization_candidates.json` (each candidate's top-1 agreement, KLD,
+    answers and speed), `plots/quantization_quality_speed.png` and the metrics
+    `calibration/reference_correct_rate` and `calibration/fidelity_positions`;
     metrics `model_size_bytes`, `build_seconds`, `log_seconds`.
 """
 
