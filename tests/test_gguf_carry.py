@@ -277,3 +277,18 @@ def test_carried_weights_with_float_activations_keep_the_float_models_distributi
     assert scored.positions >= 2000
     assert scored.top1_agreement >= 0.99
     assert scored.kl_divergence < 1e-3
+
+
+def test_a_tied_embedding_with_minimums_reads_the_files_own_values_exactly(tiny_ggufs, built):
+    """The output layer stores its Q4_1 weights recentred; the embedding that shares them is a
+    float table, and that table holds gguf's dequantization bit for bit, not the recentred sum."""
+    from onnx import numpy_helper
+
+    folder, _ = built["Q4_1-tied"]
+    path, _ = tiny_ggufs["Q4_1-tied"]
+    model = onnx.load(str(folder / "model.onnx"))
+    tables = [init for init in model.graph.initializer if init.name.endswith(".dequantized")]
+    assert len(tables) == 1
+    embedding = next(t for t in gguf.GGUFReader(str(path)).tensors if t.name == "token_embd.weight")
+    expected = gguf.quants.dequantize(embedding.data, embedding.tensor_type)
+    assert np.array_equal(numpy_helper.to_array(tables[0]), expected)

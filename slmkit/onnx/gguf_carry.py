@@ -246,7 +246,7 @@ def carry_gguf_weights(
             except (KeyError, ValueError) as error:
                 report.requantized[node.name] = str(error).strip("'\"")
                 continue
-            graph.set_matmul_weights(node, *node_precision(carried, activations, node.name))
+            graph.set_matmul_weights(node, *node_precision(carried, activations, node.name), exact=carried)
             report.carried[node.name] = types
     (onnx_dir / DATA_FILE).unlink(missing_ok=True)
     onnx.save_model(model, str(onnx_dir / MODEL_FILE), save_as_external_data=True, location=DATA_FILE)
@@ -324,7 +324,9 @@ class ModelGraph:
     def _consumers(self, name: str) -> Iterator:
         return (node for node in self.model.graph.node if name in node.input)
 
-    def set_matmul_weights(self, node, level: int, weights: BlockWeights) -> None:
+    def set_matmul_weights(self, node, level: int, weights: BlockWeights, exact: BlockWeights | None = None) -> None:
+        """Store `weights` (recentred, see node_precision) in the node; a tied embedding reads
+        `exact`, the file's own blocks (default: `weights`), so its float table is gguf's values."""
         from onnx import helper
 
         weight_name, scales_name = node.input[1], node.input[2]
@@ -340,7 +342,7 @@ class ModelGraph:
             node.attribute.remove(next(a for a in node.attribute if a.name == attribute))
             node.attribute.append(helper.make_attribute(attribute, value))
         for reshape in tied:
-            self._retie_embedding(reshape, weights)
+            self._retie_embedding(reshape, weights, exact or weights)
         if weights.mins is not None:
             self._add_block_sums(node, weights.mins, columns // weights.block_size, weights.block_size)
 
@@ -367,9 +369,9 @@ class ModelGraph:
         for offset, new in enumerate(added):
             self.model.graph.node.insert(position + offset, new)
 
-    def _retie_embedding(self, reshape, weights: BlockWeights) -> None:
+    def _retie_embedding(self, reshape, weights: BlockWeights, exact: BlockWeights) -> None:
         """Point the embedding at the carried weights: GatherBlockQuantized for symmetric types
-        (its shape constant follows the new code width), a float Gather of the exact values when
+        (its shape constant follows the new code width), a float Gather of `exact`'s values when
         the type has mins, which GatherBlockQuantized cannot add."""
         from onnx import helper
 
@@ -380,7 +382,7 @@ class ModelGraph:
         rows, columns = weights.shape
         if weights.mins is not None:
             table = f"{gather.name}.dequantized"
-            self._set_initializer(table, weights.dequantize())
+            self._set_initializer(table, exact.dequantize())
             plain = helper.make_node("Gather", [table, gather.input[1]], list(gather.output), name=gather.name)
             self.model.graph.node.remove(gather)
             self.model.graph.node.remove(reshape)
