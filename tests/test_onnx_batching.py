@@ -13,10 +13,12 @@ import pytest
 from slmkit.models.onnx_wrapper import ONNX_ARTIFACT
 from slmkit.onnx.batching import (
     MAX_BATCH_SIZE_ENV,
+    PROMPT_CACHE_ENV,
     BatchedDecoder,
     Slot,
     admit,
     max_batch_size,
+    prompt_cache_enabled,
     reusable_prefix,
     right_padded,
 )
@@ -188,3 +190,18 @@ def test_a_conversation_reuses_its_last_prompts_cache_and_gets_the_answers_of_a_
             assert [len(list(s)) for s in [decoder.generate(slot) for slot in pair]] == [4, 4]
     assert reused[0] == 0
     assert all(count > 0 for count in reused[1:]), reused
+
+
+def test_the_prompt_cache_can_be_turned_off_where_the_model_is_served(model_and_tokenizer, onnx_folder, monkeypatch):
+    """evaluate's measuring process turns it off (SLMKIT_PROMPT_CACHE=0): its time to first token
+    is a one-token request of the same prompt, which would leave the full request's prompt cached."""
+    model, tokenizer = model_and_tokenizer
+    prompt = chat_prompt_ids(tokenizer, [{"role": "user", "content": "What is two plus two?"}])
+    decoder = BatchedDecoder(model, model_tokens(onnx_folder), reuse_prompts=False)
+    first, second = Slot(prompt, 1), Slot(prompt, 6)
+    list(decoder.generate(first)), list(decoder.generate(second))
+    assert second.reused_tokens == 0
+    monkeypatch.setenv(PROMPT_CACHE_ENV, "0")
+    assert not prompt_cache_enabled()
+    monkeypatch.delenv(PROMPT_CACHE_ENV)
+    assert prompt_cache_enabled()

@@ -60,7 +60,7 @@ from slmkit.chat.contract import (
 from slmkit.chat.model_config import TRACING_KEY
 from slmkit.manifest import MANIFEST_NAME, read_manifest, verify_folder
 from slmkit.models.onnx_wrapper import ONNX_ARTIFACT
-from slmkit.onnx.batching import MAX_BATCH_SIZE_ENV, BatchedDecoder, Slot, max_batch_size
+from slmkit.onnx.batching import MAX_BATCH_SIZE_ENV, BatchedDecoder, Slot, max_batch_size, prompt_cache_enabled
 from slmkit.onnx.session import intra_op_threads, model_tokens, open_model
 
 logger = logging.getLogger(__name__)
@@ -146,6 +146,7 @@ class OnnxChatModel(mlflow.pyfunc.PythonModel):
             tokens,
             max_batch_size=batch_size,
             batch_window_s=float(config.get("batch_window_ms", 20)) / 1000,
+            reuse_prompts=prompt_cache_enabled(),
         )
 
     @property

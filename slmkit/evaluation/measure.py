@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -23,6 +24,7 @@ from slmkit.evaluation.fidelity import MIN_POSITIONS, measure_fidelity
 from slmkit.evaluation.scoring import RowResult, evaluate_model
 from slmkit.manifest import folder_bytes
 from slmkit.models.onnx_wrapper import onnx_folder
+from slmkit.onnx.batching import PROMPT_CACHE_ENV
 from slmkit.sources.eval_set import EvalRow, load_eval_set, write_eval_set
 
 
@@ -99,7 +101,10 @@ def measure_in_subprocess(
                    download_dir]  # fmt: skip
         if fidelity_of is not None:
             command += [fidelity_of.onnx_model_uri, str(fidelity_of.positions)]
-        completed = subprocess.run(command, capture_output=True, text=True, check=False)
+        # Without the wrapper's prompt cache: time to first token is measured as its own one-token
+        # request, and the full request would then find its whole prompt cached and look faster.
+        environment = {**os.environ, PROMPT_CACHE_ENV: "0"}
+        completed = subprocess.run(command, capture_output=True, text=True, check=False, env=environment)
     if completed.returncode != 0:
         tail = "\n".join(completed.stderr.strip().splitlines()[-12:])
         raise UserError(f"evaluating {model_uri} failed:\n{tail}")

@@ -43,9 +43,17 @@ from slmkit.onnx.session import ModelTokens
 
 MAX_BATCH_SIZE_ENV = "SLMKIT_MAX_BATCH_SIZE"
 DEFAULT_MAX_BATCH_SIZE = 4
+# "0" or "false" turns the reuse of a conversation's prompt cache off where the model is served;
+# the evaluate step's measuring process does, so that each row's timings are its own.
+PROMPT_CACHE_ENV = "SLMKIT_PROMPT_CACHE"
 # A lone greedy Generator holds room for its request, its answer again and this many tokens more:
 # the next turn of a conversation (this answer and a new question) then fits and reuses its cache.
 NEXT_QUESTION_TOKENS = 256
+
+
+def prompt_cache_enabled() -> bool:
+    """Whether lone greedy requests reuse the last prompt's cache (SLMKIT_PROMPT_CACHE, default on)."""
+    return os.environ.get(PROMPT_CACHE_ENV, "1").strip().lower() not in {"0", "false", "no", "off"}
 
 
 def max_batch_size(configured: int | None = None) -> int:
@@ -152,10 +160,12 @@ class BatchedDecoder:
         tokens: ModelTokens,
         max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
         batch_window_s: float = 0.02,
+        reuse_prompts: bool = True,
     ) -> None:
         """`batch_window_s`: how long a new batch waits to hold every request seen in flight
         while the last batch ran, so that clients who got their answers together and ask again
-        join together; a lone client never waits."""
+        join together; a lone client never waits. `reuse_prompts`: keep the last lone greedy
+        request's Generator for the next one's shared prompt (see the module)."""
         self._model = model
         self._model_tokens = tokens
         self._max_batch_size = max_batch_size
@@ -168,6 +178,7 @@ class BatchedDecoder:
         self._rows: list[Slot] = []
         self._in_flight = 1  # most requests waiting or running at once since the last batch began
         self._kept: KeptPrompt | None = None
+        self._reuse_prompts = reuse_prompts
         # Told the row count of each batch as it starts (the serving front's batch-size metric).
         self.on_batch: Callable[[int], None] | None = None
 
@@ -243,7 +254,8 @@ class BatchedDecoder:
             return
         width = max(len(slot.prompt) for slot in rows)
         wanted = width + max(slot.max_new_tokens for slot in rows)
-        lone = len(rows) == 1 and rows[0].sampling is None and not self._model_tokens.min_cache_length
+        lone = self._reuse_prompts and len(rows) == 1 and rows[0].sampling is None
+        lone = lone and not self._model_tokens.min_cache_length
         for slot in rows:
             slot.batch_size = len(rows)
         self._rows = rows
