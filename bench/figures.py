@@ -11,7 +11,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,6 +21,7 @@ import requests
 
 from slmkit import PROJECT_ROOT
 from slmkit.models.onnx_wrapper import ONNX_ARTIFACT
+from slmkit.onnx.batching import PROMPT_CACHE_ENV
 from slmkit.onnx.greedy import bare_greedy, load
 
 RESULTS = PROJECT_ROOT / "bench" / "results"
@@ -409,13 +410,30 @@ def cold_start_figures(model_dir: Path, env: dict[str, str], work: Path, reps: i
     return [figure]
 
 
+@contextlib.contextmanager
+def prompt_cache_off() -> Iterator[None]:
+    """SLMKIT_PROMPT_CACHE=0 while the block runs (the wrappers loaded in it keep no prompt cache)."""
+    before = os.environ.get(PROMPT_CACHE_ENV)
+    os.environ[PROMPT_CACHE_ENV] = "0"
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ[PROMPT_CACHE_ENV]
+        else:
+            os.environ[PROMPT_CACHE_ENV] = before
+
+
 def wrapper_over_bare(model_dir: Path, max_tokens: int, reps: int, prompts: list, profile_stem: Path) -> list[Figure]:
     """The logged wrapper in process over a bare loop on the same folder, with tracing off, so it
     is the wrapper's own cost, and what per-request tracing adds to it; a miss gets a profile."""
     import mlflow
 
-    traced = mlflow.pyfunc.load_model(str(model_dir))
-    untraced = mlflow.pyfunc.load_model(str(model_dir), model_config={"tracing": "false"})
+    # The bare loop prefills every prompt afresh; so does the wrapper here (the prompts repeat,
+    # and its prompt cache would otherwise skip them). The decoder reads the switch at load.
+    with prompt_cache_off():
+        traced = mlflow.pyfunc.load_model(str(model_dir))
+        untraced = mlflow.pyfunc.load_model(str(model_dir), model_config={"tracing": "false"})
     bare_model, bare_tokenizer = load(model_dir / "artifacts" / ONNX_ARTIFACT)
     generators = {
         "bare": bare_generate(bare_model, bare_tokenizer),
