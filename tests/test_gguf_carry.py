@@ -106,14 +106,15 @@ def test_activation_precision_reblocks_4_bit_weights_and_leaves_8_bit_ones():
     assert node_precision(q8, "float32")[0] == 4  # no fast 8-bit kernel at level 1
 
 
-def test_the_default_reblocks_only_the_attention_input_projections():
+def test_int8_16_qkv_reblocks_only_the_attention_input_projections_and_the_default_every_4_bit_node():
     q4 = block_weights(random_blocks(Q.Q4_0, 3, 64), Q.Q4_0, 3, 64)
+    nodes = ("/model/layers.3/attn/qkv_proj/MatMul_Q4", "/model/layers.0/attn/v_proj/MatMul",
+             "/model/layers.3/attn/o_proj/MatMul_Q4", "/model/layers.3/mlp/down_proj/MatMul_Q4", "/lm_head/MatMul")  # fmt: skip
     blocks = {
-        node: node_precision(q4, DEFAULT_ACTIVATIONS, node)[1].block_size
-        for node in ("/model/layers.3/attn/qkv_proj/MatMul_Q4", "/model/layers.0/attn/v_proj/MatMul",
-                     "/model/layers.3/attn/o_proj/MatMul_Q4", "/model/layers.3/mlp/down_proj/MatMul_Q4", "/lm_head/MatMul")
-    }  # fmt: skip
-    assert list(blocks.values()) == [16, 16, 32, 32, 32]
+        name: [node_precision(q4, name, node)[1].block_size for node in nodes]
+        for name in ("int8-16-qkv", DEFAULT_ACTIVATIONS)
+    }
+    assert blocks == {"int8-16-qkv": [16, 16, 32, 32, 32], "int8-16": [16, 16, 16, 16, 16]}
 
 
 @pytest.mark.parametrize("qtype", sorted(CARRIED_TYPES), ids=lambda q: q.name)
