@@ -27,7 +27,16 @@ import numpy as np
 import requests
 
 from bench.figures import Figure
-from slmkit.evaluation.fidelity import TEXT, log_softmax, onnx_logits, text_sequences, transformers_logits
+from slmkit.evaluation.fidelity import (
+    WINDOW,
+    compare_positions,
+    log_softmax,
+    onnx_dir_logits,
+    scored_rows,
+    scored_sequences,
+    transformers_logits,
+)
+from slmkit.evaluation.quantization_choice import float_reference
 from slmkit.onnx.gguf_blocks import BlockWeights
 
 TOP_K = 20  # the reference's top tokens the bucketed KLD keeps apart
@@ -91,38 +100,20 @@ def compare_to_reference(reference: list[np.ndarray], candidate: list[list[TopLo
     return {"positions": len(same), "top1_agreement": statistics.fmean(same), "kld_top20": statistics.fmean(divergence)}
 
 
-def fidelity_sequences(tokenizer: Any, positions: int = POSITIONS) -> list[tuple[list[int], int]]:
-    """The shipped text's windows (slmkit.evaluation.fidelity), until `positions` are scored."""
-    sequences, scored = [], 0
-    for ids, first in text_sequences(tokenizer(TEXT.read_text(), add_special_tokens=False)["input_ids"]):
-        if scored >= positions:
-            break
-        sequences.append((ids, first))
-        scored += len(ids) - first
-    return sequences
-
-
 def fidelity_figures(checkpoint: Path, onnx_dir: Path, llama_url: str | None) -> list[Figure]:
     """Ours and llama-server's fidelity on the same positions; ratios only when llama-server runs."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from slmkit.onnx.greedy import load
-    from slmkit.onnx.session import model_tokens
-
-    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
-    sequences = fidelity_sequences(tokenizer)
-    reference_model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
-    reference_logits = transformers_logits(reference_model)
-    ours_logits = onnx_logits(load(onnx_dir)[0], model_tokens(onnx_dir))
+    reference_model, tokenizer = float_reference(checkpoint)
+    sequences = scored_sequences(tokenizer, [], WINDOW, POSITIONS)  # the shipped text alone
+    ours_logits = onnx_dir_logits(onnx_dir)
     reference, ours, full_kld = [], [], []
-    for ids, first in sequences:
-        ref = log_softmax(reference_logits(ids)[first - 1 : -1])
-        mine = ours_logits(ids)[first - 1 : -1]
-        reference.append(ref)
-        ours.append(top_logprobs(mine))
-        full_kld.extend((np.exp(ref) * (ref - log_softmax(mine))).sum(axis=-1))
-    detail: dict[str, Any] = {"onnx": {**compare_to_reference(reference, ours), "kld_full": float(np.mean(full_kld))}}
+    for ref_rows, our_rows in zip(scored_rows(sequences, transformers_logits(reference_model)),
+                                  scored_rows(sequences, ours_logits), strict=True):  # fmt: skip
+        reference.append(log_softmax(ref_rows))
+        ours.append(top_logprobs(our_rows))
+        full_kld.append(compare_positions(ref_rows, our_rows)[1])
+    detail: dict[str, Any] = {
+        "onnx": {**compare_to_reference(reference, ours), "kld_full": float(np.concatenate(full_kld).mean())}
+    }
     if llama_url is None:
         return [Figure("fidelity of the carried model (text positions)", detail["onnx"]["top1_agreement"], detail)]
     safe = tokenizer(" the", add_special_tokens=False)["input_ids"][0]
@@ -204,13 +195,10 @@ def projection_inputs(model: Any, ids: list[int]) -> dict[str, np.ndarray]:
 def node_figures(checkpoint: Path, gguf: Path) -> list[Figure]:
     """The node-by-node table as one report figure, and the share of the as-stored error the
     recentring removes at blocks of 32 (the default's arithmetic), over all projections."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     from slmkit.onnx.gguf_carry import GgufWeights
 
-    model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
-    ids = fidelity_sequences(AutoTokenizer.from_pretrained(checkpoint), positions=1)[0][0]
+    model, tokenizer = float_reference(checkpoint)
+    ids = scored_sequences(tokenizer, [], WINDOW, 1)[0][0]
     weights = GgufWeights(gguf, json.loads((checkpoint / "config.json").read_text()))
     table = node_errors(projection_inputs(model, ids), weights.block_weights)
     print(json.dumps(table, indent=1))

@@ -11,10 +11,11 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import numpy as np
 import requests
@@ -410,20 +411,6 @@ def cold_start_figures(model_dir: Path, env: dict[str, str], work: Path, reps: i
     return [figure]
 
 
-@contextlib.contextmanager
-def prompt_cache_off() -> Iterator[None]:
-    """SLMKIT_PROMPT_CACHE=0 while the block runs (the wrappers loaded in it keep no prompt cache)."""
-    before = os.environ.get(PROMPT_CACHE_ENV)
-    os.environ[PROMPT_CACHE_ENV] = "0"
-    try:
-        yield
-    finally:
-        if before is None:
-            del os.environ[PROMPT_CACHE_ENV]
-        else:
-            os.environ[PROMPT_CACHE_ENV] = before
-
-
 def wrapper_over_bare(model_dir: Path, max_tokens: int, reps: int, prompts: list, profile_stem: Path) -> list[Figure]:
     """The logged wrapper in process over a bare loop on the same folder, with tracing off, so it
     is the wrapper's own cost, and what per-request tracing adds to it; a miss gets a profile."""
@@ -431,7 +418,7 @@ def wrapper_over_bare(model_dir: Path, max_tokens: int, reps: int, prompts: list
 
     # The bare loop prefills every prompt afresh; so does the wrapper here (the prompts repeat,
     # and its prompt cache would otherwise skip them). The decoder reads the switch at load.
-    with prompt_cache_off():
+    with mock.patch.dict(os.environ, {PROMPT_CACHE_ENV: "0"}):
         traced = mlflow.pyfunc.load_model(str(model_dir))
         untraced = mlflow.pyfunc.load_model(str(model_dir), model_config={"tracing": "false"})
     bare_model, bare_tokenizer = load(model_dir / "artifacts" / ONNX_ARTIFACT)

@@ -14,7 +14,7 @@ the second half of each chunk: at least 2,000 positions, where 24 short answers 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -66,13 +66,14 @@ def text_sequences(token_ids: list[int], window: int = WINDOW, context: int = CO
     return [(token_ids[start : start + window], context) for start in range(0, len(token_ids) - window + 1, window)]
 
 
-def scored_rows(sequences: Iterable[Sequence], logits: Logits) -> list[np.ndarray]:
-    """Each sequence's logits at its scored positions (position i predicts token i+1): what a
-    reference is kept as, to compare several candidates without running it again."""
-    return [logits(ids)[first - 1 : len(ids) - 1] for ids, first in sequences if first < len(ids)]
+def scored_rows(sequences: list[Sequence], logits: Logits) -> Iterator[np.ndarray]:
+    """Each sequence's logits at its scored positions (position i predicts token i+1), one
+    sequence at a time: a reference kept for several candidates is this as a list, and one
+    compared once streams, so that only one sequence's rows of each model are held."""
+    return (logits(ids)[first - 1 : len(ids) - 1] for ids, first in sequences if first < len(ids))
 
 
-def fidelity(sequences: Iterable[Sequence], reference: list[np.ndarray], candidate: Logits) -> Fidelity:
+def fidelity(sequences: list[Sequence], reference: Iterable[np.ndarray], candidate: Logits) -> Fidelity:
     """The candidate teacher-forced along every sequence, against the reference's scored rows."""
     agree, kl = [], []
     for rows, candidate_rows in zip(reference, scored_rows(sequences, candidate), strict=True):

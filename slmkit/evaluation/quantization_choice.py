@@ -19,6 +19,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from slmkit.errors import UserError
 from slmkit.evaluation.fidelity import (
     Sequence,
@@ -138,7 +140,7 @@ class Calibration:
     answers: list[str]
     correct_rate: float
     sequences: list[Sequence]
-    reference_rows: list[Any]
+    reference_rows: list[np.ndarray]
 
     @property
     def positions(self) -> int:
@@ -152,7 +154,8 @@ def calibrate(checkpoint: Path, rows: list[EvalRow], max_tokens: int, min_positi
     correct, _ = score_answers(answers, answers, rows)
     conversations = [(row.messages, answer) for row, answer in zip(rows, answers, strict=True)]
     sequences = scored_sequences(tokenizer, conversations, reference_window(model), min_positions)
-    return Calibration(rows, answers, correct, sequences, scored_rows(sequences, transformers_logits(model)))
+    reference_rows = list(scored_rows(sequences, transformers_logits(model)))
+    return Calibration(rows, answers, correct, sequences, reference_rows)
 
 
 def onnx_answers(folder: Path, rows: list[EvalRow], max_tokens: int) -> tuple[list[str], float]:

@@ -254,17 +254,18 @@ class BatchedDecoder:
             return
         width = max(len(slot.prompt) for slot in rows)
         wanted = width + max(slot.max_new_tokens for slot in rows)
-        lone = self._reuse_prompts and len(rows) == 1 and rows[0].sampling is None
-        lone = lone and not self._model_tokens.min_cache_length
+        # A lone greedy request on a model without sliding windows may take, and leave, a kept cache.
+        reusable = self._reuse_prompts and len(rows) == 1 and rows[0].sampling is None
+        reusable = reusable and not self._model_tokens.min_cache_length
         for slot in rows:
             slot.batch_size = len(rows)
         self._rows = rows
         if self.on_batch is not None:
             self.on_batch(len(rows))
         try:
-            if lone and self._reuse(rows[0], wanted):
+            if reusable and self._reuse(rows[0], wanted):
                 return
-            room = rows[0].max_new_tokens + NEXT_QUESTION_TOKENS if lone else 0
+            room = rows[0].max_new_tokens + NEXT_QUESTION_TOKENS if reusable else 0
             options: dict[str, Any] = {
                 "max_length": self._model_tokens.max_length(wanted + room),
                 "batch_size": len(rows),
@@ -274,7 +275,7 @@ class BatchedDecoder:
             params.set_search_options(**options)
             self._generator = og.Generator(self._model, params)
             self._generator.append_tokens(right_padded([slot.prompt for slot in rows], self._model_tokens.pad_id))
-            if lone:
+            if reusable:
                 self._kept = KeptPrompt(self._generator, rows[0].prompt, options["max_length"])
         except Exception as error:  # onnxruntime-genai's failure, handed to every caller of the batch
             self._end_batch(error)

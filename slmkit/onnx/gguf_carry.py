@@ -328,9 +328,9 @@ class ModelGraph:
     def _consumers(self, name: str) -> Iterator:
         return (node for node in self.model.graph.node if name in node.input)
 
-    def set_matmul_weights(self, node, level: int, weights: BlockWeights, exact: BlockWeights | None = None) -> None:
+    def set_matmul_weights(self, node, level: int, weights: BlockWeights, exact: BlockWeights) -> None:
         """Store `weights` (recentred, see node_precision) in the node; a tied embedding reads
-        `exact`, the file's own blocks (default: `weights`), so its float table is gguf's values."""
+        `exact`, the file's own blocks, so that its float table is gguf's values."""
         from onnx import helper
 
         weight_name, scales_name = node.input[1], node.input[2]
@@ -346,7 +346,7 @@ class ModelGraph:
             node.attribute.remove(next(a for a in node.attribute if a.name == attribute))
             node.attribute.append(helper.make_attribute(attribute, value))
         for reshape in tied:
-            self._retie_embedding(reshape, weights, exact or weights)
+            self._retie_embedding(reshape, weights, exact)
         if weights.mins is not None:
             self._add_block_sums(node, weights.mins, columns // weights.block_size, weights.block_size)
 
