@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import importlib
 import os
 import shutil
 import subprocess
@@ -98,6 +99,11 @@ class TrackingServer:
         if artifact_uri.startswith("file://"):
             return Path(urllib.parse.urlparse(artifact_uri).path)
         return self.root / "artifacts" / artifact_uri.removeprefix("mlflow-artifacts:/")
+
+    def stored_model(self, step_run: Run) -> Path:
+        """The folder of the model a logging step's run logged, on disk, served and read in place."""
+        model_id = step_run.data.tags[MODEL_URI_TAG].removeprefix("models:/")
+        return self.stored(mlflow.get_logged_model(model_id).artifact_location)
 
     def env(self, **extra: str) -> dict[str, str]:
         """The environment a user's shell would have: venv first on PATH, this server's URI."""
@@ -277,6 +283,24 @@ def run_step_module(
         env=server.env(MLFLOW_EXPERIMENT_NAME=experiment, **env),
         cwd=project, capture_output=True, text=True, timeout=600, check=False,
     )  # fmt: skip
+
+
+def run_step_in_process(experiment: str, step: str, *params: str) -> Run:
+    """The step's own `main`, called in this process with the args its command line parses from
+    the same flags, its run put in `experiment`; the session's Default experiment is active again
+    after. For a matrix of step runs whose subject is each run's work: a process per step would
+    cost ~2 s of CPU in imports alone. `run_cli`'s frame (one-line errors, SIGTERM) is not used."""
+    module = importlib.import_module(f"steps.{step}")
+    args = STEPS[step].build_parser(module.__doc__).parse_args(step_flags(step, *params))
+    use_experiment(mlflow.set_experiment(experiment).experiment_id)
+    try:
+        module.main(args)
+    finally:
+        use_experiment("0")
+    run = mlflow.last_active_run()
+    assert run is not None
+    assert run.data.tags[STEP_TAG] == step
+    return run
 
 
 @dataclass(frozen=True)

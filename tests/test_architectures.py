@@ -3,31 +3,32 @@ transformers does, carries a GGUF's own weights, and any other is refused in one
 
 For each of slmkit.sources.architectures' architectures a tiny random checkpoint (2 layers, its
 own features on) is built into ONNX as `log_onnx_wrapper` builds fp32 (`build_onnx`'s command
-and `builder_input`), and greedy decoding through onnxruntime-genai must give transformers'
-float32 tokens. The same checkpoint is written as a Q4_0 GGUF in its architecture's tensor names,
-converted as `download` converts it, built int4 and carried over, as `log_onnx_wrapper` does by
-default for a GGUF: every carried node must equal gguf's dequantization. All builds run in one
-builder process. The transformers pipeline, logged as `log_pipeline` logs it, must answer the
-chat contract.
+and `builder_input`, all in one builder process), and greedy decoding through onnxruntime-genai
+must give transformers' float32 tokens. The same checkpoint is written as a Q4_0 GGUF in its
+architecture's tensor names and run through `download`, `log_pipeline` and `log_onnx_wrapper`
+(each step's own `main`, in this process): every node of the ONNX model must carry gguf's
+dequantization of the file, and both logged models must answer the chat contract.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
 
 from slmkit.chat.adapters import load_chat_model
 from slmkit.errors import UserError
+from slmkit.models.onnx_wrapper import ONNX_ARTIFACT
 from slmkit.onnx.build import QUANTIZATIONS, builder_command, builder_config, builder_input, copy_runtime_files
-from slmkit.onnx.gguf_carry import carry_gguf_weights
 from slmkit.onnx.greedy import bare_greedy, chat_prompt_ids, load
 from slmkit.sources.architectures import SUPPORTED_ARCHITECTURES
 from slmkit.sources.chat_templates import TEMPLATE_FILE, has_chat_template, settle_chat_template
-from slmkit.sources.checkpoint import convert_gguf, fetch_checkpoint
+from slmkit.sources.checkpoint import fetch_checkpoint
 from slmkit.sources.presets import LocalDirSource
-from tests.conftest import hub_offline
+from slmkit.workflow.steps import MODEL_URI_TAG
+from tests.conftest import TrackingServer, hub_offline, run_step_in_process
 from tests.tiny_models import (
     TINY_ARCHITECTURES,
     build_in_one_process,
@@ -83,35 +84,28 @@ def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="module")
-def ggufs(checkpoints: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, Path]]:
-    """Each architecture's checkpoint as a Q4_0 GGUF, and the checkpoint `download` converts it to."""
+def ggufs(checkpoints: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Each architecture's checkpoint as a Q4_0 GGUF file in its architecture's tensor names."""
     root = tmp_path_factory.mktemp("architecture-ggufs")
-    files = {}
-    for name in MATRIX:
-        path = write_tiny_gguf(checkpoints[name], root / f"{name}.gguf", "Q4_0")
-        convert_gguf(path, root / f"{name}-checkpoint")
-        files[name] = path, root / f"{name}-checkpoint"
-    return files
+    return {name: write_tiny_gguf(checkpoints[name], root / f"{name}.gguf", "Q4_0") for name in MATRIX}
 
 
 @pytest.fixture(scope="module")
-def builds(checkpoints, ggufs, tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[str, str], Path]:
-    """(name, "fp32") for every checkpoint, (name, "gguf") for every GGUF, carried over."""
+def fp32_builds(checkpoints, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Every checkpoint built fp32 with float32 activations, as `log_onnx_wrapper` builds it."""
     scratch = tmp_path_factory.mktemp("builds")
-    inputs = {(name, "fp32"): checkpoint for name, checkpoint in checkpoints.items()}
-    inputs |= {(name, "gguf"): checkpoint for name, (_, checkpoint) in ggufs.items()}
-    commands = []
-    for (name, kind), checkpoint in inputs.items():
-        recipe, folder = QUANTIZATIONS[kind], scratch / kind / name
+    recipe, commands = QUANTIZATIONS["fp32"], []
+    for name, checkpoint in checkpoints.items():
+        folder = scratch / name
         commands.append(builder_command(builder_input(checkpoint, folder), folder / "built", scratch / "cache", "cpu",
                                         recipe.extra_options, recipe.precision))  # fmt: skip
     build_in_one_process(commands)
-    for (name, kind), _ in inputs.items():
-        copy_runtime_files(scratch / kind / name / "built", scratch / kind / name / "onnx")
-    return {key: scratch / key[1] / key[0] / "onnx" for key in inputs}
+    for name in checkpoints:
+        copy_runtime_files(scratch / name / "built", scratch / name / "onnx")
+    return {name: scratch / name / "onnx" for name in checkpoints}
 
 
-def test_a_build_is_stamped_with_the_builders_own_version_not_the_projects_commit(builds):
+def test_a_build_is_stamped_with_the_builders_own_version_not_the_projects_commit(fp32_builds):
     """The builder stamps `git rev-parse HEAD` of the folder five above its file, which in a
     project's .venv is the project's checkout: the same checkpoint then built new bytes at each of
     our commits. builder_environment hides the repository, so the stamp is the wheel's."""
@@ -120,24 +114,42 @@ def test_a_build_is_stamped_with_the_builders_own_version_not_the_projects_commi
 
     expected = f"{onnxruntime_genai.__version__}+{onnxruntime_genai.__commit__[:7]}"
     stamps = {
-        onnx.load(str(folder / "model.onnx"), load_external_data=False).producer_version for folder in builds.values()
+        onnx.load(str(folder / "model.onnx"), load_external_data=False).producer_version
+        for folder in fp32_builds.values()
     }
     assert stamps == {expected}
 
 
-@pytest.fixture(scope="module")
-def fp32_builds(builds) -> dict[str, Path]:
-    return {name: folder for (name, kind), folder in builds.items() if kind == "fp32"}
+CHAT = {"messages": MESSAGES, "max_tokens": 4, "stop": ["."]}
 
 
 @pytest.mark.parametrize("architecture", MATRIX)
-def test_a_gguf_in_the_architectures_names_is_carried_over_node_for_node(architecture: str, ggufs, builds):
-    path, checkpoint = ggufs[architecture]
-    folder = builds[(architecture, "gguf")]
-    report = carry_gguf_weights(folder, path, checkpoint)
-    assert report.carried, report.lines()
-    assert report.requantized == {}, report.requantized
-    assert carried_node_mismatches(folder, path, checkpoint) == []
+def test_the_steps_log_both_models_of_a_gguf_in_the_architectures_names(
+    architecture: str, ggufs, tracking_server: TrackingServer
+):
+    """`download`, `log_pipeline` and `log_onnx_wrapper`, as their command lines run them, on the
+    architecture's GGUF: every node of the ONNX model carries the file's own weights, exactly as
+    gguf dequantizes them, and both logged models answer the chat contract."""
+    experiment, source = f"architecture-{architecture}", f"model={ggufs[architecture]}"
+    with hub_offline():
+        download = run_step_in_process(experiment, "download", source)
+        handed_on = f"download_run_id={download.info.run_id}"
+        pipeline = run_step_in_process(experiment, "log_pipeline", source, handed_on, "max_new_tokens=8")
+        wrapper = run_step_in_process(experiment, "log_onnx_wrapper", source, handed_on, "tracing=false")
+        answers = {
+            kind: load_chat_model(run.data.tags[MODEL_URI_TAG]).complete(CHAT)
+            for kind, run in {"pipeline": pipeline, "onnx": wrapper}.items()
+        }
+    assert wrapper.data.params["onnx_quantization"] == "gguf"
+    assert re.fullmatch(r"carried=\d+,requantized=0", wrapper.data.params["gguf_tensors"])
+    stored = tracking_server.stored(download.info.artifact_uri)
+    onnx_dir = tracking_server.stored_model(wrapper) / "artifacts" / ONNX_ARTIFACT
+    assert carried_node_mismatches(onnx_dir, stored / "gguf" / ggufs[architecture].name, stored / "checkpoint") == []
+    for answer in answers.values():
+        assert answer["object"] == "chat.completion"
+        assert answer["model"] == architecture  # the GGUF file's name, as `download` names the model
+        assert answer["usage"]["completion_tokens"] <= 4
+        assert answer["choices"][0]["finish_reason"] in ("stop", "length")
 
 
 @pytest.mark.parametrize("architecture", MATRIX)
@@ -154,26 +166,6 @@ def test_the_fp32_build_answers_like_transformers_token_for_token(architecture: 
     tokens, prompt_length = bare_greedy(model, onnx_tokenizer, MESSAGES, NEW_TOKENS)
     assert prompt_length == inputs["input_ids"].shape[1]  # the same template, rendered alike
     assert tokens == expected[0, prompt_length:].tolist()
-
-
-@pytest.mark.parametrize("architecture", MATRIX)
-def test_the_pipeline_model_answers_the_chat_contract(architecture: str, checkpoints, tmp_path: Path):
-    import mlflow
-
-    from slmkit.models.pipeline import build_pipeline, generation_config, pipeline_model_arguments
-
-    pipeline = build_pipeline(checkpoints[architecture], "auto", architecture.lower())
-    with hub_offline():
-        mlflow.transformers.save_model(
-            path=str(tmp_path / "model"), **pipeline_model_arguments(pipeline, generation_config(0, 8))
-        )
-        answer = load_chat_model(str(tmp_path / "model")).complete(
-            {"messages": MESSAGES, "max_tokens": 4, "stop": ["."]}
-        )
-    assert answer["object"] == "chat.completion"
-    assert answer["model"] == architecture.lower()
-    assert answer["usage"]["completion_tokens"] <= 4
-    assert answer["choices"][0]["finish_reason"] in ("stop", "length")
 
 
 def test_builder_config_flattens_gemma3s_rope_and_windows_mistrals_layers():

@@ -17,7 +17,7 @@ import pytest
 import requests
 
 from slmkit.models.onnx_wrapper import ONNX_ARTIFACT
-from slmkit.workflow.steps import MODEL_URI_TAG, STEP_TAG
+from slmkit.workflow.steps import STEP_TAG
 from tests.conftest import TrackingServer, mlflow_run, runs_of
 from tests.test_serving import ROUTES, serve
 from tests.tiny_models import carried_node_mismatches
@@ -69,20 +69,14 @@ def test_smollm2_preset_runs_end_to_end_and_answers(tracking_server: TrackingSer
     onnx_run = runs["log_onnx_wrapper"]
     assert onnx_run.data.params["onnx_quantization"] == "gguf"
     assert onnx_run.data.params["gguf_tensors"] == "carried=151,requantized=0"
-    onnx_model = stored_model(tracking_server, onnx_run)
+    onnx_model = tracking_server.stored_model(onnx_run)
     check_every_carried_node_equals_the_gguf(onnx_model, tracking_server.stored(download.info.artifact_uri))
     check_batched_answers_equal_lone_ones(onnx_model)
     check_generation_stops_at_the_server_timeout(onnx_model, "onnx", tmp_path)
     check_generation_stops_at_the_server_timeout(
-        stored_model(tracking_server, runs["log_pipeline"]), "pipeline", tmp_path
+        tracking_server.stored_model(runs["log_pipeline"]), "pipeline", tmp_path
     )
     check_a_client_leaving_mid_stream_frees_its_row(onnx_model, tmp_path)
-
-
-def stored_model(server: TrackingServer, step_run) -> Path:
-    """The folder of the model a logging step's run logged, on disk, served and read in place."""
-    model_id = step_run.data.tags[MODEL_URI_TAG].removeprefix("models:/")
-    return server.stored(mlflow.get_logged_model(model_id).artifact_location)
 
 
 def check_every_carried_node_equals_the_gguf(model_dir: Path, download_artifacts: Path) -> None:

@@ -181,6 +181,11 @@ def write_tiny_gguf(checkpoint: Path, dest: Path, quantization: str) -> Path:
     writer.add_bos_token_id(config["bos_token_id"])
     writer.add_eos_token_id(config["pad_token_id"])
     writer.add_pad_token_id(config["pad_token_id"])
+    # As real files record it: transformers gives a Gemma GGUF's tokenizer GemmaTokenizer's class,
+    # which refuses to encode without an unknown token.
+    unknown = {token["content"]: token["id"] for token in tokenizer["added_tokens"]}.get("<unk>")
+    if unknown is not None:
+        writer.add_unk_token_id(unknown)
     if template:
         writer.add_chat_template(template)
     for hf_name, weight in sorted(load_file(checkpoint / "model.safetensors").items()):

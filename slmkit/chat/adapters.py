@@ -245,24 +245,28 @@ def _own_library_while_loading() -> Iterator[None]:
 
 
 def load_pyfunc(
-    model_uri: str, model_config: dict[str, Any] | None = None, flavors: Mapping[str, Any] | None = None
+    model_uri: str,
+    model_config: dict[str, Any] | None = None,
+    flavors: Mapping[str, Any] | None = None,
+    suppress_warnings: bool = False,
 ) -> Any:
     """`mlflow.pyfunc.load_model`, also for an ONNX wrapper logged by slmkit's flat layout.
 
     A model that carries code is fetched to a local folder first (as MLflow does itself), so the
     copy of slmkit it carries can be looked at before it is imported. `flavors`, from an MLmodel
-    the caller read already, saves reading it again.
+    the caller read already, saves reading it again. `suppress_warnings` is MLflow's: it also
+    skips the check of the model's requirements against every installed distribution.
     """
     import mlflow
 
     flavors = mlflow.models.Model.load(model_uri).flavors if flavors is None else flavors
     if not flavors.get("python_function", {}).get("code"):
-        return mlflow.pyfunc.load_model(model_uri, model_config=model_config)
+        return mlflow.pyfunc.load_model(model_uri, model_config=model_config, suppress_warnings=suppress_warnings)
     model_dir = Path(model_uri) if Path(model_uri).is_dir() else Path(mlflow.artifacts.download_artifacts(model_uri))
     if not _carries_flat_library(model_dir, flavors):
-        return mlflow.pyfunc.load_model(str(model_dir), model_config=model_config)
+        return mlflow.pyfunc.load_model(str(model_dir), model_config=model_config, suppress_warnings=suppress_warnings)
     with _own_library_while_loading():
-        return mlflow.pyfunc.load_model(str(model_dir), model_config=model_config)
+        return mlflow.pyfunc.load_model(str(model_dir), model_config=model_config, suppress_warnings=suppress_warnings)
 
 
 def load_chat_model(model_uri: str, traced: bool = True) -> ChatModel:

@@ -69,7 +69,10 @@ def measure(
     mlflow.tracing.disable()  # traces per request would cost time and clutter the experiment
     started = time.perf_counter()
     local = Path(mlflow.artifacts.download_artifacts(model_uri, dst_path=str(download_dir)))
-    model = load_pyfunc(str(local))
+    # Without MLflow's check of the model's requirements: it reads every installed distribution's
+    # file list (~1 s here, more than loading the tiny models), and its warning would go to this
+    # child's stderr, which the evaluate step shows only when the child fails.
+    model = load_pyfunc(str(local), suppress_warnings=True)
     load_seconds = time.perf_counter() - started
     results = evaluate_model(model.predict, rows, max_tokens)
     peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
