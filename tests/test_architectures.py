@@ -20,7 +20,6 @@ import pytest
 
 from slmkit.chat.adapters import load_chat_model
 from slmkit.errors import UserError
-from slmkit.models.onnx_wrapper import ONNX_ARTIFACT
 from slmkit.onnx.build import QUANTIZATIONS, builder_command, builder_config, builder_input, copy_runtime_files
 from slmkit.onnx.greedy import bare_greedy, chat_prompt_ids, load
 from slmkit.sources.architectures import SUPPORTED_ARCHITECTURES
@@ -33,7 +32,7 @@ from tests.tiny_models import (
     TINY_ARCHITECTURES,
     build_in_one_process,
     build_tiny_model,
-    carried_node_mismatches,
+    logged_carry_mismatches,
     write_tiny_gguf,
 )
 
@@ -142,9 +141,8 @@ def test_the_steps_log_both_models_of_a_gguf_in_the_architectures_names(
         }
     assert wrapper.data.params["onnx_quantization"] == "gguf"
     assert re.fullmatch(r"carried=\d+,requantized=0", wrapper.data.params["gguf_tensors"])
-    stored = tracking_server.stored(download.info.artifact_uri)
-    onnx_dir = tracking_server.stored_model(wrapper) / "artifacts" / ONNX_ARTIFACT
-    assert carried_node_mismatches(onnx_dir, stored / "gguf" / ggufs[architecture].name, stored / "checkpoint") == []
+    logged = tracking_server.stored_model(wrapper), tracking_server.stored(download.info.artifact_uri)
+    assert logged_carry_mismatches(*logged, ggufs[architecture].name) == []
     for answer in answers.values():
         assert answer["object"] == "chat.completion"
         assert answer["model"] == architecture  # the GGUF file's name, as `download` names the model

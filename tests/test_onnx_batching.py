@@ -199,7 +199,8 @@ def test_the_prompt_cache_can_be_turned_off_where_the_model_is_served(model_and_
     prompt = chat_prompt_ids(tokenizer, [{"role": "user", "content": "What is two plus two?"}])
     decoder = BatchedDecoder(model, model_tokens(onnx_folder), reuse_prompts=False)
     first, second = Slot(prompt, 1), Slot(prompt, 6)
-    list(decoder.generate(first)), list(decoder.generate(second))
+    list(decoder.generate(first))
+    list(decoder.generate(second))
     assert second.reused_tokens == 0
     monkeypatch.setenv(PROMPT_CACHE_ENV, "0")
     assert not prompt_cache_enabled()

@@ -20,7 +20,7 @@ from slmkit.models.onnx_wrapper import ONNX_ARTIFACT
 from slmkit.workflow.steps import STEP_TAG
 from tests.conftest import TrackingServer, mlflow_run, runs_of
 from tests.test_serving import ROUTES, serve
-from tests.tiny_models import carried_node_mismatches
+from tests.tiny_models import logged_carry_mismatches
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow(seconds=180)]
 
@@ -82,10 +82,8 @@ def test_smollm2_preset_runs_end_to_end_and_answers(tracking_server: TrackingSer
 def check_every_carried_node_equals_the_gguf(model_dir: Path, download_artifacts: Path) -> None:
     """Each MatMulNBits of the logged ONNX model dequantizes to exactly gguf's dequantization of
     the GGUF file the download run logged (210 Q4_1 tensors and the tied Q8_0 embedding)."""
-    gguf_dir, checkpoint = download_artifacts / "gguf", download_artifacts / "checkpoint"
-    onnx_dir = model_dir / "artifacts" / ONNX_ARTIFACT
-    assert carried_node_mismatches(onnx_dir, gguf_dir / GGUF_MEMBER, checkpoint) == []
-    model = onnx.load(str(onnx_dir / "model.onnx"))
+    assert logged_carry_mismatches(model_dir, download_artifacts, GGUF_MEMBER) == []
+    model = onnx.load(str(model_dir / "artifacts" / ONNX_ARTIFACT / "model.onnx"))
     types = {a.i for n in model.graph.node if n.op_type == "MatMulNBits" for a in n.attribute if a.name == "bits"}
     assert types == {4, 8}  # Q4_1 layers in 4 bits, the Q8_0 output layer in 8
 

@@ -11,6 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from harness.templates import PHI3_CHAT_TEMPLATE
+from slmkit.models.onnx_wrapper import ONNX_ARTIFACT
+from slmkit.workflow.lineage import CHECKPOINT_ARTIFACT, GGUF_ARTIFACT
 
 SPECIAL_TOKENS = ["<unk>", "<s>", "<|endoftext|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
 TRAINING_TEXT = [
@@ -289,6 +291,16 @@ def build_in_one_process(commands: list[list[str]]) -> None:
         capture_output=True, text=True, env=builder_environment(), check=False,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
+
+
+def logged_carry_mismatches(model_dir: Path, download_artifacts: Path, gguf_name: str) -> list[str]:
+    """carried_node_mismatches of a logged ONNX wrapper's folder against the GGUF file and the
+    checkpoint its `download` run logged (both read in place)."""
+    return carried_node_mismatches(
+        model_dir / "artifacts" / ONNX_ARTIFACT,
+        download_artifacts / GGUF_ARTIFACT / gguf_name,
+        download_artifacts / CHECKPOINT_ARTIFACT,
+    )
 
 
 def carried_node_mismatches(folder: Path, gguf_path: Path, checkpoint: Path) -> list[str]:

@@ -259,14 +259,17 @@ def load_pyfunc(
     """
     import mlflow
 
+    def load(uri: str) -> Any:
+        return mlflow.pyfunc.load_model(uri, model_config=model_config, suppress_warnings=suppress_warnings)
+
     flavors = mlflow.models.Model.load(model_uri).flavors if flavors is None else flavors
     if not flavors.get("python_function", {}).get("code"):
-        return mlflow.pyfunc.load_model(model_uri, model_config=model_config, suppress_warnings=suppress_warnings)
+        return load(model_uri)
     model_dir = Path(model_uri) if Path(model_uri).is_dir() else Path(mlflow.artifacts.download_artifacts(model_uri))
     if not _carries_flat_library(model_dir, flavors):
-        return mlflow.pyfunc.load_model(str(model_dir), model_config=model_config, suppress_warnings=suppress_warnings)
+        return load(str(model_dir))
     with _own_library_while_loading():
-        return mlflow.pyfunc.load_model(str(model_dir), model_config=model_config, suppress_warnings=suppress_warnings)
+        return load(str(model_dir))
 
 
 def load_chat_model(model_uri: str, traced: bool = True) -> ChatModel:
