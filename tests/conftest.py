@@ -412,7 +412,8 @@ def untrained_mains(
     this model in the experiment reuse its builds. They run as `python -m steps.main`, the race
     being main's own; `pipeline_run` is the main that `mlflow run` starts.
     """
-    params = (f"model={tiny_phi3}", f"max_rows={TRAINED_ROWS}", "max_tokens=8", *E2E_REGISTERED)
+    # Without fidelity (fidelity_positions=0): the gate compares answers; pipeline_run measures it.
+    params = (f"model={tiny_phi3}", f"max_rows={TRAINED_ROWS}", "max_tokens=8", "fidelity_positions=0", *E2E_REGISTERED)
     env = tracking_server.env(
         MLFLOW_EXPERIMENT_NAME=UNTRAINED_EXPERIMENT, SLMKIT_LOCK_DIR=str(tmp_path_factory.mktemp("locks"))
     )
