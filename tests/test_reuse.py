@@ -45,7 +45,9 @@ def test_evaluate_alone_reuses_mains_models_and_rebuilds_only_what_changed_code_
     evaluation = [r for r in runs if r.data.tags.get(STEP_TAG) == "evaluate"][-1]
     assert evaluation.data.params["pipeline_model_uri_used"] == built_by_main["log_pipeline"]
     assert evaluation.data.params["onnx_model_uri_used"] != built_by_main["log_onnx_wrapper"]
-    assert not any(name.startswith("parity/fidelity") or name == "parity/top1_agreement" for name in evaluation.data.metrics)
+    assert not any(
+        name.startswith("parity/fidelity") or name == "parity/top1_agreement" for name in evaluation.data.metrics
+    )
     new_onnx = [r for r in runs if r.data.tags.get(STEP_TAG) == "log_onnx_wrapper"][-1]
     assert new_onnx.data.tags[CACHE_KEY_TAG] != pipeline_run.children["log_onnx_wrapper"].data.tags[CACHE_KEY_TAG]
     made = sorted(r.data.tags.get(STEP_TAG) for r in runs[runs_before:])
