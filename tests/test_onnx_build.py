@@ -8,7 +8,7 @@ from slmkit.onnx.session import THREADS_ENV
 
 def test_int4_command_names_input_output_precision_and_provider():
     command = builder_command(Path("ckpt"), Path("out"), Path("cache"), "cuda")
-    assert command[1:3] == ["-m", "onnxruntime_genai.models.builder"]
+    assert command[1:3] == ["-m", "slmkit.onnx.node_by_node_builder"]
     assert command[command.index("--precision") + 1] == "int4"
     assert command[command.index("--execution_provider") + 1] == "cuda"
     assert "--extra_options" not in command

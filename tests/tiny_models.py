@@ -266,13 +266,13 @@ def build_tiny_model(architecture: str, dest: Path, seed: int = 0, **overrides: 
     return dest
 
 
-# Runs the builder's own command line once per argv given as JSON, in one process: its imports
-# (torch, transformers, onnx) take ten times the CPU of a tiny build.
+# Runs the builder's own command line once per argv given as JSON, in one process, as the steps
+# run it (node by node): its imports (torch, transformers, onnx) take ten times the CPU of a tiny build.
 ONE_PROCESS_BUILDER = """
-import json, runpy, sys
+import json, sys
+from slmkit.onnx.node_by_node_builder import run_builder
 for argv in json.loads(sys.argv[1]):
-    sys.argv = argv
-    runpy.run_module("onnxruntime_genai.models.builder", run_name="__main__")
+    run_builder(argv)
 """
 
 
@@ -282,10 +282,10 @@ def build_in_one_process(commands: list[list[str]]) -> None:
     import subprocess
     import sys
 
-    from slmkit.onnx.build import builder_environment
+    from slmkit.onnx.build import BUILDER_MODULE, builder_environment
 
-    assert all(command[1:3] == ["-m", "onnxruntime_genai.models.builder"] for command in commands)
-    argvs = [["builder", *command[3:]] for command in commands]
+    assert all(command[1:3] == ["-m", BUILDER_MODULE] for command in commands)
+    argvs = [command[3:] for command in commands]
     result = subprocess.run(
         [sys.executable, "-c", ONE_PROCESS_BUILDER, json.dumps(argvs)],
         capture_output=True, text=True, env=builder_environment(), check=False,

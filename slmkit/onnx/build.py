@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from slmkit import PROJECT_ROOT
 from slmkit.errors import UserError
 from slmkit.onnx.gguf_carry import CarryReport, carry_gguf_weights
 from slmkit.sources.presets import OnnxVariant
@@ -64,6 +65,10 @@ def check_quantization(name: str, execution_provider: str, from_gguf: bool) -> s
 RUNTIME_SUFFIXES = (".onnx", ".data", ".json", ".jinja", ".model", ".txt")
 
 
+# onnxruntime-genai's builder, its quantization pass run one weight at a time (half the memory).
+BUILDER_MODULE = "slmkit.onnx.node_by_node_builder"
+
+
 def builder_command(
     checkpoint: Path,
     output: Path,
@@ -80,7 +85,7 @@ def builder_command(
     return [
         sys.executable,
         "-m",
-        "onnxruntime_genai.models.builder",
+        BUILDER_MODULE,
         "--input", str(checkpoint),
         "--output", str(output),
         "--precision", precision,
@@ -136,8 +141,12 @@ def builder_environment() -> dict[str, str]:
     run five folders above its own file (`builders/base.py`, `get_genai_commit`), which inside a
     project's `.venv` is the project's own checkout, so every commit of ours changed the built
     model.onnx. With no repository it takes the wheel's commit, and the same checkpoint builds the
-    same bytes."""
-    return {**os.environ, "HF_HUB_OFFLINE": "1", "GIT_DIR": os.devnull}
+    same bytes.
+
+    The project's root goes first on PYTHONPATH, so that `BUILDER_MODULE` is found from any
+    working directory."""
+    path = os.pathsep.join(p for p in (str(PROJECT_ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "GIT_DIR": os.devnull, "PYTHONPATH": path}
 
 
 def build_onnx(
