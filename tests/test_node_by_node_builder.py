@@ -37,12 +37,14 @@ assert Model.to_nbits.node_by_node, "the node-by-node pass was not the one that 
 """
 
 KEPT_FLOAT = "/model/layers.0/attn/o_proj/MatMul"
-CASES = {  # name: (checkpoint, quantization, the builder's further options)
-    "phi3-int4": ("phi3", "int4", {}),
-    "phi3-int8": ("phi3", "int8", {}),
-    "phi3-int4-kquant": ("phi3", "int4-kquant", {}),
-    "qwen3-tied-int4": ("qwen3", "int4", {}),
-    "phi3-int4-one-node-kept-float": ("phi3", "int4", {"nodes_to_exclude": KEPT_FLOAT}),
+CASES = {  # name: (checkpoint, quantization, the builder's further options, execution provider)
+    "phi3-int4": ("phi3", "int4", {}, "cpu"),
+    "phi3-int8": ("phi3", "int8", {}, "cpu"),
+    "phi3-int4-kquant": ("phi3", "int4-kquant", {}, "cpu"),
+    "qwen3-tied-int4": ("qwen3", "int4", {}, "cpu"),
+    "phi3-int4-one-node-kept-float": ("phi3", "int4", {"nodes_to_exclude": KEPT_FLOAT}, "cpu"),
+    # CUDA's int4 also gets the builder's per-node weight prepacking; the graph builds without a GPU.
+    "phi3-int4-cuda": ("phi3", "int4", {}, "cuda"),
 }
 
 
@@ -52,9 +54,9 @@ def both_builds(tiny_phi3: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
     checkpoints = {"phi3": tiny_phi3, "qwen3": build_tiny_model("Qwen3ForCausalLM", scratch / "qwen3")}
     commands = {}
     for kind in ("stock", "node-by-node"):
-        for case, (checkpoint, quantization, options) in CASES.items():
+        for case, (checkpoint, quantization, options, provider) in CASES.items():
             recipe = QUANTIZATIONS[quantization]
-            command = builder_command(checkpoints[checkpoint], scratch / kind / case, scratch / "cache", "cpu",
+            command = builder_command(checkpoints[checkpoint], scratch / kind / case, scratch / "cache", provider,
                                       {**recipe.extra_options, **options}, recipe.precision)  # fmt: skip
             commands.setdefault(kind, []).append(command[3:])
     result = subprocess.run(
