@@ -186,8 +186,8 @@ def build_phi3_mini(dest: Path, seed: int = 0, layers: int = PHI3_MINI_CONFIG["n
     """The flagship-shaped checkpoint in `dest`, built unless a complete one is there already.
 
     `layers` below 32 cuts the model to its first layers, every other size kept: the largest part
-    that fits where a tool cannot hold the whole model (onnxruntime-genai's int4 builder at 32
-    layers peaks at 22.7 GiB of a 24 GiB machine, and its k-quant variant does not fit). Built in
+    that fits where a tool cannot hold the whole model (onnxruntime-genai's int4 builder as it
+    ships peaked at 22.7 GiB of a 24 GiB machine at 32 layers; node by node, 9.9 GiB). Built in
     a sibling folder and renamed when complete, so an interrupted build never passes for a
     checkpoint."""
     from transformers import GenerationConfig, Phi3Config
