@@ -31,3 +31,21 @@ def test_intra_op_threads_default_to_the_available_cpus_and_can_be_overridden(mo
     assert intra_op_threads(3) == 3
     monkeypatch.setenv(THREADS_ENV, "1")
     assert intra_op_threads(3) == 1
+
+
+def test_a_builds_runtime_files_are_moved_into_place_and_a_downloads_are_copied(tmp_path):
+    from slmkit.onnx.build import copy_runtime_files
+
+    for name in ("genai_config.json", "model.onnx", "model.onnx.data", "builder.log"):
+        (tmp_path / "built").mkdir(exist_ok=True)
+        (tmp_path / "built" / name).write_text(name)
+    copy_runtime_files(tmp_path / "built", tmp_path / "copied")
+    assert sorted(p.name for p in (tmp_path / "built").iterdir()) == ["builder.log", "genai_config.json", "model.onnx", "model.onnx.data"]  # fmt: skip
+    copy_runtime_files(tmp_path / "built", tmp_path / "moved", move=True)
+    assert [p.name for p in (tmp_path / "built").iterdir()] == ["builder.log"]
+    assert sorted(p.name for p in (tmp_path / "moved").iterdir()) == [
+        "genai_config.json",
+        "model.onnx",
+        "model.onnx.data",
+    ]
+    assert (tmp_path / "moved" / "model.onnx.data").read_text() == "model.onnx.data"

@@ -188,19 +188,21 @@ def build_onnx(
         if gguf is None:
             raise UserError("quantization='gguf' needs the source's GGUF file, which the download run does not have")
         report = carry_gguf_weights(build_dir, gguf, checkpoint)
-    copy_runtime_files(build_dir, output)
+    copy_runtime_files(build_dir, output, move=True)
     shutil.rmtree(build_dir)
     return report
 
 
-def copy_runtime_files(source: Path, output: Path) -> None:
-    """Copy the files onnxruntime-genai loads; refuse a folder without genai_config.json."""
+def copy_runtime_files(source: Path, output: Path, move: bool = False) -> None:
+    """Copy the files onnxruntime-genai loads, or with `move` move them (a build's own scratch
+    output: a copy of an fp32 build's weights is 15 GB more disk at Phi-3-mini's size); refuse a
+    folder without genai_config.json."""
     if not (source / "genai_config.json").is_file():
         raise UserError(f"{source} has no genai_config.json; it is not an onnxruntime-genai model folder")
     output.mkdir(parents=True, exist_ok=True)
     for path in sorted(source.iterdir()):
         if path.is_file() and path.suffix in RUNTIME_SUFFIXES:
-            shutil.copy2(path, output / path.name)
+            (shutil.move if move else shutil.copy2)(path, output / path.name)
 
 
 def fetch_ready_variant(variant: OnnxVariant, execution_provider: str, output: Path) -> str:
