@@ -11,7 +11,8 @@
 set -euo pipefail
 VERSION=0.3.36
 DIR=${1:-$HOME/.cache/slmkit/llama.cpp}
-PYTHON=${PYTHON:-$(dirname "$0")/../.venv/bin/python}
+# Absolute: the script changes directory before it runs pip.
+PYTHON=${PYTHON:-$(cd "$(dirname "$0")/.." && pwd)/.venv/bin/python}
 mkdir -p "$DIR" && cd "$DIR"
 if [ ! -d "llama_cpp_python-$VERSION" ]; then
   "$PYTHON" -m pip download --no-deps --no-binary=:all: "llama-cpp-python==$VERSION" >/dev/null
