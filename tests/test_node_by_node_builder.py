@@ -24,12 +24,11 @@ from tests.tiny_models import build_tiny_model
 pytestmark = [pytest.mark.integration]
 
 BOTH_BUILDERS = """
-import json, runpy, sys
-from slmkit.onnx.node_by_node_builder import run_builder
+import json, sys
+from slmkit.onnx.node_by_node_builder import run_builder, run_shipped_builder
 stock, node_by_node = json.loads(sys.argv[1])
 for argv in stock:
-    sys.argv = ["builder", *argv]
-    runpy.run_module("onnxruntime_genai.models.builder", run_name="__main__")
+    run_shipped_builder(argv)
 for argv in node_by_node:
     run_builder(argv)
 from builders.base import Model

@@ -31,18 +31,30 @@ def quantizable(node: ir.Node, op_types: set[str]) -> bool:
         and node.inputs[weight].const_value is not None  # fmt: skip
 
 
+def copied_value(value: ir.Value) -> ir.Value:
+    """A new value like `value`, sharing its tensor (a lazy one stays uncast)."""
+    return ir.Value(name=value.name, type=value.type, shape=value.shape, const_value=value.const_value)
+
+
+def copied_node(node: ir.Node, inputs: list[ir.Value | None]) -> ir.Node:
+    """A new node like `node` on `inputs`, its outputs named and typed as `node`'s: a node belongs
+    to one graph, so moving one between the whole model and a one-node model means a copy."""
+    copy = ir.Node(node.domain, node.op_type, inputs, attributes=list(node.attributes.values()),
+                   num_outputs=len(node.outputs), name=node.name, version=node.version)  # fmt: skip
+    for made, original in zip(copy.outputs, node.outputs, strict=True):
+        made.name, made.type, made.shape = original.name, original.type, original.shape
+    return copy
+
+
 def model_of_one_node(node: ir.Node, opsets: dict[str, int], ir_version: int) -> ir.Model:
     """A model of `node` alone: its constant inputs as initializers (sharing the lazy tensors, so
     nothing is cast yet), its other inputs as graph inputs, its outputs as graph outputs."""
     inputs, initializers, values = [], [], []
     for value in node.inputs:
-        copy = ir.Value(name=value.name, type=value.type, shape=value.shape, const_value=value.const_value)
+        copy = copied_value(value)
         (initializers if value.const_value is not None else inputs).append(copy)
         values.append(copy)
-    alone = ir.Node(node.domain, node.op_type, values, attributes=list(node.attributes.values()),
-                    num_outputs=len(node.outputs), name=node.name, version=node.version)  # fmt: skip
-    for made, original in zip(alone.outputs, node.outputs, strict=True):
-        made.name, made.type, made.shape = original.name, original.type, original.shape
+    alone = copied_node(node, values)
     graph = ir.Graph(inputs, list(alone.outputs), nodes=[alone], initializers=initializers, opset_imports=opsets)
     return ir.Model(graph, ir_version=ir_version)
 
@@ -54,16 +66,13 @@ def replace_node(graph: ir.Graph, node: ir.Node, quantized: ir.Graph) -> None:
     made: dict[str, ir.Value] = {}
     for name, value in quantized.initializers.items():
         if name not in outer:
-            made[name] = ir.Value(name=name, type=value.type, shape=value.shape, const_value=value.const_value)
+            made[name] = copied_value(value)
             graph.register_initializer(made[name])
     new_nodes = []
     for inner in quantized:
         inputs = [None if value is None else made.get(value.name, outer.get(value.name)) for value in inner.inputs]
-        copy = ir.Node(inner.domain, inner.op_type, inputs, attributes=list(inner.attributes.values()),
-                       num_outputs=len(inner.outputs), name=inner.name, version=inner.version)  # fmt: skip
-        for out, original in zip(copy.outputs, inner.outputs, strict=True):
-            out.name, out.type, out.shape = original.name, original.type, original.shape
-            made[out.name] = out
+        copy = copied_node(inner, inputs)
+        made.update((out.name, out) for out in copy.outputs)
         new_nodes.append(copy)
     graph.insert_before(node, new_nodes)
     for old in node.outputs:
@@ -130,11 +139,16 @@ def patch_builder() -> None:
         Model.to_nbits.node_by_node = True
 
 
-def run_builder(argv: list[str]) -> None:
-    """Run the builder's own command line (`argv` without the program name), node by node."""
-    patch_builder()
+def run_shipped_builder(argv: list[str]) -> None:
+    """Run the builder's own command line (`argv` without the program name) in this process."""
     sys.argv = ["onnxruntime_genai.models.builder", *argv]
     runpy.run_module("onnxruntime_genai.models.builder", run_name="__main__")
+
+
+def run_builder(argv: list[str]) -> None:
+    """Run the builder's own command line, node by node."""
+    patch_builder()
+    run_shipped_builder(argv)
 
 
 if __name__ == "__main__":
