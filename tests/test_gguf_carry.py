@@ -24,6 +24,7 @@ from slmkit.onnx.gguf_carry import (
     carry_gguf_weights,
     node_parts,
     node_precision,
+    weights_only_carried,
 )
 from slmkit.onnx.greedy import bare_greedy, load
 from slmkit.sources.checkpoint import convert_gguf
@@ -162,25 +163,65 @@ def tiny_ggufs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path
 
 @pytest.fixture(scope="module")
 def built(tiny_ggufs: dict, tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, CarryReport]]:
-    """Each tiny GGUF built as `build_onnx` builds int4, then carried (float32 activations).
+    """Each tiny GGUF built as `build_onnx` builds it (the builder reading the GGUF file), then
+    carried (float32 activations); and, under "<name>/from-checkpoint", Q4_0's and the tied Q4_1's
+    built from the float checkpoint's weights instead and carried alike.
 
-    All seven builds run in one builder process, with the command lines `build_onnx` gives the
+    All builds run in one builder process, with the command lines `build_onnx` gives the
     builder: its imports (torch, transformers, onnx) take ten times the CPU of a tiny build."""
-    recipe, scratch = QUANTIZATIONS["int4"], tmp_path_factory.mktemp("carried")
+    recipe, scratch = QUANTIZATIONS["gguf"], tmp_path_factory.mktemp("carried")
+    builds = {name: (path, checkpoint, path) for name, (path, checkpoint) in tiny_ggufs.items()}
+    builds |= {
+        f"{name}/from-checkpoint": (tiny_ggufs[name][0], tiny_ggufs[name][1], None) for name in ("Q4_0", "Q4_1-tied")
+    }
     commands = [
         builder_command(checkpoint, scratch / name / "built", scratch / "builder-cache", "cpu",
-                        recipe.extra_options, recipe.precision)
-        for name, (_, checkpoint) in tiny_ggufs.items()
+                        recipe.extra_options, recipe.precision, gguf=read_from)
+        for name, (_, checkpoint, read_from) in builds.items()
     ]  # fmt: skip
     build_in_one_process(commands)
     carried = {}
-    for name, (path, checkpoint) in tiny_ggufs.items():
+    for name, (path, checkpoint, _) in builds.items():
         copy_runtime_files(scratch / name / "built", scratch / name / "onnx")
         carried[name] = (
             scratch / name / "onnx",
             carry_gguf_weights(scratch / name / "onnx", path, checkpoint, "float32"),
         )
     return carried
+
+
+@pytest.mark.parametrize("name", ["Q4_0", "Q4_1-tied"])
+def test_the_builder_reading_the_gguf_makes_the_model_it_makes_of_the_float_checkpoint(name: str, built):
+    """The carry-over's builder reads no float checkpoint (the carried nodes' weights are zero
+    stand-ins, the rest gguf's values as transformers loads them): same graph, same bytes."""
+    from_gguf, from_checkpoint = built[name][0], built[f"{name}/from-checkpoint"][0]
+    for file in ("model.onnx", "model.onnx.data", "genai_config.json"):
+        assert (from_gguf / file).read_bytes() == (from_checkpoint / file).read_bytes(), file
+
+
+@pytest.mark.parametrize("name", ["Q4_0", "Q4_1", "Q8_0", "Q4_1-tied", "F16", "Q5_1"])
+def test_every_tensor_gguf_weights_reads_is_the_one_transformers_loads(name: str, tiny_ggufs):
+    from safetensors.numpy import load_file
+
+    path, checkpoint = tiny_ggufs[name]
+    weights = GgufWeights(path, json.loads((checkpoint / "config.json").read_text()))
+    loaded = load_file(checkpoint / "model.safetensors")
+    assert all(name in weights for name in loaded)
+    assert ("lm_head.weight" in weights) == ("lm_head.weight" in loaded)
+    for tensor_name, values in loaded.items():
+        assert np.array_equal(weights.float_tensor(tensor_name), values), tensor_name
+
+
+def test_the_weights_only_carried_nodes_read_are_the_matmuls_never_the_embedding(tiny_ggufs):
+    path, checkpoint = tiny_ggufs["Q4_1"]
+    config = json.loads((checkpoint / "config.json").read_text())
+    layers = config["num_hidden_layers"]
+    modules = ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj")
+    expected = {f"model.layers.{i}.{module}.weight" for i in range(layers) for module in modules}
+    assert weights_only_carried(GgufWeights(path, config), layers) == expected | {"lm_head.weight"}
+    tied = tiny_ggufs["Q4_1-tied"][0]
+    assert weights_only_carried(GgufWeights(tied, config), layers) == expected  # the embedding is the LM head
+    assert weights_only_carried(GgufWeights(tiny_ggufs["F16"][0], config), layers) == set()
 
 
 @pytest.mark.parametrize("name", ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_1-tied"])
@@ -226,15 +267,15 @@ def test_a_gguf_whose_weights_are_float_keeps_the_builders_quantization_and_says
     assert len(bare_greedy(model, tokenizer, MESSAGES, 4)[0]) == 4  # the builder's int4 weights still run
 
 
-def test_block_weights_of_a_node_are_checked_against_the_checkpoint(tiny_ggufs):
-    """The mapping is verified, not trusted: another checkpoint's values are refused."""
-    from slmkit.onnx.gguf_carry import carry_node_weights, open_checkpoint
+def test_block_weights_of_a_node_are_checked_against_the_reference_values(tiny_ggufs):
+    """The mapping is verified, not trusted: another file's values are refused."""
+    from slmkit.onnx.gguf_carry import carry_node_weights
 
-    path, _ = tiny_ggufs["Q4_1"]
-    _, other_checkpoint = tiny_ggufs["Q4_0"]
-    weights = GgufWeights(path, json.loads((other_checkpoint / "config.json").read_text()))
-    with open_checkpoint(other_checkpoint) as checkpoint, pytest.raises(ValueError, match="do not dequantize"):
-        carry_node_weights([Part("model.layers.0.self_attn.o_proj.weight")], weights, checkpoint.get)
+    path, checkpoint = tiny_ggufs["Q4_1"]
+    config = json.loads((checkpoint / "config.json").read_text())
+    weights, other = GgufWeights(path, config), GgufWeights(tiny_ggufs["Q4_0"][0], config)
+    with pytest.raises(ValueError, match="do not dequantize"):
+        carry_node_weights([Part("model.layers.0.self_attn.o_proj.weight")], weights, other.float_tensor)
     assert isinstance(weights.block_weights("model.layers.0.self_attn.o_proj.weight"), BlockWeights)
 
 

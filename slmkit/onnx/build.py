@@ -67,6 +67,8 @@ RUNTIME_SUFFIXES = (".onnx", ".data", ".json", ".jinja", ".model", ".txt")
 
 # onnxruntime-genai's builder, its quantization pass run one weight at a time (half the memory).
 BUILDER_MODULE = "slmkit.onnx.node_by_node_builder"
+# BUILDER_MODULE's own option, before the builder's: read the weights from this GGUF file.
+GGUF_OPTION = "--gguf"
 
 
 def builder_command(
@@ -76,16 +78,19 @@ def builder_command(
     execution_provider: str,
     extra_options: dict[str, str] | None = None,
     precision: str = "int4",
+    gguf: Path | None = None,
 ) -> list[str]:
     """The builder's command line (its --help crashes; see builder.py's argparse).
 
     `extra_options` go to `--extra_options key=value ...`, e.g. `accuracy_level` or `block_size`.
+    With `gguf`, the builder reads its weights from that file (a GGUF carry-over).
     """
     extra = ["--extra_options", *(f"{key}={value}" for key, value in extra_options.items())] if extra_options else []
     return [
         sys.executable,
         "-m",
         BUILDER_MODULE,
+        *([GGUF_OPTION, str(gguf)] if gguf else []),
         "--input", str(checkpoint),
         "--output", str(output),
         "--precision", precision,
@@ -160,8 +165,9 @@ def build_onnx(
 ) -> CarryReport | None:
     """Build an ONNX model of a safetensors checkpoint into `output` in `quantization`.
 
-    For `gguf`, the builder's int4 graph then gets the GGUF file's own weights, checked against
-    `checkpoint` (its dequantization); the report says which nodes were carried.
+    For `gguf`, the builder reads its weights from the GGUF file, `checkpoint` giving only the
+    config (slmkit.onnx.gguf_model), and its int4 graph then gets the file's own blocks, checked
+    against gguf's dequantization; the report says which nodes were carried.
 
     The builder runs in a subprocess: it holds the whole float model in memory, and the memory
     comes back to the OS when it exits. Its log tail is kept for the error message.
@@ -170,6 +176,8 @@ def build_onnx(
         UserError: the builder failed; the message carries the end of its output.
     """
     recipe = QUANTIZATIONS[quantization]
+    if recipe.carries_gguf and gguf is None:
+        raise UserError("quantization='gguf' needs the source's GGUF file, which the download run does not have")
     build_dir = scratch / f"builder-output-{quantization}"
     command = builder_command(
         builder_input(checkpoint, scratch),
@@ -178,16 +186,13 @@ def build_onnx(
         execution_provider,
         {**recipe.extra_options, **(extra_options or {})},
         recipe.precision,
+        gguf if recipe.carries_gguf else None,
     )
     result = subprocess.run(command, capture_output=True, text=True, check=False, env=builder_environment())
     if result.returncode != 0:
         tail = "\n".join((result.stdout + result.stderr).strip().splitlines()[-15:])
         raise UserError(f"onnxruntime-genai's builder failed on {checkpoint} (exit {result.returncode}):\n{tail}")
-    report = None
-    if recipe.carries_gguf:
-        if gguf is None:
-            raise UserError("quantization='gguf' needs the source's GGUF file, which the download run does not have")
-        report = carry_gguf_weights(build_dir, gguf, checkpoint)
+    report = carry_gguf_weights(build_dir, gguf, checkpoint) if recipe.carries_gguf and gguf else None
     copy_runtime_files(build_dir, output, move=True)
     shutil.rmtree(build_dir)
     return report

@@ -11,24 +11,27 @@ Which GGUF tensor feeds which node: the builder names nodes after the Hugging Fa
 (`/model/layers.3/attn/qkv_proj/MatMul_Q4`), gguf's own TensorNameMap gives each module's GGUF
 name, and transformers' GGUF tensor processor gives the row order (llama.cpp permutes the q and
 k rows of llama models). Nothing is trusted blindly: every carried node must dequantize to
-exactly the float checkpoint that the builder read, which is gguf's dequantization of the same
-file; a node that does not, or whose GGUF type has no exact form, keeps the builder's weights,
-and the report says which and why.
+exactly gguf's own dequantization of the file, as transformers loads it; a node whose GGUF type
+has no exact form keeps the builder's weights, and the report says which and why.
+
+The builder never reads the float weights of the nodes that will be carried
+(`weights_only_carried` names them; slmkit.onnx.gguf_model hands the builder a zero stand-in), so
+the carry-over costs the quantized file's memory, not a float copy's.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Container, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from slmkit.errors import UserError
-from slmkit.onnx.gguf_blocks import BlockWeights, block_weights, concat_rows
+from slmkit.onnx.gguf_blocks import CARRIED_TYPES, BlockWeights, block_weights, concat_rows
 
 MODEL_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"
@@ -94,7 +97,7 @@ class Part:
         return slice(self.half * rows // 2, (self.half + 1) * rows // 2)
 
 
-def node_parts(node_name: str, checkpoint_names: set[str]) -> list[Part] | None:
+def node_parts(node_name: str, checkpoint_names: Container[str]) -> list[Part] | None:
     """The checkpoint weights behind one of the builder's MatMul nodes, stacked along N; None
     for a node this mapping does not know (it then keeps the builder's weights)."""
     if node_name.startswith("/lm_head/MatMul"):
@@ -132,6 +135,26 @@ class CarryReport:
         return carried + [f"requantized\t{node}\t{why}" for node, why in sorted(self.requantized.items())]
 
 
+def empty_model(config: dict) -> Any:
+    """A float32 transformers model of `config` (a config.json's contents), its parameters on the
+    meta device: shapes and names, no memory."""
+    import torch
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    with init_empty_weights(include_buffers=False):
+        return AutoModelForCausalLM.from_config(
+            CONFIG_MAPPING[config["model_type"]].from_dict(config), dtype=torch.float32
+        )
+
+
+def checkpoint_names(model: Any) -> set[str]:
+    """The tensors a checkpoint of `model` holds: its parameters, a tied weight under its source's
+    name only (as `save_pretrained` writes them)."""
+    return {name for name, _ in model.named_parameters()} - set(model.all_tied_weights_keys)
+
+
 class GgufWeights:
     """The weights of a GGUF file by Hugging Face parameter name, in the checkpoint's row order."""
 
@@ -139,6 +162,9 @@ class GgufWeights:
         import gguf
         from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorProcessor
 
+        # gguf's name map takes any module name, a checkpoint's or not: Phi-3's file stores
+        # gate_up_proj as ffn_up, which is also the name it gives an up_proj.
+        self.checkpoint_names = checkpoint_names(empty_model(config))
         self.reader = gguf.GGUFReader(str(path))
         self.tensors = {tensor.name: tensor for tensor in self.reader.tensors}
         self.arch = bytes(self.reader.fields["general.architecture"].parts[-1]).decode()
@@ -149,8 +175,10 @@ class GgufWeights:
         self.processor = TENSOR_PROCESSORS.get(self.arch, TensorProcessor)(config=config)
 
     def gguf_name(self, hf_name: str) -> str | None:
-        base = self.names.get_name(hf_name.removesuffix(".weight"))
-        return f"{base}.weight" if base and f"{base}.weight" in self.tensors else None
+        """The file's name for a checkpoint tensor (a module's weight or bias), None if absent."""
+        module, _, suffix = hf_name.rpartition(".")
+        base = self.names.get_name(module)
+        return f"{base}.{suffix}" if base and f"{base}.{suffix}" in self.tensors else None
 
     def type_name(self, hf_name: str) -> str:
         name = self.gguf_name(hf_name)
@@ -169,6 +197,39 @@ class GgufWeights:
             raise ValueError(f"transformers changes the values of {gguf_name}, not only its row order")
         return order
 
+    def __contains__(self, hf_name: object) -> bool:
+        """Whether `hf_name` is a tensor of the checkpoint and of the file."""
+        return hf_name in self.checkpoint_names and self.gguf_name(str(hf_name)) is not None
+
+    def float_tensor(self, hf_name: str) -> np.ndarray:
+        """The float32 tensor transformers loads for `hf_name`: gguf's dequantization, then
+        transformers' processor (llama's q/k rows reordered, Gemma's norms less one), as in
+        `load_gguf_checkpoint`, one tensor at a time.
+
+        Raises:
+            KeyError: the file has no tensor for it.
+        """
+        from gguf.quants import dequantize
+
+        name = self.gguf_name(hf_name)
+        if name is None:
+            raise KeyError(f"no GGUF tensor for {hf_name}")
+        tensor = self.tensors[name]
+        values = dequantize(tensor.data, tensor.tensor_type)
+        return np.asarray(self.processor.process(weights=values, name=name).weights, dtype=np.float32)
+
+    def carriable(self, hf_name: str) -> bool:
+        """Whether `hf_name`'s tensor has an exact MatMulNBits form, found from its type and row
+        order alone (nothing is decoded)."""
+        name = self.gguf_name(hf_name)
+        if name is None or self.tensors[name].tensor_type not in CARRIED_TYPES:
+            return False
+        try:
+            self.row_order(name, int(self.tensors[name].shape[1]))
+        except ValueError:
+            return False
+        return True
+
     def block_weights(self, hf_name: str) -> BlockWeights:
         """The weight in the checkpoint's row order.
 
@@ -184,10 +245,35 @@ class GgufWeights:
         return weights.rows(self.row_order(name, rows))
 
 
+# The builder's MatMul nodes of one decoder layer, by the names `node_parts` reads: llama's q, k
+# and v may be one packed node or three, and Phi-3's gate_up_proj two nodes or one.
+_LAYER_MODULES = {"attn": ("qkv_proj", "q_proj", "k_proj", "v_proj", "o_proj"),
+                  "mlp": ("gate_up_proj", "gate_proj", "up_proj", "down_proj")}  # fmt: skip
+_EMBEDDING = "model.embed_tokens.weight"
+
+
+def weights_only_carried(gguf: GgufWeights, layers: int) -> set[str]:
+    """The checkpoint weights that no node of the builder's graph reads except nodes the
+    carry-over replaces: every node that may hold them can be carried. The builder needs only
+    their shapes. A tied embedding is never among them: the embedding's Gather reads it too."""
+    nodes = [f"/model/layers.{layer}/{block}/{module}/MatMul"
+             for layer in range(layers) for block, modules in _LAYER_MODULES.items() for module in modules]  # fmt: skip
+    carried: set[str] = set()
+    kept: set[str] = {_EMBEDDING}
+    for node in [*nodes, "/lm_head/MatMul"]:
+        parts = node_parts(node, gguf)
+        if parts is None:
+            continue
+        names = {part.hf_name for part in parts}
+        (carried if all(gguf.carriable(name) for name in names) else kept).update(names)
+    return carried - kept
+
+
 def carry_node_weights(
     parts: list[Part], gguf: GgufWeights, checkpoint: Callable[[str], np.ndarray]
 ) -> tuple[BlockWeights, str]:
-    """The GGUF weights of one node and their types, checked against the float checkpoint.
+    """The GGUF weights of one node and their types, checked against `checkpoint` (gguf's own
+    dequantization, `GgufWeights.float_tensor`, in the carry-over).
 
     Raises:
         KeyError, ValueError: the node cannot be carried exactly; the message says why.
@@ -202,7 +288,7 @@ def carry_node_weights(
         [(w := checkpoint(part.hf_name))[part.select(w.shape[0])] for part in parts]
     )  # fmt: skip
     if carried.shape != expected.shape or not np.array_equal(carried.dequantize(), expected):
-        raise ValueError("its GGUF weights do not dequantize to the checkpoint's values")
+        raise ValueError("its GGUF weights do not dequantize to gguf's own values")
     return carried, "+".join(types)
 
 
@@ -228,56 +314,39 @@ def carry_gguf_weights(
 ) -> CarryReport:
     """Replace the weights of the builder's MatMulNBits nodes in `onnx_dir` by `gguf_path`'s own.
 
-    `checkpoint_dir` is the float checkpoint the builder read (download's dequantization of the
-    same file): each carried node is checked to equal it exactly. `activations` is one of
-    ACTIVATIONS.
+    `checkpoint_dir` holds the config the builder read. Each carried node is checked to equal
+    gguf's own dequantization exactly. `activations` is one of ACTIVATIONS.
+
+    Raises:
+        UserError: a node whose float weights the builder never read (`weights_only_carried`)
+            could not be carried after all: the model would compute with stand-ins.
     """
     import onnx
 
     config = json.loads((checkpoint_dir / "config.json").read_text())
     weights = GgufWeights(gguf_path, config)
+    stand_ins = weights_only_carried(weights, int(config["num_hidden_layers"]))
     model = onnx.load(str(onnx_dir / MODEL_FILE), load_external_data=True)
     graph = ModelGraph(model)
     report = CarryReport()
-    with open_checkpoint(checkpoint_dir) as checkpoint:
-        for node in [n for n in model.graph.node if n.op_type == "MatMulNBits"]:
-            parts = node_parts(node.name, set(checkpoint.names))
-            if parts is None:
-                report.requantized[node.name] = "no checkpoint weight is known for this node"
-                continue
-            try:
-                carried, types = carry_node_weights(parts, weights, checkpoint.get)
-            except (KeyError, ValueError) as error:
-                report.requantized[node.name] = str(error).strip("'\"")
-                continue
-            graph.set_matmul_weights(node, *node_precision(carried, activations, node.name), exact=carried)
-            report.carried[node.name] = types
+    for node in [n for n in model.graph.node if n.op_type == "MatMulNBits"]:
+        parts = node_parts(node.name, weights)
+        if parts is None:
+            report.requantized[node.name] = "no checkpoint weight is known for this node"
+            continue
+        try:
+            carried, types = carry_node_weights(parts, weights, weights.float_tensor)
+        except (KeyError, ValueError) as error:
+            if any(part.hf_name in stand_ins for part in parts):
+                raise UserError(f"{gguf_path.name}: {node.name} cannot be carried ({error}), "
+                                "and the builder was given no float weights for it") from error  # fmt: skip
+            report.requantized[node.name] = str(error).strip("'\"")
+            continue
+        graph.set_matmul_weights(node, *node_precision(carried, activations, node.name), exact=carried)
+        report.carried[node.name] = types
     (onnx_dir / DATA_FILE).unlink(missing_ok=True)
     onnx.save_model(model, str(onnx_dir / MODEL_FILE), save_as_external_data=True, location=DATA_FILE)
     return report
-
-
-class CheckpointTensors:
-    """A float checkpoint's tensors by name, read one at a time (a 3.8B model does not fit twice)."""
-
-    def __init__(self, handles: list) -> None:
-        self.handles = {name: handle for handle in handles for name in handle.keys()}  # noqa: SIM118
-        self.names = set(self.handles)
-
-    def get(self, name: str) -> np.ndarray:
-        return self.handles[name].get_tensor(name).astype(np.float32, copy=False)
-
-
-@contextlib.contextmanager
-def open_checkpoint(folder: Path) -> Iterator[CheckpointTensors]:
-    from safetensors import safe_open
-
-    with contextlib.ExitStack() as stack:
-        handles = [
-            stack.enter_context(safe_open(str(path), framework="numpy"))
-            for path in sorted(folder.glob("*.safetensors"))
-        ]
-        yield CheckpointTensors(handles)
 
 
 def pack_codes(codes: np.ndarray, bits: int, block_size: int) -> np.ndarray:

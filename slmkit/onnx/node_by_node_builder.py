@@ -1,7 +1,8 @@
 """onnxruntime-genai's builder, run with its quantization pass applied one weight at a time.
 
 Run as `python -m slmkit.onnx.node_by_node_builder` with the builder's own command line
-(`slmkit.onnx.build.builder_command`).
+(`slmkit.onnx.build.builder_command`), after `--gguf FILE` for a GGUF carry-over: the builder then
+reads its weights from that file (slmkit.onnx.gguf_model), not from the float checkpoint.
 
 Why: the 0.18 builder makes the whole graph first, every weight a lazy cast of the loaded
 checkpoint to float32, and then quantizes it in `Model.to_nbits`, which turns the whole graph
@@ -139,6 +140,25 @@ def patch_builder() -> None:
         Model.to_nbits.node_by_node = True
 
 
+def read_from_gguf(gguf: str) -> None:
+    """Make the builder's `Model.load_weights` read `gguf` (slmkit.onnx.gguf_model) for a
+    checkpoint folder; other inputs load as before."""
+    from pathlib import Path
+
+    from builders.base import Model
+
+    from slmkit.onnx.gguf_model import model_from_gguf
+
+    load_weights = Model.load_weights
+
+    def load_weights_from_gguf(self, input_path: str):
+        if Path(input_path, "config.json").is_file():
+            return model_from_gguf(Path(gguf), Path(input_path))
+        return load_weights(self, input_path)
+
+    Model.load_weights = load_weights_from_gguf
+
+
 def run_shipped_builder(argv: list[str]) -> None:
     """Run the builder's own command line (`argv` without the program name) in this process."""
     sys.argv = ["onnxruntime_genai.models.builder", *argv]
@@ -146,9 +166,23 @@ def run_shipped_builder(argv: list[str]) -> None:
 
 
 def run_builder(argv: list[str]) -> None:
-    """Run the builder's own command line, node by node."""
+    """Run the builder's own command line, node by node; with `--gguf FILE` first, on the file's
+    weights."""
+    from slmkit.onnx.build import GGUF_OPTION
+
     patch_builder()
-    run_shipped_builder(argv)
+    load_weights = None
+    if argv[:1] == [GGUF_OPTION]:
+        from builders.base import Model
+
+        load_weights = Model.load_weights
+        read_from_gguf(argv[1])
+        argv = argv[2:]
+    try:
+        run_shipped_builder(argv)
+    finally:
+        if load_weights is not None:
+            Model.load_weights = load_weights
 
 
 if __name__ == "__main__":
