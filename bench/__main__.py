@@ -130,6 +130,7 @@ class Bench(Sitting):
     pipeline_uri: str
     onnx_model_dir: Path
     checkpoint: Path
+    gguf: Path | None  # a GGUF source's file, whose weights the checkpoint does not hold
     download_run_id: str
     model_name: str
     model_license: str
@@ -183,6 +184,7 @@ def bench_of_main_run(work: Path, env: dict[str, str], stamp: str, args: argpars
         checkpoint=Path(
             mlflow.artifacts.download_artifacts(run_id=download_run_id, artifact_path="checkpoint", dst_path=str(work))
         ),
+        gguf=gguf_of(download_run_id, work),
         download_run_id=download_run_id,
         model_name=mlflow.get_run(download_run_id).data.params["model_name"],
         model_license=mlflow.get_run(download_run_id).data.params.get("license", ""),
@@ -284,7 +286,7 @@ def memory_wall(bench: Bench) -> list[Figure]:
     variants = {}
     for index, (name, options) in enumerate(builder_variants.items()):
         scratch = bench.work / f"variant-{index}"
-        build_onnx("int4", bench.checkpoint, scratch / "onnx", scratch, "cpu", extra_options=options)
+        build_onnx("int4", bench.checkpoint, scratch / "onnx", scratch, "cpu", bench.gguf, options)
         model, tokenizer = load(scratch / "onnx")
         outputs = greedy_outputs(scratch / "onnx", max_tokens)
         variants[name] = {
@@ -309,8 +311,7 @@ def quality_and_peer(bench: Bench) -> list[Figure]:
     """9 and 10. Quality against speed of every build of this checkpoint, and the llama.cpp peer
     on the same GGUF file (bench/quality.py)."""
     rows = load_eval_set(PROJECT_ROOT / "data" / "eval_set.jsonl")
-    gguf = gguf_of(bench.download_run_id, bench.work)
-    work, max_tokens = bench.work, bench.max_tokens
+    gguf, work, max_tokens = bench.gguf, bench.work, bench.max_tokens
     figures = quantization_figures(bench.checkpoint, gguf, rows, work / "quantizations", max_tokens, bench.reps)
     with served(bench.onnx_model_dir, bench.env, work / "server-peer.log", front=SLMKIT_SERVE) as server:
         figures += peer_figures(server.chat_url, gguf, rows, work, max_tokens)
@@ -320,7 +321,7 @@ def quality_and_peer(bench: Bench) -> list[Figure]:
 def fidelity_beside_llama_cpp(bench: Bench) -> list[Figure]:
     """14. Where the carried model's divergence comes from, node by node, and its fidelity beside
     llama-server's on the same positions and the same GGUF file (bench/fidelity.py)."""
-    gguf = gguf_of(bench.download_run_id, bench.work)
+    gguf = bench.gguf
     if gguf is None:
         print("fidelity figures skipped: the source is not a GGUF file")
         return []
@@ -328,11 +329,11 @@ def fidelity_beside_llama_cpp(bench: Bench) -> list[Figure]:
     binary = os.environ.get(LLAMA_SERVER_ENV, "")
     if not binary:
         print(f"llama-server fidelity skipped: {LLAMA_SERVER_ENV} is not set (bench/README.md: building llama-server)")
-        return figures + fidelity_figures(bench.checkpoint, bench.onnx_dir, None)
+        return figures + fidelity_figures(bench.checkpoint, gguf, bench.onnx_dir, None)
     process, chat_url = llama_server(binary, gguf, bench.work / "llama-server-fidelity.log")
     try:
         return figures + fidelity_figures(
-            bench.checkpoint, bench.onnx_dir, chat_url.removesuffix("/v1/chat/completions")
+            bench.checkpoint, gguf, bench.onnx_dir, chat_url.removesuffix("/v1/chat/completions")
         )
     finally:
         stop_process(process)
@@ -352,11 +353,13 @@ def batch_inference(bench: Bench) -> list[Figure]:
 
 
 def logging_cost(bench: Bench) -> list[Figure]:
-    """8. Logging each model as its step logs it, over a plain copy of the same files."""
+    """8. Logging each model as its step logs it, over writing the same files without MLflow: a
+    copy of the ONNX folder, the pipeline's own `save_pretrained` (a GGUF source's checkpoint holds
+    no weights to copy)."""
     import mlflow
 
     generation = generation_config(0, 16)
-    pipeline = build_pipeline(bench.checkpoint, "auto", bench.model_name)
+    pipeline = build_pipeline(bench.checkpoint, "auto", bench.model_name, bench.gguf)
     log = {
         "ONNX wrapper": lambda: log_onnx_as_the_step_does(bench, generation),
         "pipeline": lambda: mlflow.transformers.log_model(
@@ -365,7 +368,7 @@ def logging_cost(bench: Bench) -> list[Figure]:
     }
     copy = {
         "ONNX wrapper": lambda: shutil.copytree(bench.onnx_dir, bench.work / "copy-onnx", dirs_exist_ok=True),
-        "pipeline": lambda: shutil.copytree(bench.checkpoint, bench.work / "copy-checkpoint", dirs_exist_ok=True),
+        "pipeline": lambda: pipeline.save_pretrained(bench.work / "copy-checkpoint"),
     }
     figures = []
     for name in log:

@@ -100,9 +100,9 @@ def compare_to_reference(reference: list[np.ndarray], candidate: list[list[TopLo
     return {"positions": len(same), "top1_agreement": statistics.fmean(same), "kld_top20": statistics.fmean(divergence)}
 
 
-def fidelity_figures(checkpoint: Path, onnx_dir: Path, llama_url: str | None) -> list[Figure]:
+def fidelity_figures(checkpoint: Path, gguf: Path | None, onnx_dir: Path, llama_url: str | None) -> list[Figure]:
     """Ours and llama-server's fidelity on the same positions; ratios only when llama-server runs."""
-    reference_model, tokenizer = float_reference(checkpoint)
+    reference_model, tokenizer = float_reference(checkpoint, gguf)
     sequences = scored_sequences(tokenizer, [], WINDOW, POSITIONS)  # the shipped text alone
     ours_logits = onnx_dir_logits(onnx_dir)
     reference, ours, full_kld = [], [], []
@@ -197,7 +197,7 @@ def node_figures(checkpoint: Path, gguf: Path) -> list[Figure]:
     recentring removes at blocks of 32 (the default's arithmetic), over all projections."""
     from slmkit.onnx.gguf_carry import GgufWeights
 
-    model, tokenizer = float_reference(checkpoint)
+    model, tokenizer = float_reference(checkpoint, gguf)
     ids = scored_sequences(tokenizer, [], WINDOW, 1)[0][0]
     weights = GgufWeights(gguf, json.loads((checkpoint / "config.json").read_text()))
     table = node_errors(projection_inputs(model, ids), weights.block_weights)

@@ -48,7 +48,7 @@ def build_variants(checkpoint: Path, gguf: Path | None, work: Path) -> dict[str,
     folders = {}
     for name in (q for q, spec in QUANTIZATIONS.items() if "cpu" in spec.providers and not spec.carries_gguf):
         folders[name] = work / name
-        build_onnx(name, checkpoint, folders[name], work, "cpu")
+        build_onnx(name, checkpoint, folders[name], work, "cpu", gguf)
     if gguf is not None:
         for activations in ACTIVATIONS:  # slmkit.onnx.gguf_carry: the activation precisions
             name = f"gguf, {activations} activations"
@@ -63,7 +63,7 @@ def quantization_figures(
 ) -> list[Figure]:
     """The quality-against-speed table as one report figure, and the carry-over's targets:
     answers within 0.05 of the source, exact match >= 0.6, decode >= 0.9x today's int4 build."""
-    calibration = calibrate(checkpoint, rows, max_tokens, MIN_POSITIONS)
+    calibration = calibrate(checkpoint, gguf, rows, max_tokens, MIN_POSITIONS)
     reference, reference_correct = calibration.answers, calibration.correct_rate
     folders = build_variants(checkpoint, gguf, work)
     table: dict[str, dict[str, Any]] = {}

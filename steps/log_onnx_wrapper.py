@@ -135,7 +135,7 @@ def main(args: argparse.Namespace) -> None:
             check_quantization(quantization, args.execution_provider, gguf is not None)
             if quantization == AUTO:
                 rows = load_eval_set(eval_set_path(args.calibration_set), args.calibration_rows)
-                calibration = calibrate(checkpoint, rows, CALIBRATION_MAX_TOKENS, MIN_POSITIONS)
+                calibration = calibrate(checkpoint, gguf, rows, CALIBRATION_MAX_TOKENS, MIN_POSITIONS)
                 choice = auto_quantization(
                     checkpoint,
                     gguf,

@@ -31,7 +31,13 @@ from slmkit.models.pipeline import build_pipeline, generation_config, pipeline_m
 from slmkit.workflow.cache import StepRunner, step_run
 from slmkit.workflow.cli import run_cli
 from slmkit.workflow.databricks import publish_task_value
-from slmkit.workflow.lineage import download_checkpoint, get_download_run, scratch_dir, writing_artifacts
+from slmkit.workflow.lineage import (
+    download_checkpoint,
+    download_gguf,
+    get_download_run,
+    scratch_dir,
+    writing_artifacts,
+)
 from slmkit.workflow.steps import MODEL_URI_TAG, STEPS
 
 MODEL_NAME = "model"
@@ -45,7 +51,8 @@ def main(args: argparse.Namespace) -> None:
         mlflow.set_tags(download.lineage_tags())
         mlflow.log_param("resolved_revision", download.revision)
         checkpoint, manifest = download_checkpoint(download.run_id, scratch)
-        pipeline = build_pipeline(checkpoint, args.torch_dtype, download.recorded_name or checkpoint.name)
+        gguf = download_gguf(download.run_id, manifest, scratch)
+        pipeline = build_pipeline(checkpoint, args.torch_dtype, download.recorded_name or checkpoint.name, gguf)
         started = time.perf_counter()
         with writing_artifacts("the pipeline model"):
             info = mlflow.transformers.log_model(

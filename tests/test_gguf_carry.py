@@ -27,7 +27,7 @@ from slmkit.onnx.gguf_carry import (
     weights_only_carried,
 )
 from slmkit.onnx.greedy import bare_greedy, load
-from slmkit.sources.checkpoint import convert_gguf
+from slmkit.sources.checkpoint import convert_gguf, float_model
 from tests.tiny_models import build_in_one_process, build_tiny_phi3, carried_node_mismatches, write_tiny_gguf
 
 # One worker runs the module: its module fixtures (seven tiny GGUFs converted, then built in one
@@ -157,6 +157,7 @@ def tiny_ggufs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path
         checkpoint = root / f"{name}-checkpoint"
         checkpoint.mkdir()
         convert_gguf(path, checkpoint)
+        float_model(checkpoint, path).save_pretrained(checkpoint)  # the float reference of the tests
         files[name] = path, checkpoint
     return files
 
@@ -165,7 +166,8 @@ def tiny_ggufs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path
 def built(tiny_ggufs: dict, tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, CarryReport]]:
     """Each tiny GGUF built as `build_onnx` builds it (the builder reading the GGUF file), then
     carried (float32 activations); and, under "<name>/from-checkpoint", Q4_0's and the tied Q4_1's
-    built from the float checkpoint's weights instead and carried alike.
+    built from a float checkpoint of the file (as `download` wrote one until it stopped writing
+    float weights) and carried alike.
 
     All builds run in one builder process, with the command lines `build_onnx` gives the
     builder: its imports (torch, transformers, onnx) take ten times the CPU of a tiny build."""
@@ -176,7 +178,7 @@ def built(tiny_ggufs: dict, tmp_path_factory: pytest.TempPathFactory) -> dict[st
     }
     commands = [
         builder_command(checkpoint, scratch / name / "built", scratch / "builder-cache", "cpu",
-                        recipe.extra_options, recipe.precision, gguf=read_from)
+                        recipe.extra_options, recipe.precision, gguf=read_from, stand_ins=bool(read_from))
         for name, (_, checkpoint, read_from) in builds.items()
     ]  # fmt: skip
     build_in_one_process(commands)

@@ -305,7 +305,7 @@ def logged_carry_mismatches(model_dir: Path, download_artifacts: Path, gguf_name
 
 def carried_node_mismatches(folder: Path, gguf_path: Path, checkpoint: Path) -> list[str]:
     """The MatMulNBits nodes of a carried ONNX model whose weights differ from gguf's own
-    dequantization of the file's tensors (in the checkpoint's row order, halves taken where the
+    dequantization of the file's tensors (`checkpoint` gives the config; in its row order, halves taken where the
     builder splits a fused weight); empty when every carried node holds the file's weights.
 
     Codes, scales and rows are compared exactly in effect: a minimum moved by the recentring
@@ -316,18 +316,15 @@ def carried_node_mismatches(folder: Path, gguf_path: Path, checkpoint: Path) -> 
     import gguf
     import numpy as np
     import onnx
-    from safetensors import safe_open
 
     from slmkit.onnx.gguf_carry import GgufWeights, node_parts, node_weights
 
     weights = GgufWeights(gguf_path, json.loads((checkpoint / "config.json").read_text()))
-    with safe_open(str(checkpoint / "model.safetensors"), framework="numpy") as handle:
-        names = set(handle.keys())
     model = onnx.load(str(folder / "model.onnx"))
     mismatches = []
     for node in (node for node in model.graph.node if node.op_type == "MatMulNBits"):
         pieces = []
-        for part in node_parts(node.name, names) or []:
+        for part in node_parts(node.name, weights) or []:
             name = weights.gguf_name(part.hf_name)
             tensor = weights.tensors[name]
             values = gguf.quants.dequantize(tensor.data, tensor.tensor_type)

@@ -35,6 +35,7 @@ from slmkit.evaluation.scoring import answer_correct
 from slmkit.manifest import folder_bytes
 from slmkit.onnx.build import QUANTIZATIONS, build_onnx
 from slmkit.onnx.gguf_carry import CarryReport
+from slmkit.sources.checkpoint import float_model, gguf_bits_per_weight
 from slmkit.sources.eval_set import EvalRow
 
 # Bits a weight takes in each build, scales included (block 32, float32 scales), to order them.
@@ -122,12 +123,13 @@ def reference_answers(model: Any, tokenizer: Any, rows: list[EvalRow], max_token
     return answers
 
 
-def float_reference(checkpoint: Path) -> tuple[Any, Any]:
-    """transformers' model (float32, eval mode) and tokenizer of the checkpoint."""
+def float_reference(checkpoint: Path, gguf: Path | None = None) -> tuple[Any, Any]:
+    """transformers' model (float32, eval mode) and tokenizer of the checkpoint, its weights the
+    GGUF file's for a GGUF source."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
+    model = float_model(checkpoint, gguf, torch.float32).eval()
     return model, AutoTokenizer.from_pretrained(checkpoint)
 
 
@@ -147,9 +149,11 @@ class Calibration:
         return sum(len(rows) for rows in self.reference_rows)
 
 
-def calibrate(checkpoint: Path, rows: list[EvalRow], max_tokens: int, min_positions: int) -> Calibration:
+def calibrate(
+    checkpoint: Path, gguf: Path | None, rows: list[EvalRow], max_tokens: int, min_positions: int
+) -> Calibration:
     """Run the float model once: its answers, and its logits along them and the shipped text."""
-    model, tokenizer = float_reference(checkpoint)
+    model, tokenizer = float_reference(checkpoint, gguf)
     answers = reference_answers(model, tokenizer, rows, max_tokens)
     correct, _ = score_answers(answers, answers, rows)
     conversations = [(row.messages, answer) for row, answer in zip(rows, answers, strict=True)]
@@ -212,7 +216,7 @@ def auto_quantization(
         builds[quantization] = folder, report
         return Candidate(quantization, folder_bytes(folder), **measured)
 
-    gguf_bits = 32 * gguf.stat().st_size / folder_bytes(checkpoint, ".safetensors") if gguf else None
+    gguf_bits = gguf_bits_per_weight(gguf) if gguf else None
     kept, tried = choose(candidate_order(execution_provider, gguf_bits), measure, min_top1_agreement)
     if kept is None:
         raise UserError(f"quantization=auto: no candidate could be built ({'; '.join(c.skipped for c in tried)})")

@@ -59,8 +59,10 @@ def check_dtype(torch_dtype: str) -> str:
     return check_choice("torch_dtype", torch_dtype, TORCH_DTYPES)
 
 
-def build_pipeline(checkpoint: Path, torch_dtype: str, model_name: str) -> Any:
+def build_pipeline(checkpoint: Path, torch_dtype: str, model_name: str, gguf: Path | None = None) -> Any:
     """A text-generation pipeline over a local checkpoint; `auto` keeps the checkpoint's dtype.
+    For a GGUF source the weights come from the file (`gguf`), float32 under `auto`: the
+    checkpoint holds its config and tokenizer only (slmkit.sources.checkpoint.convert_gguf).
 
     Remote code is never trusted: only architectures that transformers ships are loaded. MLflow
     records the model's `name_or_path` as the model's name (the `model` of every answer), which
@@ -69,11 +71,15 @@ def build_pipeline(checkpoint: Path, torch_dtype: str, model_name: str) -> Any:
     """
     import transformers
 
-    pipeline = transformers.pipeline(
-        "text-generation",
-        model=str(checkpoint),
-        dtype=check_dtype(torch_dtype),
-        trust_remote_code=False,
-    )
+    from slmkit.sources.checkpoint import float_model
+
+    dtype = check_dtype(torch_dtype)
+    if gguf is None:
+        pipeline = transformers.pipeline("text-generation", model=str(checkpoint), dtype=dtype, trust_remote_code=False)
+    else:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(checkpoint)
+        pipeline = transformers.pipeline(
+            "text-generation", model=float_model(checkpoint, gguf, dtype), tokenizer=tokenizer
+        )
     pipeline.model.name_or_path = model_name
     return pipeline

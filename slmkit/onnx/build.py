@@ -67,8 +67,9 @@ RUNTIME_SUFFIXES = (".onnx", ".data", ".json", ".jinja", ".model", ".txt")
 
 # onnxruntime-genai's builder, its quantization pass run one weight at a time (half the memory).
 BUILDER_MODULE = "slmkit.onnx.node_by_node_builder"
-# BUILDER_MODULE's own option, before the builder's: read the weights from this GGUF file.
-GGUF_OPTION = "--gguf"
+# BUILDER_MODULE's own options, before the builder's: read the weights from this GGUF file, and
+# give the weights that only carried nodes read zero stand-ins (slmkit.onnx.gguf_model).
+GGUF_OPTION, STAND_INS_OPTION = "--gguf", "--stand-ins"
 
 
 def builder_command(
@@ -79,18 +80,21 @@ def builder_command(
     extra_options: dict[str, str] | None = None,
     precision: str = "int4",
     gguf: Path | None = None,
+    stand_ins: bool = False,
 ) -> list[str]:
     """The builder's command line (its --help crashes; see builder.py's argparse).
 
     `extra_options` go to `--extra_options key=value ...`, e.g. `accuracy_level` or `block_size`.
-    With `gguf`, the builder reads its weights from that file (a GGUF carry-over).
+    With `gguf`, the builder reads its weights from that file (a GGUF source's checkpoint has
+    none), and with `stand_ins` too, for a carry-over, not the weights the carry replaces.
     """
     extra = ["--extra_options", *(f"{key}={value}" for key, value in extra_options.items())] if extra_options else []
+    gguf_options = [GGUF_OPTION, str(gguf), *([STAND_INS_OPTION] if stand_ins else [])] if gguf else []
     return [
         sys.executable,
         "-m",
         BUILDER_MODULE,
-        *([GGUF_OPTION, str(gguf)] if gguf else []),
+        *gguf_options,
         "--input", str(checkpoint),
         "--output", str(output),
         "--precision", precision,
@@ -165,9 +169,9 @@ def build_onnx(
 ) -> CarryReport | None:
     """Build an ONNX model of a safetensors checkpoint into `output` in `quantization`.
 
-    For `gguf`, the builder reads its weights from the GGUF file, `checkpoint` giving only the
-    config (slmkit.onnx.gguf_model), and its int4 graph then gets the file's own blocks, checked
-    against gguf's dequantization; the report says which nodes were carried.
+    With `gguf` (a GGUF source), the builder reads its weights from the file, `checkpoint` giving
+    the config (slmkit.onnx.gguf_model). For `gguf`, its int4 graph then gets the file's own
+    blocks, checked against gguf's dequantization; the report says which nodes were carried.
 
     The builder runs in a subprocess: it holds the whole float model in memory, and the memory
     comes back to the OS when it exits. Its log tail is kept for the error message.
@@ -186,7 +190,8 @@ def build_onnx(
         execution_provider,
         {**recipe.extra_options, **(extra_options or {})},
         recipe.precision,
-        gguf if recipe.carries_gguf else None,
+        gguf,
+        recipe.carries_gguf,
     )
     result = subprocess.run(command, capture_output=True, text=True, check=False, env=builder_environment())
     if result.returncode != 0:

@@ -1,12 +1,12 @@
 """The model the builder reads for a GGUF carry-over, made from the GGUF file itself.
 
-The builder wants a transformers model. Loading the float checkpoint would map every float weight
-in, 4 bytes a parameter, although the carry-over (slmkit.onnx.gguf_carry) replaces every MatMul
-weight by the file's own blocks. So the model is built empty, on the meta device, and filled a
-tensor at a time: the weights that only carried nodes read get a zero stand-in of their shape (a
-broadcast scalar, no memory), every other tensor (norms, embeddings, biases, weights of types
-that cannot be carried) gets gguf's dequantization as transformers loads it
-(`GgufWeights.float_tensor`), so those are the same values a float checkpoint would hold.
+A GGUF source's checkpoint has no weights (slmkit.sources.checkpoint.convert_gguf), and the builder
+wants a transformers model. transformers' own GGUF loader dequantizes the whole file at once (17
+GiB at Phi-3-mini's size). So the model is built empty, on the meta device, and filled a tensor at
+a time with gguf's dequantization as transformers loads it (`GgufWeights.float_tensor`): the same
+values a float checkpoint would hold. For the carry-over (slmkit.onnx.gguf_carry), which replaces
+MatMul weights by the file's own blocks, those weights get a zero stand-in of their shape instead
+(a broadcast scalar, no memory), so the builder never holds their float values.
 """
 
 from __future__ import annotations
@@ -18,8 +18,9 @@ from typing import Any
 from slmkit.onnx.gguf_carry import GgufWeights, checkpoint_names, empty_model, weights_only_carried
 
 
-def model_from_gguf(gguf_path: Path, config_dir: Path) -> Any:
-    """A float32 transformers model of `config_dir`'s config whose tensors come from `gguf_path`.
+def model_from_gguf(gguf_path: Path, config_dir: Path, stand_ins: bool = False) -> Any:
+    """A float32 transformers model of `config_dir`'s config whose tensors come from `gguf_path`;
+    with `stand_ins`, zero stand-ins for the weights that only carried nodes read.
 
     Raises:
         ValueError: the file has no tensor for one of the model's parameters.
@@ -28,12 +29,12 @@ def model_from_gguf(gguf_path: Path, config_dir: Path) -> Any:
 
     config = json.loads((config_dir / "config.json").read_text())
     weights = GgufWeights(gguf_path, config)
-    stand_ins = weights_only_carried(weights, int(config["num_hidden_layers"]))
+    left_out = weights_only_carried(weights, int(config["num_hidden_layers"])) if stand_ins else set()
     model = empty_model(config)
     shapes = dict(model.named_parameters())
     tensors, missing = {}, []
     for name in sorted(checkpoint_names(model)):  # a tied weight is tied to its source below
-        if name in stand_ins:
+        if name in left_out:
             tensors[name] = torch.zeros((), dtype=torch.float32).expand(shapes[name].shape)
         elif name in weights:
             tensors[name] = torch.from_numpy(weights.float_tensor(name))

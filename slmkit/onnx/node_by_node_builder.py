@@ -1,8 +1,8 @@
 """onnxruntime-genai's builder, run with its quantization pass applied one weight at a time.
 
 Run as `python -m slmkit.onnx.node_by_node_builder` with the builder's own command line
-(`slmkit.onnx.build.builder_command`), after `--gguf FILE` for a GGUF carry-over: the builder then
-reads its weights from that file (slmkit.onnx.gguf_model), not from the float checkpoint.
+(`slmkit.onnx.build.builder_command`), after `--gguf FILE [--stand-ins]` for a GGUF source: the
+builder then reads its weights from that file (slmkit.onnx.gguf_model), not from the checkpoint.
 
 Why: the 0.18 builder makes the whole graph first, every weight a lazy cast of the loaded
 checkpoint to float32, and then quantizes it in `Model.to_nbits`, which turns the whole graph
@@ -140,7 +140,7 @@ def patch_builder() -> None:
         Model.to_nbits.node_by_node = True
 
 
-def read_from_gguf(gguf: str) -> None:
+def read_from_gguf(gguf: str, stand_ins: bool) -> None:
     """Make the builder's `Model.load_weights` read `gguf` (slmkit.onnx.gguf_model) for a
     checkpoint folder; other inputs load as before."""
     from pathlib import Path
@@ -153,7 +153,7 @@ def read_from_gguf(gguf: str) -> None:
 
     def load_weights_from_gguf(self, input_path: str):
         if Path(input_path, "config.json").is_file():
-            return model_from_gguf(Path(gguf), Path(input_path))
+            return model_from_gguf(Path(gguf), Path(input_path), stand_ins)
         return load_weights(self, input_path)
 
     Model.load_weights = load_weights_from_gguf
@@ -166,9 +166,9 @@ def run_shipped_builder(argv: list[str]) -> None:
 
 
 def run_builder(argv: list[str]) -> None:
-    """Run the builder's own command line, node by node; with `--gguf FILE` first, on the file's
-    weights."""
-    from slmkit.onnx.build import GGUF_OPTION
+    """Run the builder's own command line, node by node; with `--gguf FILE [--stand-ins]` first,
+    on the file's weights."""
+    from slmkit.onnx.build import GGUF_OPTION, STAND_INS_OPTION
 
     patch_builder()
     load_weights = None
@@ -176,8 +176,9 @@ def run_builder(argv: list[str]) -> None:
         from builders.base import Model
 
         load_weights = Model.load_weights
-        read_from_gguf(argv[1])
-        argv = argv[2:]
+        stand_ins = argv[2:3] == [STAND_INS_OPTION]
+        read_from_gguf(argv[1], stand_ins)
+        argv = argv[3 if stand_ins else 2 :]
     try:
         run_shipped_builder(argv)
     finally:

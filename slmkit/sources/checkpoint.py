@@ -19,6 +19,7 @@ import tempfile
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from slmkit.errors import UserError
 from slmkit.manifest import describe_files, file_sha256, tree_sha256
@@ -314,25 +315,56 @@ def gguf_parsed_once() -> Iterator[None]:
 
 
 def convert_gguf(gguf: Path, dest: Path, gguf_dest: Path | None = None) -> None:
-    """Dequantise a GGUF file into a float safetensors checkpoint with its tokenizer, and keep a
+    """Write a GGUF file's config and tokenizer as a checkpoint folder without weights, and keep a
     copy of the file itself in `gguf_dest` when given.
 
-    transformers loads GGUF through a quantizer object that `save_pretrained` would otherwise
-    write back as a quantization config; dropping it saves plain weights that the pipeline and
-    the ONNX builder both read. They are float32, whatever the GGUF's dtype field says, so they
-    equal gguf's dequantization exactly, which the GGUF carry-over checks against.
+    The weights stay in the file. A float copy would be 4 bytes a parameter (15 GB for a GGUF of
+    Phi-3-mini), and nothing needs one: transformers loads the file itself (`float_model`), and
+    the ONNX build reads it a tensor at a time (slmkit.onnx.gguf_model). The config is the one
+    transformers makes of the file's metadata, float32 as the model it loads from it.
     """
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer, GenerationConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     with gguf_parsed_once():
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    model.hf_quantizer = None
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    model.save_pretrained(dest)
+        config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    config.architectures = [MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[config.model_type]]  # as a loaded model records
+    config.save_pretrained(dest)
+    GenerationConfig.from_model_config(config).save_pretrained(dest)
     tokenizer.save_pretrained(dest)
     if gguf_dest is not None:
         gguf_dest.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(gguf, gguf_dest / gguf.name)
+
+
+def float_model(checkpoint: Path, gguf: Path | None = None, dtype: Any = "auto") -> Any:
+    """transformers' model of a `download` run: the checkpoint's, or for a GGUF source (`gguf`)
+    the file's weights, which transformers dequantizes to float32 (gguf's own values, exactly).
+
+    The loaded GGUF model carries a quantizer object that `save_pretrained` would write back as a
+    quantization config; it is dropped, so that MLflow logs plain float weights.
+    """
+    from transformers import AutoModelForCausalLM
+
+    if gguf is None:
+        return AutoModelForCausalLM.from_pretrained(checkpoint, dtype=dtype)
+    import torch
+
+    with gguf_parsed_once():
+        model = AutoModelForCausalLM.from_pretrained(
+            gguf.parent, gguf_file=gguf.name, dtype=torch.float32 if dtype == "auto" else dtype
+        )
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    return model
+
+
+def gguf_bits_per_weight(gguf: Path) -> float:
+    """The file's size in bits per weight (Q4_0: 4.5 and a little for the float norms)."""
+    import gguf as gguf_package
+
+    weights = sum(int(tensor.n_elements) for tensor in gguf_package.GGUFReader(str(gguf)).tensors)
+    return 8 * gguf.stat().st_size / weights
