@@ -8,10 +8,12 @@ pyinstrument profile beside the JSON, named in it. Nothing here asserts a time.
 
 `--scale phi3-mini` measures the same figures at the flagship's size instead, on a checkpoint of
 Phi-3-mini's shape with random weights, against llama.cpp (bench/scale.py), into
-bench/results/<date>-<host>-phi3-mini.json.
+bench/results/<date>-<host>-phi3-mini.json; with `--gguf-route`, only the int4 build and the GGUF
+route (`download` and the carry-over of llama-quantize's files, issue 36's figures), into
+…-phi3-mini-gguf-route.json.
 
     python -m bench [--model smollm2-135m] [--reps 5] [--max-tokens 64]
-    python -m bench --scale phi3-mini [--layers 32,24] [--reps 2] [--max-tokens 32]
+    python -m bench --scale phi3-mini [--layers 32,24] [--reps 2] [--max-tokens 32] [--gguf-route]
 """
 
 from __future__ import annotations
@@ -419,6 +421,11 @@ def main() -> None:
         default=[32, 24],
         help="--scale phi3-mini only: layer counts to try, largest first, until one's int4 build fits in memory",
     )
+    parser.add_argument(
+        "--gguf-route",
+        action="store_true",
+        help="--scale phi3-mini only: the int4 build and the GGUF route (download + carry-over) alone",
+    )
     parser.add_argument("--reps", type=int, help="default: 5 (small), 2 (phi3-mini)")
     parser.add_argument("--max-tokens", type=int, help="default: 64 (small), 32 (phi3-mini)")
     args = parser.parse_args()
@@ -442,7 +449,8 @@ def run(args: argparse.Namespace, work: Path) -> None:
     os.environ.update({key: env[key] for key in env if key != "PATH"})
     os.chdir(work)  # `./mlruns` of the scratch store lands here
     if args.scale == "phi3-mini":
-        figures = list_as_measured(phi3_mini_figures(args, work, env, stamp), args, f"{stamp}-phi3-mini")
+        name = f"{stamp}-phi3-mini{'-gguf-route' if args.gguf_route else ''}"
+        figures = list_as_measured(phi3_mini_figures(args, work, env, stamp), args, name)
     else:
         figures = list_as_measured(small_figures(args, work, env, stamp), args, stamp)
     print("| figure | value | target | verdict |\n|---|---:|---|---|")
@@ -479,7 +487,9 @@ def write_results(figures: list[Figure], args: argparse.Namespace, name: str) ->
         "model": args.model if args.scale == "small" else "phi3-mini-random",
         "reps": args.reps,
         "max_tokens": args.max_tokens,
-        "command": "make bench" if args.scale == "small" else "python -m bench --scale phi3-mini",
+        "command": "make bench"
+        if args.scale == "small"
+        else "python -m bench --scale phi3-mini" + (" --gguf-route" if args.gguf_route else ""),
         "figures": [figure.as_dict() for figure in figures],
     }
     out = RESULTS / f"{name}.json"

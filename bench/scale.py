@@ -39,6 +39,7 @@ import requests
 
 from bench.batching import prompt_and_step_ms
 from bench.figures import (
+    GGUF_TYPES,
     PROMPTS,
     RESULTS,
     Figure,
@@ -70,7 +71,6 @@ EXPERIMENT = "bench-phi3-mini"
 # Builds from the bf16 checkpoint besides int4, the slowest last: k-quant searches each block's
 # scales (~4x int4's builder time at 2 layers; at 32 it was stopped for memory after 20 minutes).
 QUANTIZATIONS = ("int8", "fp32", "int4-kquant")
-GGUF_TYPES = ("Q4_0", "Q4_1")
 PROMPT_TOKENS = 1000
 
 
@@ -87,6 +87,7 @@ class Build:
     log_seconds: float = 0.0
     size_bytes: int = 0
     bare_decode_tok_s: float | None = None
+    download: Watched | None = None  # the `download` step before it (a lookup when reused)
 
     @property
     def onnx_dir(self) -> Path:
@@ -95,6 +96,8 @@ class Build:
 
     def row(self) -> dict[str, Any]:
         facts: dict[str, Any] = {"step_seconds": self.run.seconds, "peak_rss_bytes": self.run.peak_rss_bytes}
+        if self.download is not None:
+            facts |= {"download_s": self.download.seconds, "download_peak_rss_bytes": self.download.peak_rss_bytes}
         if self.model_dir is None:
             return {**facts, "failed": self.run.why_not()}
         facts |= {"build_s": self.build_seconds, "log_s": self.log_seconds, "size_bytes": self.size_bytes}
@@ -148,7 +151,7 @@ def log_onnx(scale: Scale, label: str, source: Path, quantization: str) -> Build
         scale, "log_onnx_wrapper", "--model", str(source), "--onnx-source", "build", "--quantization", quantization
     )
     if not logged.ok:
-        return Build(label, logged)
+        return Build(label, logged, download=fetched)
     run = newest_step_run("log_onnx_wrapper")
     model_dir, model_uri = scale.work / f"onnx-model-{label}", run.data.tags[MODEL_URI_TAG]
     mlflow.artifacts.download_artifacts(model_uri, dst_path=str(model_dir))
@@ -162,6 +165,7 @@ def log_onnx(scale: Scale, label: str, source: Path, quantization: str) -> Build
         metrics["build_seconds"],
         metrics["log_seconds"],
         int(metrics["model_size_bytes"]),
+        download=fetched,
     )
 
 
@@ -413,18 +417,33 @@ def with_bare_decode(scale: Scale, build: Build, reps: int = 1) -> Build:
     return replace(build, bare_decode_tok_s=rates["bare"])
 
 
-def other_builds(scale: Scale, gguf: dict[str, Path]) -> list[Build]:
+def other_builds(scale: Scale, gguf: dict[str, Path], route_only: bool = False) -> list[Build]:
     """The GGUF carry-over of each of llama.cpp's files, then QUANTIZATIONS, each through the
-    steps, measured (bare decode) and dropped at once, so disk and memory hold one at a time."""
+    steps, measured (bare decode) and dropped at once, so disk and memory hold one at a time;
+    with `route_only`, the carry-overs alone, not measured."""
     builds = []
     sources = [(f"gguf-{kind}", file, "gguf") for kind, file in gguf.items()]
-    for label, source, quantization in [*sources, *((q, scale.checkpoint, q) for q in QUANTIZATIONS)]:
-        build = with_bare_decode(scale, log_onnx(scale, label, source, quantization))
+    others = [] if route_only else [(q, scale.checkpoint, q) for q in QUANTIZATIONS]
+    for label, source, quantization in [*sources, *others]:
+        build = log_onnx(scale, label, source, quantization)
+        build = build if route_only else with_bare_decode(scale, build)
         if build.model_dir is not None:
             drop(build, download_too=quantization == "gguf")
         print(f"{label}: {build.row()}", flush=True)
         builds.append(build)
     return builds
+
+
+def gguf_route_figures(int4: Build, builds: list[Build]) -> Iterator[Figure]:
+    """Issue 36's figures of each GGUF carry-over among `builds`: `download` and
+    `log_onnx_wrapper` together against the int4 step, and the step's peak against 12 GiB."""
+    for build in builds:
+        if build.label.startswith("gguf-") and build.download is not None:
+            kind, route = build.label.removeprefix("gguf-"), build.download.seconds + build.run.seconds
+            yield Figure(f"GGUF route {kind}: download + log_onnx_wrapper / int4 step", route / int4.run.seconds,
+                         {**build.row(), "int4_step_s": int4.run.seconds})  # fmt: skip
+            yield Figure(f"GGUF carry-over {kind}: peak memory / 12 GiB", build.run.peak_rss_bytes / 12 / 2**30,
+                         build.row())  # fmt: skip
 
 
 def phi3_mini_figures(args: argparse.Namespace, work: Path, env: dict[str, str], stamp: str) -> Iterator[Figure]:
@@ -458,14 +477,17 @@ def phi3_mini_figures(args: argparse.Namespace, work: Path, env: dict[str, str],
         raise SystemExit(f"no cut of the model ({args.layers} layers) built its int4 model within memory")
     gguf, gguf_facts = llama.gguf_files(scale) if llama else ({}, {})
     # int4, the one served and measured against the bandwidth below, with the sitting's repetitions.
-    int4 = with_bare_decode(scale, int4, scale.reps)
-    builds = [int4, *other_builds(scale, gguf)]
+    int4 = int4 if args.gguf_route else with_bare_decode(scale, int4, scale.reps)
+    builds = [int4, *other_builds(scale, gguf, route_only=args.gguf_route)]
     rows = {build.label: build.row() for build in builds}
     yield Figure(
         "int4 build peak memory / machine memory",
         int4.run.peak_rss_bytes / machine_bytes,
         {"layers": layers, "checkpoint_build_s": made, "builds": rows, "llama_cpp": gguf_facts},
     )
+    yield from gguf_route_figures(int4, builds[1:])
+    if args.gguf_route:
+        return
     for build in builds[1:]:
         if build.label.startswith("gguf-") and build.bare_decode_tok_s:
             ratio = build.bare_decode_tok_s / int4.bare_decode_tok_s
