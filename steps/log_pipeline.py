@@ -1,4 +1,5 @@
-"""Entry point `log_pipeline`: log the checkpoint as a transformers `llm/v1/chat` model.
+"""Entry point `log_pipeline`: log the checkpoint as a transformers `llm/v1/chat` model; a GGUF
+source's weights come from its file, float32 as transformers dequantizes them.
 
 Params:
     download_run_id: the `download` run whose checkpoint to use; empty reuses the FINISHED
@@ -58,7 +59,11 @@ def main(args: argparse.Namespace) -> None:
             info = mlflow.transformers.log_model(
                 name=MODEL_NAME, **pipeline_model_arguments(pipeline, generation, download.license)
             )
-        mlflow.log_metrics({"log_seconds": time.perf_counter() - started, "model_size_bytes": manifest["total_bytes"]})
+        # The checkpoint's bytes; a GGUF source's holds no weights, so add the float ones logged here.
+        weights = pipeline.model.get_memory_footprint(return_buffers=False) if gguf else 0
+        mlflow.log_metrics(
+            {"log_seconds": time.perf_counter() - started, "model_size_bytes": manifest["total_bytes"] + weights}
+        )
         mlflow.log_param("torch_dtype_loaded", str(pipeline.model.dtype).removeprefix("torch."))
         mlflow.set_tag(MODEL_URI_TAG, info.model_uri)
         publish_task_value(STEPS["log_pipeline"].hands_on, info.model_uri)

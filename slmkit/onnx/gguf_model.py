@@ -37,7 +37,8 @@ def model_from_gguf(gguf_path: Path, config_dir: Path, stand_ins: bool = False) 
         if name in left_out:
             tensors[name] = torch.zeros((), dtype=torch.float32).expand(shapes[name].shape)
         elif name in weights:
-            tensors[name] = torch.from_numpy(weights.float_tensor(name))
+            values = weights.float_tensor(name)  # an F32 tensor is the file's own read-only pages
+            tensors[name] = torch.from_numpy(values if values.flags.writeable else values.copy())
         else:
             missing.append(name)
     if missing:
