@@ -197,7 +197,7 @@ def build_onnx(
     if result.returncode != 0:
         tail = "\n".join((result.stdout + result.stderr).strip().splitlines()[-15:])
         raise UserError(f"onnxruntime-genai's builder failed on {checkpoint} (exit {result.returncode}):\n{tail}")
-    report = carry_gguf_weights(build_dir, gguf, checkpoint) if recipe.carries_gguf and gguf else None
+    report = carry_gguf_weights(build_dir, gguf, checkpoint) if recipe.carries_gguf else None  # gguf checked above
     copy_runtime_files(build_dir, output, move=True)
     shutil.rmtree(build_dir)
     return report

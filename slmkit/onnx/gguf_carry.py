@@ -41,6 +41,8 @@ _MODULE_PREFIX = {"attn": "self_attn", "mlp": "mlp"}
 # half of a fused checkpoint weight (Phi-3's gate_up_proj).
 _FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj")}
 _SPLIT = {"gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}
+# The input embedding, which a tied LM head reads as its weight.
+_EMBEDDING = "model.embed_tokens.weight"
 
 
 @dataclass(frozen=True)
@@ -101,7 +103,7 @@ def node_parts(node_name: str, checkpoint_names: Container[str]) -> list[Part] |
     """The checkpoint weights behind one of the builder's MatMul nodes, stacked along N; None
     for a node this mapping does not know (it then keeps the builder's weights)."""
     if node_name.startswith("/lm_head/MatMul"):
-        name = "lm_head.weight" if "lm_head.weight" in checkpoint_names else "model.embed_tokens.weight"
+        name = "lm_head.weight" if "lm_head.weight" in checkpoint_names else _EMBEDDING
         return [Part(name)]
     match = _LAYER_NODE.match(node_name)
     if not match:
@@ -158,13 +160,14 @@ def checkpoint_names(model: Any) -> set[str]:
 class GgufWeights:
     """The weights of a GGUF file by Hugging Face parameter name, in the checkpoint's row order."""
 
-    def __init__(self, path: Path, config: dict) -> None:
+    def __init__(self, path: Path, config: dict, model: Any = None) -> None:
+        """`model`: `empty_model(config)`, where the caller has one already."""
         import gguf
         from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorProcessor
 
         # gguf's name map takes any module name, a checkpoint's or not: Phi-3's file stores
         # gate_up_proj as ffn_up, which is also the name it gives an up_proj.
-        self.checkpoint_names = checkpoint_names(empty_model(config))
+        self.checkpoint_names = checkpoint_names(empty_model(config) if model is None else model)
         self.reader = gguf.GGUFReader(str(path))
         self.tensors = {tensor.name: tensor for tensor in self.reader.tensors}
         self.arch = bytes(self.reader.fields["general.architecture"].parts[-1]).decode()
@@ -249,7 +252,6 @@ class GgufWeights:
 # and v may be one packed node or three, and Phi-3's gate_up_proj two nodes or one.
 _LAYER_MODULES = {"attn": ("qkv_proj", "q_proj", "k_proj", "v_proj", "o_proj"),
                   "mlp": ("gate_up_proj", "gate_proj", "up_proj", "down_proj")}  # fmt: skip
-_EMBEDDING = "model.embed_tokens.weight"
 
 
 def weights_only_carried(gguf: GgufWeights, layers: int) -> set[str]:

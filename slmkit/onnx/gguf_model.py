@@ -15,7 +15,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from slmkit.onnx.gguf_carry import GgufWeights, checkpoint_names, empty_model, weights_only_carried
+from slmkit.onnx.gguf_carry import GgufWeights, empty_model, weights_only_carried
 
 
 def model_from_gguf(gguf_path: Path, config_dir: Path, stand_ins: bool = False) -> Any:
@@ -28,14 +28,14 @@ def model_from_gguf(gguf_path: Path, config_dir: Path, stand_ins: bool = False) 
     import torch
 
     config = json.loads((config_dir / "config.json").read_text())
-    weights = GgufWeights(gguf_path, config)
-    left_out = weights_only_carried(weights, int(config["num_hidden_layers"])) if stand_ins else set()
     model = empty_model(config)
-    shapes = dict(model.named_parameters())
+    weights = GgufWeights(gguf_path, config, model)
+    left_out = weights_only_carried(weights, int(config["num_hidden_layers"])) if stand_ins else set()
+    parameters = dict(model.named_parameters())
     tensors, missing = {}, []
-    for name in sorted(checkpoint_names(model)):  # a tied weight is tied to its source below
+    for name in sorted(weights.checkpoint_names):  # a tied weight is tied to its source below
         if name in left_out:
-            tensors[name] = torch.zeros((), dtype=torch.float32).expand(shapes[name].shape)
+            tensors[name] = torch.zeros((), dtype=torch.float32).expand(parameters[name].shape)
         elif name in weights:
             values = weights.float_tensor(name)  # an F32 tensor is the file's own read-only pages
             tensors[name] = torch.from_numpy(values if values.flags.writeable else values.copy())

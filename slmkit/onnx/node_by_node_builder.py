@@ -140,9 +140,9 @@ def patch_builder() -> None:
         Model.to_nbits.node_by_node = True
 
 
-def read_from_gguf(gguf: str, stand_ins: bool) -> None:
+def read_from_gguf(gguf: str, stand_ins: bool) -> Callable:
     """Make the builder's `Model.load_weights` read `gguf` (slmkit.onnx.gguf_model) for a
-    checkpoint folder; other inputs load as before."""
+    checkpoint folder, other inputs loading as before; return the method it replaced."""
     from pathlib import Path
 
     from builders.base import Model
@@ -157,6 +157,7 @@ def read_from_gguf(gguf: str, stand_ins: bool) -> None:
         return load_weights(self, input_path)
 
     Model.load_weights = load_weights_from_gguf
+    return load_weights
 
 
 def run_shipped_builder(argv: list[str]) -> None:
@@ -173,16 +174,15 @@ def run_builder(argv: list[str]) -> None:
     patch_builder()
     load_weights = None
     if argv[:1] == [GGUF_OPTION]:
-        from builders.base import Model
-
-        load_weights = Model.load_weights
         stand_ins = argv[2:3] == [STAND_INS_OPTION]
-        read_from_gguf(argv[1], stand_ins)
+        load_weights = read_from_gguf(argv[1], stand_ins)
         argv = argv[3 if stand_ins else 2 :]
     try:
         run_shipped_builder(argv)
     finally:
         if load_weights is not None:
+            from builders.base import Model
+
             Model.load_weights = load_weights
 
 
