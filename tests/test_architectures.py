@@ -32,6 +32,7 @@ from tests.tiny_models import (
     TINY_ARCHITECTURES,
     build_in_one_process,
     build_tiny_model,
+    build_tiny_phi3,
     logged_carry_mismatches,
     write_tiny_gguf,
 )
@@ -58,6 +59,8 @@ GIVEN = "base-with-given-template"
 # A Gemma 3 whose window (48) is longer than a short request (a prompt of ~15 tokens and 4 new
 # ones), as Gemma 3 270M's 512 is: onnxruntime refuses a KV cache shorter than the window.
 WIDE_WINDOW = "gemma3-window-48"
+# A Phi-3 whose config has a window shorter than its context, as Phi-3-mini's 2047 of 4096 is.
+PHI3_WINDOW = "phi3-window-256"
 
 
 def without_chat_template(checkpoint: Path) -> Path:
@@ -79,7 +82,8 @@ def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     (root / "gemma.jinja").write_text(GIVEN_TEMPLATE)
     assert settle_chat_template(base, str(root / "gemma.jinja"), "", {}) == str(root / "gemma.jinja")
     wide = build_tiny_model("Gemma3ForCausalLM", root / WIDE_WINDOW, sliding_window=48)
-    return {**built, GIVEN: base, WIDE_WINDOW: wide}
+    phi3 = build_tiny_phi3(root / PHI3_WINDOW, sliding_window=256)
+    return {**built, GIVEN: base, WIDE_WINDOW: wide, PHI3_WINDOW: phi3}
 
 
 @pytest.fixture(scope="module")
@@ -217,6 +221,35 @@ def test_a_given_template_renders_the_same_prompt_ids_in_both_models(checkpoints
     _, onnx_tokenizer = load(fp32_builds[GIVEN])
     assert chat_prompt_ids(onnx_tokenizer, MESSAGES).tolist() == list(pipeline_ids)
     assert tokenizer.decode(pipeline_ids).startswith("<start_of_turn>user\n")
+
+
+def test_a_window_that_no_layer_applies_does_not_size_the_cache(checkpoints, fp32_builds):
+    """Phi-3-mini's config has a sliding window that the builder applies to no layer: genai_config
+    lists no windowed layer and no attention node has a window. The cache is then sized to the
+    request, and a cache shorter than the window answers as transformers does."""
+    import onnx
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from slmkit.onnx.session import model_tokens
+
+    folder, checkpoint = fp32_builds[PHI3_WINDOW], checkpoints[PHI3_WINDOW]
+    window = json.loads((folder / "genai_config.json").read_text())["model"]["decoder"]["sliding_window"]
+    assert (window["window_size"], window["layers"]) == (256, [])
+    graph = onnx.load(str(folder / "model.onnx"), load_external_data=False).graph
+    windows = {attribute.i for node in graph.node if node.op_type == "GroupQueryAttention"
+               for attribute in node.attribute if attribute.name == "local_window_size"}  # fmt: skip
+    assert windows == {-1}
+    tokens_of = model_tokens(folder)
+    assert tokens_of.min_cache_length == 0
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    reference = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32)
+    inputs = tokenizer.apply_chat_template(MESSAGES, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    expected = reference.generate(**inputs, max_new_tokens=4, min_new_tokens=4, do_sample=False)
+    model, onnx_tokenizer = load(folder)
+    tokens, prompt_length = bare_greedy(model, onnx_tokenizer, MESSAGES, 4, tokens_of)
+    assert tokens_of.max_length(prompt_length + 4) == prompt_length + 4 < 256
+    assert tokens == expected[0, prompt_length:].tolist()
 
 
 def test_a_short_request_to_a_model_whose_window_is_longer_answers_in_both_loops(checkpoints, fp32_builds, tmp_path):

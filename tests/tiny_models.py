@@ -48,7 +48,9 @@ def tiny_tokenizer(chat_template: str | None, special_tokens: list[str] = SPECIA
     return fast
 
 
-def build_tiny_phi3(dest: Path, seed: int = 0, context_length: int = 512, tied: bool = False) -> Path:
+def build_tiny_phi3(
+    dest: Path, seed: int = 0, context_length: int = 512, tied: bool = False, sliding_window: int | None = None
+) -> Path:
     """Write a random 2-layer Phi-3 checkpoint (hidden size 64) with its tokenizer to `dest`.
 
     `original_max_position_embeddings` equals `max_position_embeddings`: the onnxruntime-genai
@@ -75,6 +77,7 @@ def build_tiny_phi3(dest: Path, seed: int = 0, context_length: int = 512, tied: 
         eos_token_id=end_ids,
         pad_token_id=fast.pad_token_id,
         tie_word_embeddings=tied,
+        sliding_window=sliding_window,
     )
     model = Phi3ForCausalLM(config)
     with torch.no_grad():

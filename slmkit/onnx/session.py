@@ -43,7 +43,8 @@ class ModelTokens:
     eos_ids: frozenset[int]
     context_length: int
     # A model with sliding-window layers (Gemma 3: 512) needs a KV cache at least that long,
-    # whatever the request: onnxruntime's GroupQueryAttention refuses a shorter one.
+    # whatever the request: onnxruntime's GroupQueryAttention refuses a shorter one. 0 where the
+    # window applies to no layer (see `window_cache_length`).
     min_cache_length: int = 0
 
     def max_length(self, wanted: int) -> int:
@@ -56,10 +57,25 @@ def model_tokens(folder: Path) -> ModelTokens:
     """The pad id, end-of-text ids (one or a list in the file), context length and sliding window of `folder`."""
     config = json.loads((folder / "genai_config.json").read_text())["model"]
     eos = config["eos_token_id"]
-    window = config["decoder"].get("sliding_window") or {}
     return ModelTokens(
         pad_id=int(config["pad_token_id"]),
         eos_ids=frozenset(eos if isinstance(eos, list) else [eos]),
         context_length=int(config["context_length"]),
-        min_cache_length=int(window.get("window_size", 0)) + int(window.get("cache_slack", 0)),
+        min_cache_length=window_cache_length(config["decoder"].get("sliding_window") or {}),
     )
+
+
+def window_cache_length(sliding_window: dict[str, Any]) -> int:
+    """The shortest KV cache genai_config.json's `sliding_window` allows: its window and slack
+    where it names windowed layers, else 0.
+
+    Why: the builder writes the section for any config with a `sliding_window`, listing the layers
+    it windows. Phi-3-mini's config has one (2047) that transformers' layer types apply to no
+    layer: `layers` is empty and every GroupQueryAttention has `local_window_size` -1. Sizing its
+    cache to the window anyway allocated and zeroed 2047 positions a request (4.8 GB for 3 rows at
+    Phi-3-mini's size, 3.8 s) and turned the reuse of a conversation's cache off. A section
+    without `layers` is taken as windowing every layer.
+    """
+    if not sliding_window or sliding_window.get("layers") == []:
+        return 0
+    return int(sliding_window.get("window_size", 0)) + int(sliding_window.get("cache_slack", 0))
