@@ -4,6 +4,7 @@ so which requests share a batch is decided here, not by thread timing."""
 
 from __future__ import annotations
 
+import threading
 import time
 from pathlib import Path
 
@@ -116,6 +117,46 @@ def test_requests_queued_together_share_batches_and_get_the_answers_they_get_alo
     assert [s.batch_size for s in slots] == [4, 4, 4, 4, 2, 2]
     assert together == alone
     assert all(len(tokens) <= budget for tokens, budget in zip(together, budgets, strict=True))
+
+
+def test_a_request_queues_while_another_caller_runs_the_model(ask, decoder):
+    """A request that arrives while a batch starts is queued at once, not held behind the model's
+    run (the batch-size callback runs inside the turn, with the model's run), and is answered."""
+    first_prompt, second_prompt = ask("Hi", "Why?")
+    alone = list(decoder.generate(Slot(second_prompt, 6)))
+    second, streams = Slot(second_prompt, 6), []
+
+    def queue_second(rows: int) -> None:
+        if not streams:
+            thread = threading.Thread(target=lambda: streams.append(decoder.generate(second)))
+            thread.start()
+            thread.join(timeout=30)
+
+    decoder.on_batch = queue_second
+    first = Slot(first_prompt, 6)
+    stream = decoder.generate(first)
+    next(stream)
+    assert streams, "generate() waited for the running batch"
+    list(stream)
+    assert list(streams[0]) == alone
+    assert (first.batch_size, second.batch_size) == (1, 1)
+
+
+def test_callers_started_together_in_threads_each_get_their_lone_answer(ask, decoder):
+    prompts = ask(*QUESTIONS[:4])
+    alone = [list(decoder.generate(Slot(prompt, 10))) for prompt in prompts]
+    answers: dict[int, list[int]] = {}
+    threads = [
+        threading.Thread(
+            target=lambda row=row: answers.__setitem__(row, list(decoder.generate(Slot(prompts[row], 10))))
+        )
+        for row in range(4)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert [answers.get(row) for row in range(4)] == alone
 
 
 def test_a_dropped_request_leaves_its_batch_mates_answers_unchanged(ask, decoder):

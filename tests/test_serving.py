@@ -13,6 +13,7 @@ import json
 import re
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -299,6 +300,28 @@ def test_concurrent_clients_get_the_answer_each_prompt_gets_alone(server: Server
         together = dict(zip(prompts, clients.map(lambda p: answer_of(server, p, route), prompts), strict=True))
     assert together == alone
     assert len(set(alone.values())) > 1  # distinct prompts, so crossed answers would show
+
+
+def test_requests_sent_together_share_one_batch_from_the_first(server: Server):
+    """The first of four requests sent at once waits, up to the batch window, for the others the
+    server has accepted, instead of decoding alone while they queue behind it."""
+    if server.kind != "onnx":
+        pytest.skip("the transformers flavor answers one request per call")
+    server.wait_until_idle()
+    prompts = [f"Client {c} asks: what is {c} plus {c}?" for c in range(4)]
+    together = threading.Barrier(len(prompts))
+
+    def ask(prompt: str) -> str:
+        together.wait()
+        return answer_of(server, prompt, "openai")
+
+    before = server.metrics()
+    with ThreadPoolExecutor(max_workers=len(prompts)) as clients:
+        assert all(clients.map(ask, prompts))
+    after = server.metrics()
+    batches, rows = (metric_value(after, name) - metric_value(before, name)
+                     for name in ("slmkit_batch_size_count", "slmkit_batch_size_sum"))  # fmt: skip
+    assert (batches, rows) == (1, 4)
 
 
 def test_metrics_count_requests_tokens_latency_and_batches(server: Server):

@@ -158,6 +158,11 @@ class OnnxChatModel(mlflow.pyfunc.PythonModel):
         """Have `callback` told the row count of every decoding batch as it starts."""
         self._decoder.on_batch = callback
 
+    def expect_requests(self, in_flight: Callable[[], int]) -> None:
+        """Have each new batch wait, up to its window, for as many requests as `in_flight()`
+        says the server holds: requests sent together then share a batch from the first."""
+        self._decoder.requests_in_flight = in_flight
+
     # No type hints on predict: MLflow would derive a second, conflicting schema from them.
     def predict(self, context, model_input, params=None):
         """Answer each chat request in `model_input`.

@@ -61,6 +61,10 @@ class ChatModel(Protocol):
         """Have `callback` told the row count of each decoding batch."""
         ...
 
+    def expect_requests(self, in_flight: Callable[[], int]) -> None:
+        """Tell the model how many requests the server holds (`in_flight()`), for its batches."""
+        ...
+
 
 def is_refusal(error: Exception) -> bool:
     """A request the model refused as invalid (a 4xx), as opposed to a failure of the model."""
@@ -94,6 +98,10 @@ class WrapperChat:
 
     def observe_batches(self, callback: Callable[[int], None]) -> None:
         self._python_model.observe_batches(callback)
+
+    def expect_requests(self, in_flight: Callable[[], int]) -> None:
+        if hasattr(self._python_model, "expect_requests"):  # a wrapper logged before it had one batches without
+            self._python_model.expect_requests(in_flight)
 
 
 @dataclass
@@ -211,6 +219,9 @@ class PipelineChat:
     def observe_batches(self, callback: Callable[[int], None]) -> None:
         """The flavor answers one request per call: every batch has one row."""
         self._on_batch = callback
+
+    def expect_requests(self, in_flight: Callable[[], int]) -> None:
+        """The flavor answers one request per call: it has no batch to wait for."""
 
 
 # A file only the flat layout of slmkit had (before its subpackages): a model carrying it imports

@@ -12,9 +12,11 @@ padding changes greedy answers (measured in `bench/batching.py`). Only greedy re
 batch: sampling options belong to a whole Generator, so a sampled request runs alone.
 
 The batches are static: a Generator cannot take a row once it has started, so a request that
-arrives while a batch runs waits for the next batch. There is no scheduler thread: each waiting
-caller takes the decoder's lock in turn and advances the current batch by one token for everyone,
-or forms the next batch when none runs; a lone request therefore decodes at the bare loop's speed.
+arrives while a batch runs waits for the next batch. There is no scheduler thread: a waiting
+caller takes the turn and advances the current batch by one token for everyone, or forms the next
+batch when none runs, while the others wait for their tokens; a lone request therefore decodes at
+the bare loop's speed. The queue's lock is released while onnxruntime-genai runs, so a request
+queues at once, and counts toward the next batch's size, while a batch runs.
 
 A chat client sends the whole conversation again every turn. A lone greedy request's Generator is
 kept when it ends, sized for one more turn, and the next lone greedy request rewinds it
@@ -29,6 +31,7 @@ never reuse: their cache wraps around.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import time
@@ -170,17 +173,20 @@ class BatchedDecoder:
         self._model_tokens = tokens
         self._max_batch_size = max_batch_size
         self._batch_window_s = batch_window_s
-        # Held while onnxruntime-genai runs and while the queue changes; a batch waiting for
-        # company releases it, so callers whose answers are complete can leave meanwhile.
+        # Guards the queue, the batch and every slot. Released while onnxruntime-genai runs and
+        # while a batch waits for company, so that requests queue and callers leave meanwhile.
         self._lock = threading.Condition()
         self._waiting: list[Slot] = []
         self._generator: Any = None
         self._rows: list[Slot] = []
         self._in_flight = 1  # most requests waiting or running at once since the last batch began
+        self._turn_taken = False  # a caller is running the model for everyone
         self._kept: KeptPrompt | None = None
         self._reuse_prompts = reuse_prompts
         # Told the row count of each batch as it starts (the serving front's batch-size metric).
         self.on_batch: Callable[[int], None] | None = None
+        # Asked, where a server sets it, how many requests it holds, some not queued here yet.
+        self.requests_in_flight: Callable[[], int] | None = None
 
     def generate(self, slot: Slot) -> Iterator[int]:
         """Queue the slot now; the iterator yields its tokens as they come, up to its budget or
@@ -202,32 +208,55 @@ class BatchedDecoder:
     def _stream(self, slot: Slot) -> Iterator[int]:
         try:
             while True:
-                finished = slot.finished  # read before draining: tokens are queued before it is set
-                while slot.tokens:
-                    yield slot.tokens.popleft()
-                if slot.error is not None:
-                    raise slot.error
+                with self._lock:
+                    while not slot.tokens and not slot.finished:
+                        if slot.deadline is not None and time.monotonic() > slot.deadline:
+                            slot.timed_out = True
+                            return
+                        if self._turn_taken:  # another caller is running the model for everyone
+                            self._lock.wait(None if slot.deadline is None else slot.deadline - time.monotonic())
+                        else:
+                            self._take_turn()
+                    tokens, finished, error = list(slot.tokens), slot.finished, slot.error
+                    slot.tokens.clear()
+                yield from tokens
+                if error is not None:
+                    raise error
                 if finished:
                     return
-                if slot.deadline is not None and time.monotonic() > slot.deadline:
-                    slot.timed_out = True
-                    return
-                with self._lock:
-                    if not slot.tokens and not slot.finished:
-                        self._advance()
         finally:
-            slot.abandoned = True
+            with self._lock:
+                slot.abandoned = True
+                self._lock.notify_all()
 
-    def _advance(self) -> None:
-        """One step of the current batch, or the start of the next one (lock held)."""
-        if self._generator is not None and all(slot.finished or slot.abandoned for slot in self._rows):
-            self._end_batch(None)  # every caller left, e.g. past its deadline: nothing to decode for
-        if self._generator is None:
-            self._start_batch()
-            return
+    def _take_turn(self) -> None:
+        """Advance the current batch by one token for every row, or start the next batch (lock
+        held; released while onnxruntime-genai runs, so that other callers can queue meanwhile)."""
+        self._turn_taken = True
         try:
-            self._generator.generate_next_token()
-            next_tokens = self._generator.get_next_tokens()
+            if self._generator is not None and all(slot.finished or slot.abandoned for slot in self._rows):
+                self._end_batch(None)  # every caller left, e.g. past its deadline: nothing to decode for
+            if self._generator is None:
+                self._start_batch()
+            else:
+                self._step()
+        finally:
+            self._turn_taken = False
+            self._lock.notify_all()
+
+    @contextlib.contextmanager
+    def _unlocked(self) -> Iterator[None]:
+        self._lock.release()
+        try:
+            yield
+        finally:
+            self._lock.acquire()
+
+    def _step(self) -> None:
+        try:
+            with self._unlocked():
+                self._generator.generate_next_token()
+                next_tokens = self._generator.get_next_tokens()
         except Exception as error:  # onnxruntime-genai's failure, handed to every caller of the batch
             self._end_batch(error)
             return
@@ -242,11 +271,7 @@ class BatchedDecoder:
             self._end_batch(None)
 
     def _start_batch(self) -> None:
-        import onnxruntime_genai as og
-
         self._wait_for_company()
-        if self._generator is not None:  # formed by another caller while this one waited
-            return
         rows = admit(self._waiting, self._max_batch_size, self._model_tokens.context_length)
         self._waiting = [slot for slot in self._waiting if slot not in rows and not slot.abandoned]
         self._in_flight = len(rows) + len(self._waiting)
@@ -260,50 +285,67 @@ class BatchedDecoder:
         for slot in rows:
             slot.batch_size = len(rows)
         self._rows = rows
-        if self.on_batch is not None:
-            self.on_batch(len(rows))
         try:
-            if reusable and self._reuse(rows[0], wanted):
-                return
-            room = rows[0].max_new_tokens + NEXT_QUESTION_TOKENS if reusable else 0
-            options: dict[str, Any] = {
-                "max_length": self._model_tokens.max_length(wanted + room),
-                "batch_size": len(rows),
-                **(rows[0].sampling or {"do_sample": False}),
-            }
-            params = og.GeneratorParams(self._model)
-            params.set_search_options(**options)
-            self._generator = og.Generator(self._model, params)
-            self._generator.append_tokens(right_padded([slot.prompt for slot in rows], self._model_tokens.pad_id))
-            if reusable:
-                self._kept = KeptPrompt(self._generator, rows[0].prompt, options["max_length"])
+            with self._unlocked():
+                if self.on_batch is not None:
+                    self.on_batch(len(rows))
+                self._generator = self._generator_for(rows, wanted, reusable)
         except Exception as error:  # onnxruntime-genai's failure, handed to every caller of the batch
             self._end_batch(error)
 
-    def _reuse(self, slot: Slot, wanted: int) -> bool:
-        """Start `slot` on the kept Generator, rewound to the prefix it shares with the kept
-        prompt; False (nothing done) when it has no room for the request or nothing to share."""
+    def _generator_for(self, rows: list[Slot], wanted: int, reusable: bool) -> Any:
+        """A Generator holding the rows' prompts: the kept one rewound, or a new one."""
+        import onnxruntime_genai as og
+
+        if reusable and (kept := self._reuse(rows[0], wanted)) is not None:
+            return kept
+        room = rows[0].max_new_tokens + NEXT_QUESTION_TOKENS if reusable else 0
+        options: dict[str, Any] = {
+            "max_length": self._model_tokens.max_length(wanted + room),
+            "batch_size": len(rows),
+            **(rows[0].sampling or {"do_sample": False}),
+        }
+        params = og.GeneratorParams(self._model)
+        params.set_search_options(**options)
+        generator = og.Generator(self._model, params)
+        generator.append_tokens(right_padded([slot.prompt for slot in rows], self._model_tokens.pad_id))
+        if reusable:
+            self._kept = KeptPrompt(generator, rows[0].prompt, options["max_length"])
+        return generator
+
+    def _reuse(self, slot: Slot, wanted: int) -> Any:
+        """The kept Generator holding `slot`'s prompt, rewound to the prefix it shares with the
+        kept prompt; None (nothing done) when it has no room for the request or nothing to share."""
         kept = self._kept
         reused = reusable_prefix(kept.prompt, slot.prompt) if kept and wanted <= kept.capacity else 0
         if not reused:
-            return False
-        self._generator = kept.generator
+            return None
         self._kept = None  # until the Generator holds this prompt
-        self._generator.rewind_to(reused)
-        self._generator.append_tokens(slot.prompt[reused:].astype(np.int32).reshape(1, -1))
-        self._kept = KeptPrompt(self._generator, slot.prompt, kept.capacity)
+        kept.generator.rewind_to(reused)
+        kept.generator.append_tokens(slot.prompt[reused:].astype(np.int32).reshape(1, -1))
+        self._kept = KeptPrompt(kept.generator, slot.prompt, kept.capacity)
         slot.reused_tokens = reused
-        return True
+        return kept.generator
 
     def _wait_for_company(self) -> None:
-        """Wait up to the window for as many requests as were in flight (lock held, released while waiting)."""
+        """Wait up to the window for as many requests as were in flight, or as the server holds
+        (lock held, released while waiting).
+
+        Why the server's count: clients that send together reach the model a few milliseconds
+        apart (parsing, templating), and the first would otherwise start a batch of its own
+        before the others queue, leaving them to wait for its whole answer.
+        """
         deadline = time.monotonic() + self._batch_window_s
-        wanted = min(self._in_flight, self._max_batch_size)
-        while sum(not slot.abandoned for slot in self._waiting) < wanted:
+        while sum(not slot.abandoned for slot in self._waiting) < self._expected_rows():
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 break
             self._lock.wait(remaining)
+
+    def _expected_rows(self) -> int:
+        """Rows the next batch waits for: requests in flight here or in the server, at most a batch."""
+        server = 0 if self.requests_in_flight is None else self.requests_in_flight()
+        return min(max(self._in_flight, server), self._max_batch_size)
 
     def _end_batch(self, error: BaseException | None) -> None:
         if error is not None and self._kept is not None and self._kept.generator is self._generator:

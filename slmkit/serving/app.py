@@ -42,9 +42,10 @@ def build_app(chat: ChatModel, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     chat.observe_batches(metrics.batch_size.observe)
     mlflow_invocations = next(route for route in app.router.routes if getattr(route, "path", "") == "/invocations")
     app.router.routes.remove(mlflow_invocations)
-    app.state.chat = ChatService(
+    app.state.chat = service = ChatService(
         chat, metrics, MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT.get(), max_in_flight, mlflow_invocations
     )
+    chat.expect_requests(lambda: service.in_flight)
     app.include_router(router)
     return Front(app, metrics, max_body_bytes)
 
