@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from slmkit.manifest import build_manifest, read_manifest, verify_folder, write_manifest
+from slmkit.manifest import build_manifest, read_manifest, start_verifying, verify_folder, write_manifest
 
 
 @pytest.fixture
@@ -43,6 +43,23 @@ def test_verify_names_altered_missing_and_extra_files(folder: Path):
         "extra.txt: not in the manifest",
         "config.json: sha256 mismatch (manifest " + manifest["files"][0]["sha256"][:12] + "…)",
     ]
+
+
+def test_verifying_in_a_child_process_names_the_same_differences(folder: Path):
+    manifest = build_manifest(folder, {}, "r")
+    assert start_verifying(folder, manifest)() == []
+    (folder / "config.json").write_text('{"a": 2}')  # same size, other bytes
+    (folder / "sub" / "weights.safetensors").write_bytes(b"\x00" * 999)
+    (folder / "extra.txt").write_text("x")
+    assert (
+        start_verifying(folder, manifest)()
+        == verify_folder(folder, manifest)
+        == [
+            "extra.txt: not in the manifest",
+            "sub/weights.safetensors: size 999 bytes, manifest says 1000",
+            "config.json: sha256 mismatch (manifest " + manifest["files"][0]["sha256"][:12] + "…)",
+        ]
+    )
 
 
 def test_tree_sha256_ignores_touching_but_not_content(folder: Path):

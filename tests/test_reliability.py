@@ -63,6 +63,15 @@ def test_flipped_weight_bytes_fail_the_load_naming_the_file(wrapper_copy: Path):
         mlflow.pyfunc.load_model(str(wrapper_copy))
 
 
+def test_a_graph_onnxruntime_cannot_read_fails_the_load_naming_the_file_not_the_parse_error(wrapper_copy: Path):
+    """The sha256s are computed while the session opens; a damaged file that breaks the session
+    is reported as the manifest difference it is."""
+    graph = wrapper_copy / ONNX_FOLDER / "model.onnx"
+    graph.write_bytes(b"\x00" * graph.stat().st_size)
+    with pytest.raises(Exception, match=r"model\.onnx: sha256 mismatch"):
+        mlflow.pyfunc.load_model(str(wrapper_copy))
+
+
 def test_deleted_tokenizer_fails_the_load_naming_the_file(wrapper_copy: Path):
     (wrapper_copy / ONNX_FOLDER / "tokenizer.json").unlink()
     with pytest.raises(Exception, match=r"tokenizer\.json: missing"):

@@ -58,7 +58,7 @@ from slmkit.chat.contract import (
     raw_requests,
 )
 from slmkit.chat.model_config import TRACING_KEY
-from slmkit.manifest import MANIFEST_NAME, read_manifest, verify_folder
+from slmkit.manifest import MANIFEST_NAME, read_manifest, start_verifying
 from slmkit.models.onnx_wrapper import ONNX_ARTIFACT
 from slmkit.onnx.batching import MAX_BATCH_SIZE_ENV, BatchedDecoder, Slot, max_batch_size, prompt_cache_enabled
 from slmkit.onnx.session import intra_op_threads, model_tokens, open_model
@@ -68,12 +68,29 @@ logger = logging.getLogger(__name__)
 VERIFY_ENV = "SLMKIT_VERIFY_ONNX"
 
 
-def verify_onnx_folder(folder: Path) -> None:
-    """Refuse an ONNX folder whose files differ from its manifest, naming each difference."""
+def open_verified(folder: Path, threads: int, verify: bool) -> Any:
+    """The onnxruntime-genai model of `folder`, refused if its files differ from its manifest.
+
+    The files' names and sizes are checked before the session opens; their sha256s are computed
+    in a child process while it opens (`start_verifying`), and a difference is reported instead of
+    the session, or instead of whatever error a damaged file gave onnxruntime-genai.
+    """
+    if not verify:
+        return open_model(folder, threads)
     manifest_path = folder / MANIFEST_NAME
     if not manifest_path.is_file():
         raise MlflowException(f"{folder} has no {MANIFEST_NAME}: the ONNX artifact is incomplete; log the model again")
-    problems = verify_folder(folder, read_manifest(manifest_path), ignore=frozenset({MANIFEST_NAME}))
+    problems = start_verifying(folder, read_manifest(manifest_path), ignore=frozenset({MANIFEST_NAME}))
+    try:
+        model = open_model(folder, threads)
+    except Exception:
+        _refuse_differences(folder, problems())
+        raise
+    _refuse_differences(folder, problems())
+    return model
+
+
+def _refuse_differences(folder: Path, problems: list[str]) -> None:
     if problems:
         raise MlflowException(
             f"the ONNX model files in {folder} do not match their manifest: {'; '.join(problems[:5])}. "
@@ -125,9 +142,8 @@ class OnnxChatModel(mlflow.pyfunc.PythonModel):
         """Load the model and tokenizer once; generators are made per request."""
         folder = Path(context.artifacts[ONNX_ARTIFACT])
         config = context.model_config or {}
-        if os.environ.get(VERIFY_ENV, "true").lower() != "false":
-            verify_onnx_folder(folder)
-        self._model = open_model(folder, intra_op_threads(int(config.get("intra_op_threads", 0))))
+        verify = os.environ.get(VERIFY_ENV, "true").lower() != "false"
+        self._model = open_verified(folder, intra_op_threads(int(config.get("intra_op_threads", 0))), verify)
         self._tokenizer = og.Tokenizer(self._model)
         tokens = model_tokens(folder)
         self._eos_ids, self._context_length = tokens.eos_ids, tokens.context_length
