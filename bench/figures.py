@@ -67,6 +67,12 @@ class Target:
 # The llama-quantize types of the GGUF files the scale bench carries over.
 GGUF_TYPES = ("Q4_0", "Q4_1")
 
+
+def carried_served_figure(kind: str, clients: int) -> str:
+    """The name of the figure of a GGUF carry-over served against llama-server on the same file."""
+    return f"served GGUF carry-over {kind} / llama-server {kind} tok/s, {clients} client{'s' * (clients > 1)}"
+
+
 # Every target, declared once, by figure name; a figure not named here is reported, not judged.
 TARGETS = {
     "pipeline: cached rerun / cold run": Target("<=", 0.05),
@@ -90,6 +96,8 @@ TARGETS = {
     # Issue 36, at Phi-3-mini's size (bench/scale.py), for each of llama-quantize's files.
     **{f"GGUF route {kind}: download + log_onnx_wrapper / int4 step": Target("<=", 2.0) for kind in GGUF_TYPES},
     **{f"GGUF carry-over {kind}: peak memory / 12 GiB": Target("<=", 1.0) for kind in GGUF_TYPES},
+    # Issue 33, at Phi-3-mini's size: the carry-over of each file served against llama-server on it.
+    **{carried_served_figure(kind, clients): Target(">=", 1.0) for kind in GGUF_TYPES for clients in (1, 4)},
 }
 
 

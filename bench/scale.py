@@ -11,8 +11,9 @@ on the weights' values. In one run, side by side:
   process tree's peak resident memory;
 - the GGUF files made by llama.cpp's own `convert_hf_to_gguf.py` and `llama-quantize`;
 - cold start of the wrapper against the bare loop, decode of the wrapper against the bare loop,
-  our served model against `llama-server` at 1 and at 4 clients, prompt processing of a
-  1,000-token prompt, and decode against the memory-bandwidth limit.
+  our served int4 build against `llama-server` on the Q4_0 file and each GGUF carry-over against
+  `llama-server` on its own file, at 1 and at 4 clients, prompt processing of a 1,000-token
+  prompt, and decode against the memory-bandwidth limit.
 
 A command that would need more memory than the machine has is stopped before it runs out
 (bench.figures.watched) and reported with its measured peak; `--layers` cuts the model to its
@@ -47,6 +48,7 @@ from bench.figures import (
     Watched,
     aggregate_rate,
     bare_generate,
+    carried_served_figure,
     cold_start_figures,
     decode_rates,
     gguf_bytes_per_token,
@@ -88,6 +90,7 @@ class Build:
     size_bytes: int = 0
     bare_decode_tok_s: float | None = None
     download: Watched | None = None  # the `download` step before it (a lookup when reused)
+    served_tok_s: dict[int, float] | None = None  # through `slmkit.serve`'s /v1, by client count
 
     @property
     def onnx_dir(self) -> Path:
@@ -101,7 +104,9 @@ class Build:
         if self.model_dir is None:
             return {**facts, "failed": self.run.why_not()}
         facts |= {"build_s": self.build_seconds, "log_s": self.log_seconds, "size_bytes": self.size_bytes}
-        return facts if self.bare_decode_tok_s is None else {**facts, "bare_decode_tok_s": self.bare_decode_tok_s}
+        if self.bare_decode_tok_s is not None:
+            facts["bare_decode_tok_s"] = self.bare_decode_tok_s
+        return facts if self.served_tok_s is None else {**facts, "served_tok_s": self.served_tok_s}
 
 
 @dataclass(frozen=True)
@@ -363,10 +368,13 @@ def bandwidth_figure(build: Build, bandwidth: float, peers: PeerRates) -> Figure
     return Figure("decode tok/s / memory-bandwidth limit", build.bare_decode_tok_s / limits["onnx_int4"], detail)
 
 
-def served_figures(scale: Scale, build: Build, llama: LlamaCpp | None, gguf: dict[str, Path]) -> list[Figure]:
+def served_figures(
+    scale: Scale, build: Build, llama: LlamaCpp | None, gguf: dict[str, Path], carried: list[Build]
+) -> list[Figure]:
     """Ours served (`python -m slmkit.serve`) against llama-server on each GGUF file, at 1 and 4
-    clients, with prompt processing of a 1,000-token prompt, and the build's bare decode (measured
-    with the builds) against the bandwidth."""
+    clients: the int4 build against the Q4_0 file, and each carry-over (`carried`, served with
+    the builds) against its own file; prompt processing of a 1,000-token prompt, and the build's
+    bare decode (measured with the builds) against the bandwidth."""
     ids = prompt_ids(scale.checkpoint, PROMPT_TOKENS)
     with served(build.model_dir, scale.env, scale.work / "server.log", front=SLMKIT_SERVE) as server:
         ours = serving_rates(server.chat_url, scale.max_tokens)
@@ -394,6 +402,13 @@ def served_figures(scale: Scale, build: Build, llama: LlamaCpp | None, gguf: dic
                 lambda k=k: decode_batch(k, scale.max_tokens),
             )
         figures.append(figure)
+    for carry in carried:
+        kind = carry.label.removeprefix("gguf-")
+        if carry.served_tok_s and kind in peers.served:
+            facts = {"onnx_tok_s": carry.served_tok_s, "llama_server_tok_s": peers.served[kind],
+                     "bare_decode_tok_s": carry.bare_decode_tok_s}  # fmt: skip
+            figures += [Figure(carried_served_figure(kind, k), carry.served_tok_s[k] / peers.served[kind][k], facts)
+                        for k in (1, 4)]  # fmt: skip
     prompt = {"bare_int4": bare_prompt_rate(bare_model, ids), **peers.prompt}
     figures.append(
         Figure(
@@ -417,16 +432,26 @@ def with_bare_decode(scale: Scale, build: Build, reps: int = 1) -> Build:
     return replace(build, bare_decode_tok_s=rates["bare"])
 
 
+def with_served_rates(scale: Scale, build: Build) -> Build:
+    """The build with its 1- and 4-client rates through `python -m slmkit.serve`'s /v1."""
+    if build.model_dir is None:
+        return build
+    with served(build.model_dir, scale.env, scale.work / f"server-{build.label}.log", front=SLMKIT_SERVE) as server:
+        return replace(build, served_tok_s=serving_rates(server.chat_url, scale.max_tokens))
+
+
 def other_builds(scale: Scale, gguf: dict[str, Path], route_only: bool = False) -> list[Build]:
     """The GGUF carry-over of each of llama.cpp's files, then QUANTIZATIONS, each through the
-    steps, measured (bare decode) and dropped at once, so disk and memory hold one at a time;
-    with `route_only`, the carry-overs alone, not measured."""
+    steps, measured (bare decode; a carry-over also served) and dropped at once, so disk and
+    memory hold one at a time; with `route_only`, the carry-overs alone, not measured."""
     builds = []
     sources = [(f"gguf-{kind}", file, "gguf") for kind, file in gguf.items()]
     others = [] if route_only else [(q, scale.checkpoint, q) for q in QUANTIZATIONS]
     for label, source, quantization in [*sources, *others]:
         build = log_onnx(scale, label, source, quantization)
         build = build if route_only else with_bare_decode(scale, build)
+        if quantization == "gguf" and not route_only:
+            build = with_served_rates(scale, build)
         if build.model_dir is not None:
             drop(build, download_too=quantization == "gguf")
         print(f"{label}: {build.row()}", flush=True)
@@ -496,7 +521,7 @@ def phi3_mini_figures(args: argparse.Namespace, work: Path, env: dict[str, str],
         lambda: [logging_figure(scale, int4, checkpoint.name)],
         lambda: cold_start_figures(int4.model_dir, env, work, scale.reps, scale.profile_stem),
         lambda: wrapper_over_bare(int4.model_dir, scale.max_tokens, scale.reps, PROMPTS[:2], scale.profile_stem),
-        lambda: served_figures(scale, int4, llama, gguf),
+        lambda: served_figures(scale, int4, llama, gguf, [b for b in builds if b.label.startswith("gguf-")]),
     ):
         yield from measure()
         release_memory()

@@ -246,6 +246,8 @@ class BatchedDecoder:
 
     @contextlib.contextmanager
     def _unlocked(self) -> Iterator[None]:
+        """The lock released while onnxruntime-genai runs: only the caller whose turn it is
+        touches the Generator, and the others may queue, leave or take their tokens meanwhile."""
         self._lock.release()
         try:
             yield
