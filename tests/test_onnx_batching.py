@@ -182,6 +182,24 @@ def test_a_sampled_request_beside_greedy_ones_runs_alone_and_keeps_its_seed(ask,
     assert (greedy.batch_size, sampled.batch_size) == (1, 1)
 
 
+def test_a_batch_waits_for_the_requests_the_server_holds_but_a_sampled_one_does_not(
+    ask, model_and_tokenizer, onnx_folder
+):
+    """With the server holding more requests than have queued, a greedy request waits up to the
+    window for them; a sampled one, which runs alone whatever comes, starts at once."""
+    prompt = ask("Hi")[0]
+    decoder = BatchedDecoder(model_and_tokenizer[0], model_tokens(onnx_folder), batch_window_s=1.5)
+    decoder.requests_in_flight = lambda: 4
+    started = time.monotonic()
+    list(decoder.generate(Slot(prompt, 2, {"do_sample": True, "random_seed": 1})))
+    sampled_s = time.monotonic() - started
+    started = time.monotonic()
+    list(decoder.generate(Slot(prompt, 2)))
+    greedy_s = time.monotonic() - started
+    assert sampled_s < 1.0
+    assert greedy_s >= 1.5
+
+
 def test_generation_stops_between_tokens_once_the_deadline_has_passed(ask, decoder):
     prompt = ask("Write a long story.")[0]
     late = Slot(prompt, 400, deadline=time.monotonic() + 60)

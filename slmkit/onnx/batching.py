@@ -338,7 +338,10 @@ class BatchedDecoder:
         before the others queue, leaving them to wait for its whole answer.
         """
         deadline = time.monotonic() + self._batch_window_s
-        while sum(not slot.abandoned for slot in self._waiting) < self._expected_rows():
+        while True:
+            live = [slot for slot in self._waiting if not slot.abandoned]
+            if not live or live[0].sampling is not None or len(live) >= self._expected_rows():
+                break  # a sampled request first in line runs alone: company would not join it
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 break
