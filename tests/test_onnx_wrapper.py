@@ -120,3 +120,19 @@ def test_threads_sharing_one_model_get_their_own_answers(wrapper):
     for thread in threads:
         thread.join()
     assert together == alone
+
+
+def test_a_list_of_requests_is_answered_as_one_batch_with_each_lone_answer(wrapper_dir: Path):
+    """`predict` on a list answers its requests as concurrent clients, through the decoder's
+    batches, in the list's order; each answer is the one its request gets alone."""
+    model = mlflow.pyfunc.load_model(str(wrapper_dir))
+    batches: list[int] = []
+    model.unwrap_python_model().observe_batches(batches.append)
+    rows = load_eval_set(PROJECT_ROOT / "data" / "eval_set.jsonl", max_rows=4)
+    requests = [{"messages": row.messages, "max_tokens": 8} for row in rows]
+    alone = [model.predict(request)[0]["choices"][0]["message"]["content"] for request in requests]
+    assert batches == [1, 1, 1, 1]
+    together = [answer["choices"][0]["message"]["content"] for answer in model.predict(requests)]
+    assert together == alone
+    assert len(set(alone)) > 1  # distinct questions, so answers given in the wrong order would show
+    assert batches[4:] == [4]

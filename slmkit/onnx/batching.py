@@ -187,6 +187,20 @@ class BatchedDecoder:
         self.on_batch: Callable[[int], None] | None = None
         # Asked, where a server sets it, how many requests it holds, some not queued here yet.
         self.requests_in_flight: Callable[[], int] | None = None
+        self._announced = 0  # requests callers said are coming together (`expecting`)
+
+    @contextlib.contextmanager
+    def expecting(self, requests: int) -> Iterator[None]:
+        """While inside, a new batch waits (up to its window) for `requests` queued requests:
+        a caller that queues several from its own threads (a list given to `predict`) gets them
+        batched from the first, as a server's count does for its clients."""
+        with self._lock:
+            self._announced += requests
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._announced -= requests
 
     def generate(self, slot: Slot) -> Iterator[int]:
         """Queue the slot now; the iterator yields its tokens as they come, up to its budget or
@@ -350,7 +364,7 @@ class BatchedDecoder:
     def _expected_rows(self) -> int:
         """Rows the next batch waits for: requests in flight here or in the server, at most a batch."""
         server = 0 if self.requests_in_flight is None else self.requests_in_flight()
-        return min(max(self._in_flight, server), self._max_batch_size)
+        return min(max(self._in_flight, server, self._announced), self._max_batch_size)
 
     def _end_batch(self, error: BaseException | None) -> None:
         if error is not None and self._kept is not None and self._kept.generator is self._generator:
