@@ -102,17 +102,23 @@ def start_verifying(
     problems, to_hash = _listing_problems(folder, manifest, ignore)
     if not to_hash:
         return lambda: problems
-    paths = [str(folder / entry["path"]) for entry in to_hash]
+    paths = [folder / entry["path"] for entry in to_hash]
+
+    def hashed_here() -> list[str]:
+        return [file_sha256(path) if path.is_file() else "" for path in paths]  # "": vanished meanwhile
+
     try:
-        child = subprocess.Popen([sys.executable, "-c", _SHA256_SCRIPT, *paths], stdout=subprocess.PIPE, text=True)
+        child = subprocess.Popen(
+            [sys.executable, "-c", _SHA256_SCRIPT, *map(str, paths)], stdout=subprocess.PIPE, text=True
+        )
     except OSError:  # no child process here: hash in this one, when asked
-        return lambda: problems + _digest_problems(to_hash, [file_sha256(Path(path)) for path in paths])
+        return lambda: problems + _digest_problems(to_hash, hashed_here())
 
     def finish() -> list[str]:
         output, _ = child.communicate()
         digests = output.split()
-        if child.returncode != 0 or len(digests) != len(paths):  # a file vanished meanwhile, say: hash here
-            digests = [file_sha256(Path(path)) if Path(path).is_file() else "" for path in paths]
+        if child.returncode != 0 or len(digests) != len(paths):  # the child failed, a file vanished, say
+            digests = hashed_here()
         return problems + _digest_problems(to_hash, digests)
 
     return finish

@@ -15,9 +15,11 @@ Logs (run tags `slmkit.step=download`, `slmkit.cache_key`, `slmkit.source_key`, 
 `slmkit.manifest_sha256`):
     artifacts `checkpoint/` (safetensors, config, tokenizer, chat template; for a GGUF source no
     weights), for GGUF sources `gguf/<file>.gguf` (the source file itself, which holds the weights
-    of both models: the pipeline loads it, the ONNX build carries its quantized blocks over), and `manifest.json` (source, resolved revision, each file's size and sha256, the GGUF
-    under `gguf`); params `model_name`, `license` (the preset's; empty when unknown), `hub_repo_id`
-    (the repo the weights come from, where known: the pipeline model's recorded name), `chat_template_from` (`checkpoint`, or the template file put in), `source.*`,
+    of both models: the pipeline loads it, the ONNX build carries its quantized blocks over), and
+    `manifest.json` (source, resolved revision, each file's size and sha256, the GGUF under
+    `gguf`); params `model_name`, `license` (the preset's; empty when unknown), `hub_repo_id` (the
+    repo the weights come from, where known: the pipeline model's recorded name),
+    `chat_template_from` (`checkpoint`, or the template file put in), `source.*`,
     `resolved_revision`; metrics `checkpoint_bytes`, `download_seconds`.
 """
 

@@ -158,7 +158,6 @@ class OnnxChatModel(mlflow.pyfunc.PythonModel):
             raise MlflowException(f"{MAX_BATCH_SIZE_ENV} or model_config: {error}") from None
         # onnxruntime-genai objects are not thread-safe and hold the GIL: every call into the
         # model goes through the decoder, which serialises them and batches waiting requests.
-        self._max_batch_size = batch_size
         self._decoder = BatchedDecoder(
             self._model,
             tokens,
@@ -205,13 +204,14 @@ class OnnxChatModel(mlflow.pyfunc.PythonModel):
             requests = [parse_request(raw) for raw in raw_requests(model_input)]
         except ChatRequestError as error:
             raise _invalid(error) from None
-        if len(requests) == 1 or self._max_batch_size == 1:
+        rows = self._decoder.max_batch_size
+        if len(requests) == 1 or rows == 1:
             return [self._complete(request) for request in requests]
         # A list is answered as concurrent clients are, a batch's worth at a time, each request
         # on a thread of its own through the decoder, which batches them and keeps each lone answer.
         answers: list[dict[str, Any]] = []
-        for start in range(0, len(requests), self._max_batch_size):
-            together = requests[start : start + self._max_batch_size]
+        for start in range(0, len(requests), rows):
+            together = requests[start : start + rows]
             with self._decoder.expecting(len(together)), ThreadPoolExecutor(len(together)) as pool:
                 answers += pool.map(self._complete, together)
         return answers

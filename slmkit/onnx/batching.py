@@ -189,6 +189,11 @@ class BatchedDecoder:
         self.requests_in_flight: Callable[[], int] | None = None
         self._announced = 0  # requests callers said are coming together (`expecting`)
 
+    @property
+    def max_batch_size(self) -> int:
+        """Rows per batch."""
+        return self._max_batch_size
+
     @contextlib.contextmanager
     def expecting(self, requests: int) -> Iterator[None]:
         """While inside, a new batch waits (up to its window) for `requests` queued requests:
