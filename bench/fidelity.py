@@ -155,7 +155,7 @@ def arithmetic_outputs(x: np.ndarray, weights: BlockWeights) -> dict[str, np.nda
             )
             y = quantize_activations(x, block) @ codes_part.T
             if w.mins is not None:
-                y = y + block_sums(x, w.block_size) @ w.mins.T.astype(np.float64)
+                y = y + block_sums(x, w.min_block_size) @ w.mins.T.astype(np.float64)
             outputs[f"MatMulNBits {name}, int8 per {block}"] = y
     return outputs
 

@@ -238,6 +238,9 @@ def test_every_matmul_of_a_tiny_phi3_gguf_carries_the_files_own_weights(name: st
     names = {line.split("\t")[1] for line in report.lines()}
     assert names == set(report.carried)
     assert carried_node_mismatches(folder, path, checkpoint) == []
+    assert [n.name for n in matmuls if "/mlp/gate" in n.name or "/mlp/up" in n.name] == [
+        f"/model/layers.{i}/mlp/gate_up_proj/MatMul_Q4" for i in range(2)
+    ]  # one node for both: Phi-3's file stores them as one tensor
     expected_bits = 4 if name.startswith("Q4") else 8
     assert {a.i for n in matmuls for a in n.attribute if a.name == "bits"} == {expected_bits}
 
@@ -336,3 +339,82 @@ def test_a_tied_embedding_with_minimums_reads_the_files_own_values_exactly(tiny_
     embedding = next(t for t in gguf.GGUFReader(str(path)).tensors if t.name == "token_embd.weight")
     expected = gguf.quants.dequantize(embedding.data, embedding.tensor_type)
     assert np.array_equal(numpy_helper.to_array(tables[0]), expected)
+
+
+def gate_up_graph(layers: int, hidden: int, intermediate: int) -> onnx.ModelProto:
+    """The builder's MLP input projections of `layers` layers as it names them: a gate and an up
+    MatMulNBits (4 bits, blocks of 32, random weights) reading each layer's input, both outputs
+    graph outputs."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    nodes, initializers, inputs, outputs = [], [], [], []
+    for layer in range(layers):
+        x = f"/model/layers.{layer}/post_attention_layernorm/output_0"
+        inputs.append(helper.make_tensor_value_info(x, TensorProto.FLOAT, [1, 2, hidden]))
+        for module in ("gate_proj", "up_proj"):
+            weight = f"model.layers.{layer}.mlp.{module}.MatMul.weight"
+            packed = rng.integers(0, 256, (intermediate, hidden // 32, 16), dtype=np.uint8)
+            scales = rng.uniform(0.01, 0.1, (intermediate, hidden // 32)).astype(np.float32)
+            initializers += [
+                numpy_helper.from_array(packed, f"{weight}_Q4"),
+                numpy_helper.from_array(scales, f"{weight}_scales"),
+            ]
+            output = f"/model/layers.{layer}/mlp/{module}/MatMul/output_0"
+            nodes.append(helper.make_node(
+                "MatMulNBits", [x, f"{weight}_Q4", f"{weight}_scales"], [output], name=f"/model/layers.{layer}/mlp/{module}/MatMul_Q4",
+                domain="com.microsoft", K=hidden, N=intermediate, bits=4, block_size=32, accuracy_level=4,
+            ))  # fmt: skip
+            outputs.append(helper.make_tensor_value_info(output, TensorProto.FLOAT, None))
+    graph = helper.make_graph(nodes, "mlp", inputs, outputs, initializers)
+    return helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)]
+    )
+
+
+def test_gate_and_up_become_one_node_computing_the_same_outputs_where_their_gguf_types_match(tmp_path: Path):
+    """A Llama's gate and up weights are two GGUF tensors: one node holds both where they share a
+    type (one node's bits), and the stacked node with its Split gives both outputs bit for bit."""
+    import onnxruntime as ort
+
+    from slmkit.onnx.gguf_carry import ModelGraph, gate_up_pairs
+    from tests.tiny_models import build_tiny_model
+
+    checkpoint = build_tiny_model("LlamaForCausalLM", tmp_path / "llama")
+    config = json.loads((checkpoint / "config.json").read_text())
+    same = GgufWeights(write_tiny_gguf(checkpoint, tmp_path / "same.gguf", "Q4_1"), config)
+    mixed = GgufWeights(write_tiny_gguf(checkpoint, tmp_path / "mixed.gguf", "Q4_1", {"ffn_up": "Q8_0"}), config)
+    model = gate_up_graph(config["num_hidden_layers"], config["hidden_size"], config["intermediate_size"])
+    assert gate_up_pairs(model, mixed) == []
+    pairs = gate_up_pairs(model, same)
+    assert [(gate.name, up.name) for gate, up in pairs] == [
+        (f"/model/layers.{i}/mlp/gate_proj/MatMul_Q4", f"/model/layers.{i}/mlp/up_proj/MatMul_Q4") for i in range(2)
+    ]
+
+    feeds = {i.name: np.random.default_rng(1).standard_normal([1, 2, 64]).astype(np.float32) for i in model.graph.input}
+    before = ort.InferenceSession(model.SerializeToString()).run(None, feeds)
+    graph = ModelGraph(model)
+    for gate, up in pairs:
+        graph.fuse_rows(gate, up, gate.name.replace("/gate_proj/", "/gate_up_proj/"))
+    assert [n.op_type for n in model.graph.node] == ["MatMulNBits", "Split"] * 2
+    assert len(model.graph.initializer) == 2 * 3  # stacked weights and scales, split sizes; the four old pairs gone
+    after = ort.InferenceSession(model.SerializeToString()).run(None, feeds)
+    assert all(np.array_equal(a, b) for a, b in zip(before, after, strict=True))
+    assert node_parts("/model/layers.1/mlp/gate_up_proj/MatMul_Q4", same) == [
+        Part("model.layers.1.mlp.gate_proj.weight"),
+        Part("model.layers.1.mlp.up_proj.weight"),
+    ]
+
+
+def test_minimums_keep_the_files_block_when_the_codes_are_reblocked():
+    """Re-blocked to 16 for the activations, a Q4_1 weight keeps one minimum per 32 values (half
+    the minimums the graph reads each step), recentred or not, with the same values."""
+    q41 = block_weights(random_blocks(Q.Q4_1, 3, 64), Q.Q4_1, 3, 64)
+    _level, stored = node_precision(q41, DEFAULT_ACTIVATIONS, "/model/layers.0/mlp/down_proj/MatMul_Q4")
+    assert (stored.block_size, stored.min_block_size, stored.mins.shape) == (16, 32, (3, 2))
+    assert np.allclose(stored.dequantize(), q41.dequantize(), rtol=0, atol=1e-5)
+    split = q41.with_block_size(16)
+    assert split.min_block_size == 32
+    assert np.array_equal(split.dequantize(), q41.dequantize())
+    stacked = concat_rows([split, block_weights(random_blocks(Q.Q4_0, 2, 64), Q.Q4_0, 2, 64)])
+    assert (stacked.block_size, stacked.min_block_size) == (16, 32)

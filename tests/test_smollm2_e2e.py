@@ -72,7 +72,7 @@ def test_smollm2_preset_runs_end_to_end_and_answers(tracking_server: TrackingSer
     assert 0 < metrics["parity/kl_divergence"] < 0.008
     onnx_run = runs["log_onnx_wrapper"]
     assert onnx_run.data.params["onnx_quantization"] == "gguf"
-    assert onnx_run.data.params["gguf_tensors"] == "carried=151,requantized=0"
+    assert onnx_run.data.params["gguf_tensors"] == "carried=121,requantized=0"
     onnx_model = tracking_server.stored_model(onnx_run)
     check_every_carried_node_equals_the_gguf(onnx_model, tracking_server.stored(download.info.artifact_uri))
     check_batched_answers_equal_lone_ones(onnx_model)

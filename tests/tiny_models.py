@@ -142,11 +142,12 @@ def llama_permute(weight: Any, heads: int) -> Any:
     )
 
 
-def write_tiny_gguf(checkpoint: Path, dest: Path, quantization: str) -> Path:
+def write_tiny_gguf(checkpoint: Path, dest: Path, quantization: str, types: dict[str, str] | None = None) -> Path:
     """Write a tiny checkpoint as a GGUF file, as llama.cpp's converter lays it out: tensor names
     from gguf's own name map for its architecture, its metadata, the byte-level BPE tokenizer and
     chat template, q and k rows permuted for Llama, Gemma's norms stored as weight + 1, and its 2-D
-    weights quantized by the gguf package (`Q4_0`, `Q4_1`, `Q5_0`, `Q5_1`, `Q8_0`, `F16`)."""
+    weights quantized by the gguf package (`Q4_0`, `Q4_1`, `Q5_0`, `Q5_1`, `Q8_0`, `F16`), those
+    whose GGUF name contains a key of `types` in that type instead (as llama-quantize mixes them)."""
     import json
 
     import gguf
@@ -206,7 +207,8 @@ def write_tiny_gguf(checkpoint: Path, dest: Path, quantization: str) -> Path:
         if arch == gguf.MODEL_ARCH.LLAMA and ".attn_k." in name:
             weight = llama_permute(weight, kv_heads)
         if weight.ndim == 2:
-            writer.add_tensor(name, gguf.quants.quantize(weight, qtype), raw_dtype=qtype)
+            own = next((gguf.GGMLQuantizationType[t] for part, t in (types or {}).items() if part in name), qtype)
+            writer.add_tensor(name, gguf.quants.quantize(weight, own), raw_dtype=own)
         else:
             writer.add_tensor(name, weight)
     writer.write_header_to_file()

@@ -24,13 +24,17 @@ SUPER_BLOCK = 256  # values per k-quant super-block (QK_K)
 
 @dataclass(frozen=True)
 class BlockWeights:
-    """A [N, K] weight as `w[n, k] = scales[n, b] · (codes[n, k] − zero_points[n, b]) + mins[n, b]`,
-    where `b = k // block_size`; `mins` is None for symmetric types."""
+    """A [N, K] weight as `w[n, k] = scales[n, k // block_size] · (codes[n, k] − zero_points[n,
+    k // block_size]) + mins[n, k // min_block_size]`; `mins` is None for symmetric types.
+
+    The minimums keep the file's own block when the codes are re-blocked (`with_block_size`):
+    the graph adds them as `blocksum(x) · minsᵀ`, and a block sum over 32 values costs half the
+    minimums of one over each 16, with the same exact values."""
 
     codes: np.ndarray  # uint8 [N, K]
     scales: np.ndarray  # float32 [N, K // block_size]
     zero_points: np.ndarray  # uint8 [N, K // block_size]
-    mins: np.ndarray | None  # float32 [N, K // block_size]
+    mins: np.ndarray | None  # float32 [N, K // min_block_size]
     block_size: int
     code_bits: int  # bits the codes use: 4, 5, 6 or 8
 
@@ -43,12 +47,22 @@ class BlockWeights:
     def shape(self) -> tuple[int, int]:
         return self.codes.shape
 
+    @property
+    def min_block_size(self) -> int:
+        """Values per minimum (the file's block, or the codes' block when a minimum varies within it)."""
+        return self.block_size if self.mins is None else self.shape[1] // self.mins.shape[1]
+
+    def mins_per(self, block_size: int) -> np.ndarray:
+        """The minimums repeated to one per `block_size` values (a divisor of min_block_size)."""
+        assert self.mins is not None
+        return np.repeat(self.mins, self.min_block_size // block_size, axis=1)
+
     def dequantize(self) -> np.ndarray:
         """The float32 weight, computed in gguf's order: scale · code first, then + min."""
         scales = np.repeat(self.scales, self.block_size, axis=1)
         zero = np.repeat(self.zero_points, self.block_size, axis=1).astype(np.int16)
         values = scales * (self.codes.astype(np.int16) - zero).astype(np.float32)
-        return values if self.mins is None else values + np.repeat(self.mins, self.block_size, axis=1)
+        return values if self.mins is None else values + np.repeat(self.mins, self.min_block_size, axis=1)
 
     def rows(self, index: np.ndarray | slice) -> BlockWeights:
         """The weight of the selected output rows (a permutation or a slice)."""
@@ -58,18 +72,18 @@ class BlockWeights:
         )
 
     def with_block_size(self, block_size: int) -> BlockWeights:
-        """The same values in smaller blocks: each block's scale, zero point and min repeat."""
+        """The same values in smaller blocks: each block's scale and zero point repeat; the
+        minimums stay per their own block."""
         if block_size == self.block_size:
             return self
         if self.block_size % block_size:
             raise ValueError(f"cannot split blocks of {self.block_size} into blocks of {block_size}")
         times = self.block_size // block_size
-        mins = None if self.mins is None else np.repeat(self.mins, times, axis=1)
         return BlockWeights(
             self.codes,
             np.repeat(self.scales, times, axis=1),
             np.repeat(self.zero_points, times, axis=1),
-            mins,
+            self.mins,
             block_size,
             self.code_bits,
         )
@@ -90,9 +104,19 @@ class BlockWeights:
         centre = 0 if self.mins is None else 1 << (self.code_bits - 1)
         shift = default - centre - self.zero_points.astype(np.int16)  # per block
         codes = self.codes.astype(np.int16) + np.repeat(shift, self.block_size, axis=1)
-        mins = None if self.mins is None else self.mins + self.scales * np.float32(centre)
+        mins = (
+            None if self.mins is None else _coarsest(self.mins_per(self.block_size) + self.scales * np.float32(centre))
+        )
         zero_points = np.full_like(self.zero_points, default)
         return BlockWeights(codes.astype(np.uint8), self.scales, zero_points, mins, self.block_size, self.code_bits)
+
+
+def _coarsest(mins: np.ndarray) -> np.ndarray:
+    """Minimums [N, blocks] merged, pair by pair, while neighbouring blocks hold equal values in
+    every row: the widest blocks that give the same values."""
+    while mins.shape[1] % 2 == 0 and np.array_equal(mins[:, 0::2], mins[:, 1::2]):
+        mins = mins[:, 0::2]
+    return np.ascontiguousarray(mins)
 
 
 def concat_rows(parts: list[BlockWeights]) -> BlockWeights:
@@ -101,12 +125,15 @@ def concat_rows(parts: list[BlockWeights]) -> BlockWeights:
         return parts[0]
     block_size = min(part.block_size for part in parts)
     parts = [part.with_block_size(block_size) for part in parts]
-    with_mins = any(part.mins is not None for part in parts)
-    mins = (
-        np.concatenate([part.mins if part.mins is not None else np.zeros_like(part.scales) for part in parts])
-        if with_mins
-        else None
-    )
+    with_mins = [part for part in parts if part.mins is not None]
+    mins = None
+    if with_mins:
+        min_block = min(part.min_block_size for part in with_mins)
+        columns = parts[0].shape[1] // min_block
+        mins = _coarsest(np.concatenate([
+            part.mins_per(min_block) if part.mins is not None else np.zeros((part.shape[0], columns), np.float32)
+            for part in parts
+        ]))  # fmt: skip
     return BlockWeights(
         np.concatenate([part.codes for part in parts]),
         np.concatenate([part.scales for part in parts]),

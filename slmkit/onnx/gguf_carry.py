@@ -39,7 +39,7 @@ _LAYER_NODE = re.compile(r"^/model/layers\.(\d+)/(attn|mlp)/(\w+)/MatMul")
 _MODULE_PREFIX = {"attn": "self_attn", "mlp": "mlp"}
 # Builder nodes that stack several checkpoint weights (llama's q, k, v), and nodes that take one
 # half of a fused checkpoint weight (Phi-3's gate_up_proj).
-_FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj")}
+_FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
 _SPLIT = {"gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}
 # The input embedding, which a tied LM head reads as its weight.
 _EMBEDDING = "model.embed_tokens.weight"
@@ -330,6 +330,8 @@ def carry_gguf_weights(
     stand_ins = weights_only_carried(weights, int(config["num_hidden_layers"]))
     model = onnx.load(str(onnx_dir / MODEL_FILE), load_external_data=True)
     graph = ModelGraph(model)
+    for gate, up in gate_up_pairs(model, weights):
+        graph.fuse_rows(gate, up, gate.name.replace("/gate_proj/", "/gate_up_proj/"))
     report = CarryReport()
     for node in [n for n in model.graph.node if n.op_type == "MatMulNBits"]:
         parts = node_parts(node.name, weights)
@@ -349,6 +351,32 @@ def carry_gguf_weights(
     (onnx_dir / DATA_FILE).unlink(missing_ok=True)
     onnx.save_model(model, str(onnx_dir / MODEL_FILE), save_as_external_data=True, location=DATA_FILE)
     return report
+
+
+def gate_up_pairs(model, weights: GgufWeights) -> list[tuple[Any, Any]]:
+    """The builder's gate and up MatMulNBits nodes of each layer that one node can compute: they
+    read the same input with the same attributes, and their GGUF weights are carriable and of
+    one type (so one node stores both in the same bits).
+
+    One node for both halves the minimum's four small ops there (Reshape, ReduceSum, MatMul,
+    Add, about 5 µs each a step, mostly dispatch) and one MatMulNBits call: on SmolLM2's Q4_1
+    file, 823 nodes a step instead of 943, and 11 to 13% more decode tok/s (2026-12-05).
+    """
+    nodes = {node.name: node for node in model.graph.node if node.op_type == "MatMulNBits"}
+    pairs = []
+    for name, gate in nodes.items():
+        match = _LAYER_NODE.match(name)
+        up = nodes.get(name.replace("/gate_proj/", "/up_proj/"))
+        if not match or match.group(3) != "gate_proj" or up is None or up.input[0] != gate.input[0]:
+            continue
+        if {a.name: a for a in gate.attribute if a.name != "N"} != {a.name: a for a in up.attribute if a.name != "N"}:
+            continue
+        parts = [part for node in (gate, up) for part in node_parts(node.name, weights) or [None]]
+        if None in parts or not all(weights.carriable(part.hf_name) for part in parts):
+            continue
+        if len({weights.type_name(part.hf_name) for part in parts}) == 1:
+            pairs.append((gate, up))
+    return pairs
 
 
 def pack_codes(codes: np.ndarray, bits: int, block_size: int) -> np.ndarray:
@@ -396,6 +424,42 @@ class ModelGraph:
             self.model.graph.initializer.append(tensor)
             self.initializers[name] = self.model.graph.initializer[-1]
 
+    def _remove_initializer(self, name: str) -> None:
+        del self.initializers[name]
+        initializers = self.model.graph.initializer
+        del initializers[next(i for i, init in enumerate(initializers) if init.name == name)]
+
+    def fuse_rows(self, first, second, name: str) -> None:
+        """Replace two MatMulNBits nodes that read the same input by one node `name` of both
+        weights stacked along N, and a Split into their two outputs. The builder's own weights
+        are stacked too, so the node computes what the two did until the carry-over sets it."""
+        from onnx import helper, numpy_helper
+
+        sizes = [next(a.i for a in node.attribute if a.name == "N") for node in (first, second)]
+        fused = helper.make_node("MatMulNBits", [first.input[0]], [f"{name}/output_0"], name=name, domain=first.domain)
+        fused.attribute.extend(first.attribute)
+        next(a for a in fused.attribute if a.name == "N").i = sum(sizes)
+        for index, (mine, theirs) in enumerate(zip(first.input[1:], second.input[1:], strict=True), start=1):
+            stacked = f"{name}.input{index}"
+            arrays = [numpy_helper.to_array(self.initializers[n]) for n in (mine, theirs)]
+            self._set_initializer(stacked, np.concatenate(arrays))
+            fused.input.append(stacked)
+            for old in (mine, theirs):
+                self._remove_initializer(old)
+        self._set_initializer(f"{name}.split", np.array(sizes, dtype=np.int64))
+        split = helper.make_node(
+            "Split",
+            [fused.output[0], f"{name}.split"],
+            [first.output[0], second.output[0]],
+            name=f"{name}/Split",
+            axis=-1,
+        )
+        position = list(self.model.graph.node).index(first)
+        self.model.graph.node.remove(first)
+        self.model.graph.node.remove(second)
+        self.model.graph.node.insert(position, split)
+        self.model.graph.node.insert(position, fused)
+
     def _consumers(self, name: str) -> Iterator:
         return (node for node in self.model.graph.node if name in node.input)
 
@@ -419,7 +483,7 @@ class ModelGraph:
         for reshape in tied:
             self._retie_embedding(reshape, weights, exact)
         if weights.mins is not None:
-            self._add_block_sums(node, weights.mins, columns // weights.block_size, weights.block_size)
+            self._add_block_sums(node, weights.mins, columns // weights.min_block_size, weights.min_block_size)
 
     def _add_block_sums(self, node, mins: np.ndarray, blocks: int, block_size: int) -> None:
         """node's output += ReduceSum(Reshape(x, [batch, sequence, blocks, block]), last axis) · minsᵀ.
@@ -493,5 +557,6 @@ def node_weights(model, node) -> np.ndarray:
     )
     mins = initializers.get(f"{node.name}.mins")
     if mins is not None:
-        weights = weights + np.repeat(numpy_helper.to_array(mins).T, attributes["block_size"], axis=1)
+        mins_t = numpy_helper.to_array(mins)  # [K / min block, N]
+        weights = weights + np.repeat(mins_t.T, attributes["K"] // mins_t.shape[0], axis=1)
     return weights
