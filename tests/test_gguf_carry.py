@@ -17,7 +17,6 @@ from gguf.constants import GGML_QUANT_SIZES
 from slmkit.onnx.build import QUANTIZATIONS, builder_command, copy_runtime_files
 from slmkit.onnx.gguf_blocks import CARRIED_TYPES, BlockWeights, block_weights, concat_rows
 from slmkit.onnx.gguf_carry import (
-    DEFAULT_ACTIVATIONS,
     CarryReport,
     GgufWeights,
     Part,
@@ -113,7 +112,7 @@ def test_int8_16_qkv_reblocks_only_the_attention_input_projections_and_the_defau
              "/model/layers.3/attn/o_proj/MatMul_Q4", "/model/layers.3/mlp/down_proj/MatMul_Q4", "/lm_head/MatMul")  # fmt: skip
     blocks = {
         name: [node_precision(q4, name, node)[1].block_size for node in nodes]
-        for name in ("int8-16-qkv", DEFAULT_ACTIVATIONS)
+        for name in ("int8-16-qkv", "int8-16")
     }
     assert blocks == {"int8-16-qkv": [16, 16, 32, 32, 32], "int8-16": [16, 16, 16, 16, 16]}
 
@@ -410,7 +409,7 @@ def test_minimums_keep_the_files_block_when_the_codes_are_reblocked():
     """Re-blocked to 16 for the activations, a Q4_1 weight keeps one minimum per 32 values (half
     the minimums the graph reads each step), recentred or not, with the same values."""
     q41 = block_weights(random_blocks(Q.Q4_1, 3, 64), Q.Q4_1, 3, 64)
-    _level, stored = node_precision(q41, DEFAULT_ACTIVATIONS, "/model/layers.0/mlp/down_proj/MatMul_Q4")
+    _level, stored = node_precision(q41, "int8-16", "/model/layers.0/mlp/down_proj/MatMul_Q4")
     assert (stored.block_size, stored.min_block_size, stored.mins.shape) == (16, 32, (3, 2))
     assert np.allclose(stored.dequantize(), q41.dequantize(), rtol=0, atol=1e-5)
     split = q41.with_block_size(16)

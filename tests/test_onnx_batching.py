@@ -13,11 +13,16 @@ import pytest
 
 from slmkit.models.onnx_wrapper import ONNX_ARTIFACT
 from slmkit.onnx.batching import (
+    BATCH_DEPENDENT,
+    INDEPENDENT,
+    LONE_ROW_DIFFERS,
     MAX_BATCH_SIZE_ENV,
     PROMPT_CACHE_ENV,
     BatchedDecoder,
     Slot,
     admit,
+    batch_behaviour,
+    batch_logits,
     max_batch_size,
     prompt_cache_enabled,
     reusable_prefix,
@@ -265,3 +270,50 @@ def test_the_prompt_cache_can_be_turned_off_where_the_model_is_served(model_and_
     assert not prompt_cache_enabled()
     monkeypatch.delenv(PROMPT_CACHE_ENV)
     assert prompt_cache_enabled()
+
+
+def test_batch_behaviour_compares_a_rows_logits_alone_and_in_batches_bit_for_bit():
+    same = np.array([1.0, 2.0], dtype=np.float32)
+    one_ulp = np.nextafter(same, np.float32(3))
+    assert batch_behaviour({1: same, 2: same, 4: same}) == INDEPENDENT
+    assert batch_behaviour({1: one_ulp, 2: same, 4: same}) == LONE_ROW_DIFFERS
+    assert batch_behaviour({1: same, 2: same, 4: one_ulp}) == BATCH_DEPENDENT
+
+
+def test_the_decoder_measures_how_a_models_rows_behave_in_batches(model_and_tokenizer, onnx_folder):
+    model, tokens = model_and_tokenizer[0], model_tokens(onnx_folder)
+    logits = batch_logits(model, tokens, [1, 2, 4])
+    assert {size: values.shape for size, values in logits.items()} == {size: logits[1].shape for size in (1, 2, 4)}
+    assert np.isfinite(logits[1]).all()
+    decoder = BatchedDecoder(model, tokens, max_batch_size=4)
+    assert decoder.behaviour == batch_behaviour(logits)
+    assert decoder.max_batch_size == (1 if decoder.behaviour == BATCH_DEPENDENT else 4)
+    assert BatchedDecoder(model, tokens, max_batch_size=1).behaviour == INDEPENDENT  # nothing to measure
+
+
+@pytest.mark.parametrize("behaviour", [LONE_ROW_DIFFERS, BATCH_DEPENDENT])
+def test_where_rows_change_with_the_batch_every_answer_is_still_the_lone_one(
+    behaviour, ask, model_and_tokenizer, onnx_folder
+):
+    """As on an AVX2 machine at blocks of 32: a lone greedy row runs beside a copy of itself (and
+    so keeps no prompt cache), or, where batches of different sizes differ, batching is off (and
+    every row is lone, with its cache)."""
+    model, tokens = model_and_tokenizer[0], model_tokens(onnx_folder)
+    prompts = ask(*QUESTIONS[:4])
+    alone = [list(BatchedDecoder(model, tokens, behaviour=INDEPENDENT).generate(Slot(p, 12))) for p in prompts]
+    decoder = BatchedDecoder(model, tokens, behaviour=behaviour)
+    lone = [Slot(p, 12) for p in [*prompts, prompts[0]]]
+    assert [list(decoder.generate(slot)) for slot in lone] == [*alone, alone[0]]
+    assert (lone[-1].reused_tokens > 0) == (behaviour == BATCH_DEPENDENT)  # a copy beside it takes no cache
+    slots = [Slot(p, 12) for p in prompts]
+    assert [list(stream) for stream in [decoder.generate(slot) for slot in slots]] == alone
+    assert [slot.batch_size for slot in slots] == ([4] * 4 if behaviour == LONE_ROW_DIFFERS else [1] * 4)
+
+
+def test_a_repeated_prompt_reuses_its_cache_where_rows_are_independent(ask, model_and_tokenizer, onnx_folder):
+    """The counterpart of the test above: the lone path's prompt cache is on by default."""
+    decoder = BatchedDecoder(model_and_tokenizer[0], model_tokens(onnx_folder), behaviour=INDEPENDENT)
+    prompt = ask(QUESTIONS[2])[0]
+    first, again = Slot(prompt, 6), Slot(prompt, 6)
+    assert list(decoder.generate(first)) == list(decoder.generate(again))
+    assert again.reused_tokens == len(prompt) - 2

@@ -61,7 +61,14 @@ from slmkit.chat.contract import (
 from slmkit.chat.model_config import TRACING_KEY
 from slmkit.manifest import MANIFEST_NAME, read_manifest, start_verifying
 from slmkit.models.onnx_wrapper import ONNX_ARTIFACT
-from slmkit.onnx.batching import MAX_BATCH_SIZE_ENV, BatchedDecoder, Slot, max_batch_size, prompt_cache_enabled
+from slmkit.onnx.batching import (
+    INDEPENDENT,
+    MAX_BATCH_SIZE_ENV,
+    BatchedDecoder,
+    Slot,
+    max_batch_size,
+    prompt_cache_enabled,
+)
 from slmkit.onnx.session import intra_op_threads, model_tokens, open_model
 
 logger = logging.getLogger(__name__)
@@ -165,6 +172,14 @@ class OnnxChatModel(mlflow.pyfunc.PythonModel):
             batch_window_s=float(config.get("batch_window_ms", 20)) / 1000,
             reuse_prompts=prompt_cache_enabled(),
         )
+        if self._decoder.behaviour != INDEPENDENT:
+            logger.warning(
+                "on this machine a row of this model decodes differently alone and in a batch "
+                "(onnxruntime's kernels): %s, so that every answer stays the one it gets alone",
+                "batching is off"
+                if self._decoder.max_batch_size == 1
+                else "a lone request runs beside a copy of itself",
+            )
 
     @property
     def model_name(self) -> str:

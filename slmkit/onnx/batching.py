@@ -78,6 +78,50 @@ def max_batch_size(configured: int | None = None) -> int:
     return size
 
 
+# How a model's rows behave in batches on this machine (`batch_behaviour`):
+INDEPENDENT = "independent"  # a row's logits are the same alone and in any batch
+LONE_ROW_DIFFERS = "lone-row-differs"  # the same in every batch of 2 or more, not alone: lone rows run as 2
+BATCH_DEPENDENT = "batch-dependent"  # rows change with the batch's size: batching is off
+
+
+def batch_logits(
+    model: Any, tokens: ModelTokens, sizes: Sequence[int], prompt_length: int = 8
+) -> dict[int, np.ndarray]:
+    """The first row's logits after a prompt and after two decode steps, run in a batch of each
+    size whose rows are all that prompt."""
+    import onnxruntime_genai as og
+
+    prompt = np.arange(1, prompt_length + 1, dtype=np.int32)
+    logits = {}
+    for size in sizes:
+        params = og.GeneratorParams(model)
+        params.set_search_options(max_length=tokens.max_length(prompt_length + 3), batch_size=size, do_sample=False)
+        generator = og.Generator(model, params)
+        generator.append_tokens(np.tile(prompt, (size, 1)))
+        steps = [np.asarray(generator.get_logits())[0]]
+        for _ in range(2):
+            generator.generate_next_token()
+            steps.append(np.asarray(generator.get_logits())[0])
+        logits[size] = np.concatenate([step.ravel() for step in steps])
+    return logits
+
+
+def batch_behaviour(logits: dict[int, np.ndarray]) -> str:
+    """INDEPENDENT, LONE_ROW_DIFFERS or BATCH_DEPENDENT, from `batch_logits` of sizes 1, 2 and
+    more, compared bit for bit.
+
+    Why it is measured, not assumed: onnxruntime's MLAS decodes one row of a 4-bit MatMulNBits
+    with blocks of 32 or more on its own kernel on AVX2 (`BlkLen >= 32 && CountM == 1`), and
+    every batch on its tile kernel; the two sum in different orders, which changed greedy answers
+    (0 of 8 equal on SmolLM2). AVX-512 machines, and blocks of 16, take the tile kernel for every
+    row count. Running a lone greedy row beside a copy of itself keeps it on the tile kernel.
+    """
+    lone, *batched = (logits[size] for size in sorted(logits))
+    if any(not np.array_equal(batched[0], other) for other in batched[1:]):
+        return BATCH_DEPENDENT
+    return INDEPENDENT if not batched or np.array_equal(lone, batched[0]) else LONE_ROW_DIFFERS
+
+
 @dataclass(eq=False)
 class Slot:
     """One request: its prompt, its budget, and what was produced for it so far.
@@ -164,14 +208,20 @@ class BatchedDecoder:
         max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
         batch_window_s: float = 0.02,
         reuse_prompts: bool = True,
+        behaviour: str | None = None,
     ) -> None:
         """`batch_window_s`: how long a new batch waits to hold every request seen in flight
         while the last batch ran, so that clients who got their answers together and ask again
         join together; a lone client never waits. `reuse_prompts`: keep the last lone greedy
-        request's Generator for the next one's shared prompt (see the module)."""
+        request's Generator for the next one's shared prompt (see the module). `behaviour`: how
+        rows behave in batches here (see `batch_behaviour`); None measures it on the model."""
         self._model = model
         self._model_tokens = tokens
-        self._max_batch_size = max_batch_size
+        if behaviour is None and max_batch_size > 1:
+            behaviour = batch_behaviour(batch_logits(model, tokens, sorted({1, 2, max_batch_size})))
+        self.behaviour = behaviour or INDEPENDENT
+        self._max_batch_size = 1 if self.behaviour == BATCH_DEPENDENT else max_batch_size
+        self._pad_lone_rows = self.behaviour == LONE_ROW_DIFFERS
         self._batch_window_s = batch_window_s
         # Guards the queue, the batch and every slot. Released while onnxruntime-genai runs and
         # while a batch waits for company, so that requests queue and callers leave meanwhile.
@@ -281,7 +331,7 @@ class BatchedDecoder:
         except Exception as error:  # onnxruntime-genai's failure, handed to every caller of the batch
             self._end_batch(error)
             return
-        for slot, token in zip(self._rows, next_tokens, strict=True):
+        for slot, token in zip(self._rows, next_tokens[: len(self._rows)], strict=True):
             if slot.finished:
                 continue
             slot.tokens.append(int(token))
@@ -302,7 +352,7 @@ class BatchedDecoder:
         wanted = width + max(slot.max_new_tokens for slot in rows)
         # A lone greedy request on a model without sliding windows may take, and leave, a kept cache.
         reusable = self._reuse_prompts and len(rows) == 1 and rows[0].sampling is None
-        reusable = reusable and not self._model_tokens.min_cache_length
+        reusable = reusable and not self._model_tokens.min_cache_length and not self._pad_lone_rows
         for slot in rows:
             slot.batch_size = len(rows)
         self._rows = rows
@@ -321,15 +371,18 @@ class BatchedDecoder:
         if reusable and (kept := self._reuse(rows[0], wanted)) is not None:
             return kept
         room = rows[0].max_new_tokens + NEXT_QUESTION_TOKENS if reusable else 0
+        prompts = [slot.prompt for slot in rows]
+        if self._pad_lone_rows and len(rows) == 1 and rows[0].sampling is None:
+            prompts *= 2  # a copy beside it keeps the lone row on the batches' kernel (batch_behaviour)
         options: dict[str, Any] = {
             "max_length": self._model_tokens.max_length(wanted + room),
-            "batch_size": len(rows),
+            "batch_size": len(prompts),
             **(rows[0].sampling or {"do_sample": False}),
         }
         params = og.GeneratorParams(self._model)
         params.set_search_options(**options)
         generator = og.Generator(self._model, params)
-        generator.append_tokens(right_padded([slot.prompt for slot in rows], self._model_tokens.pad_id))
+        generator.append_tokens(right_padded(prompts, self._model_tokens.pad_id))
         if reusable:
             self._kept = KeptPrompt(generator, rows[0].prompt, options["max_length"])
         return generator

@@ -59,29 +59,27 @@ class Activations:
 
 # On SmolLM2's Q4_1 file, 1,792 positions of the shipped text, against transformers in float32
 # (top-1 agreement, KLD over the whole vocabulary; bench/fidelity.py; llama-server on the same
-# positions: 95.0%, and 0.0035 against our 0.0025 for int8-16 over the reference's top 20):
+# positions: 95.0%, and 0.0035 over the reference's top 20, against our 0.0032 for int8-16-qkv and
+# 0.0025 for int8-16):
 #   int8-32      llama.cpp's own blocks (q8_0/q8_1 per 32)            94.8%  0.0052
-#   int8-16-qkv  per 16 in q/k/v only                                 95.8%  0.0042
-#   int8-16      per 16 everywhere (default)                          96.7%  0.0033
+#   int8-16-qkv  per 16 in q/k/v only (default)                       95.8%  0.0042
+#   int8-16      per 16 everywhere                                    96.7%  0.0033
 #   float32      accuracy level 1, about half the decode speed       97.8%  0.0007
-# int8-16 is the default because it keeps batched answers equal to lone ones. At blocks of 32
-# MLAS takes its one-row kernel for a lone decode step (BlkLen >= 32 and M == 1, on AVX2; on
-# AVX-512 it never does) and its tile kernel for a batch, and the two sum in different orders: on
-# an AVX2 machine the same 8 prompts answered alone and in batches of 4 gave 0 equal answers of 8
-# with int8-16-qkv (and 2 of 8 with the builder's own int4), 8 of 8 with int8-16. Blocks of 16
-# always take the tile kernel, and integer activations make its rows independent of the batch.
 # The q/k/v projections read RMSNorm's output, whose outlier channels make their int8 rounding
-# error twice the other nodes' (bench/fidelity.py's node table): int8-16-qkv buys most of
-# int8-16's fidelity at int8-32's speed where batch-invariance does not matter. 8-bit weights
-# always take int8 per 32: below level 4 onnxruntime 1.32 has no fast kernel for them (1.2 ms
-# against 38 µs for 576×1536).
+# error twice the other nodes' (bench/fidelity.py's node table): per 16 there buys most of
+# int8-16's fidelity, and blocks of 32 elsewhere decode 26% faster than int8-16 (SmolLM2, this
+# machine, 2026-12-05: 197 against 156 tok/s). At blocks of 32 a lone row and a batch's rows may
+# take different MLAS kernels (AVX2), which the decoder measures at load and works around
+# (slmkit.onnx.batching.batch_behaviour), so every answer stays the one it gets alone. 8-bit
+# weights always take int8 per 32: below level 4 onnxruntime 1.32 has no fast kernel for them
+# (1.2 ms against 38 µs for 576×1536).
 ACTIVATIONS = {
     "int8-32": Activations(4),
     "int8-16-qkv": Activations(4, attention_block=16),
     "int8-16": Activations(4, attention_block=16, block=16),
     "float32": Activations(1),
 }
-DEFAULT_ACTIVATIONS = "int8-16"
+DEFAULT_ACTIVATIONS = "int8-16-qkv"
 _ATTENTION_INPUTS = frozenset({"qkv_proj", "q_proj", "k_proj", "v_proj"})
 
 
