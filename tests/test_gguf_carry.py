@@ -17,6 +17,7 @@ from gguf.constants import GGML_QUANT_SIZES
 from slmkit.onnx.build import QUANTIZATIONS, builder_command, copy_runtime_files
 from slmkit.onnx.gguf_blocks import CARRIED_TYPES, BlockWeights, block_weights, concat_rows
 from slmkit.onnx.gguf_carry import (
+    DEFAULT_ACTIVATIONS,
     CarryReport,
     GgufWeights,
     Part,
@@ -111,10 +112,21 @@ def test_int8_16_qkv_reblocks_only_the_attention_input_projections_and_the_defau
     nodes = ("/model/layers.3/attn/qkv_proj/MatMul_Q4", "/model/layers.0/attn/v_proj/MatMul",
              "/model/layers.3/attn/o_proj/MatMul_Q4", "/model/layers.3/mlp/down_proj/MatMul_Q4", "/lm_head/MatMul")  # fmt: skip
     blocks = {
-        name: [node_precision(q4, name, node)[1].block_size for node in nodes]
-        for name in ("int8-16-qkv", "int8-16")
+        name: [node_precision(q4, name, node)[1].block_size for node in nodes] for name in ("int8-16-qkv", "int8-16")
     }
     assert blocks == {"int8-16-qkv": [16, 16, 32, 32, 32], "int8-16": [16, 16, 16, 16, 16]}
+
+
+def test_the_default_reblocks_q_k_v_only_for_types_with_minimums():
+    """A symmetric type at int8 per 32 is llama.cpp's own arithmetic; a recentred type with
+    minimums is not quite, and takes blocks of 16 where the inputs have outlier channels."""
+    node = "/model/layers.0/attn/qkv_proj/MatMul_Q4"
+    q40 = block_weights(random_blocks(Q.Q4_0, 3, 64), Q.Q4_0, 3, 64)
+    q41 = block_weights(random_blocks(Q.Q4_1, 3, 64), Q.Q4_1, 3, 64)
+    assert DEFAULT_ACTIVATIONS == "int8-16-qkv-mins"
+    assert node_precision(q40, DEFAULT_ACTIVATIONS, node)[1].block_size == 32
+    assert node_precision(q41, DEFAULT_ACTIVATIONS, node)[1].block_size == 16
+    assert node_precision(q41, DEFAULT_ACTIVATIONS, "/model/layers.0/mlp/down_proj/MatMul_Q4")[1].block_size == 32
 
 
 @pytest.mark.parametrize("qtype", sorted(CARRIED_TYPES), ids=lambda q: q.name)

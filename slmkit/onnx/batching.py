@@ -84,25 +84,19 @@ LONE_ROW_DIFFERS = "lone-row-differs"  # the same in every batch of 2 or more, n
 BATCH_DEPENDENT = "batch-dependent"  # rows change with the batch's size: batching is off
 
 
-def batch_logits(
-    model: Any, tokens: ModelTokens, sizes: Sequence[int], prompt_length: int = 8
-) -> dict[int, np.ndarray]:
-    """The first row's logits after a prompt and after two decode steps, run in a batch of each
-    size whose rows are all that prompt."""
+def batch_logits(model: Any, tokens: ModelTokens, sizes: Sequence[int]) -> dict[int, np.ndarray]:
+    """The first row's logits for a one-token prompt, run in a batch of each size whose rows are
+    all that token: one row through the model per row of the batch, as a decode step runs
+    (about 0.03 s in all on SmolLM2, 0.35 s at Phi-3-mini's size)."""
     import onnxruntime_genai as og
 
-    prompt = np.arange(1, prompt_length + 1, dtype=np.int32)
     logits = {}
     for size in sizes:
         params = og.GeneratorParams(model)
-        params.set_search_options(max_length=tokens.max_length(prompt_length + 3), batch_size=size, do_sample=False)
+        params.set_search_options(max_length=tokens.max_length(2), batch_size=size, do_sample=False)
         generator = og.Generator(model, params)
-        generator.append_tokens(np.tile(prompt, (size, 1)))
-        steps = [np.asarray(generator.get_logits())[0]]
-        for _ in range(2):
-            generator.generate_next_token()
-            steps.append(np.asarray(generator.get_logits())[0])
-        logits[size] = np.concatenate([step.ravel() for step in steps])
+        generator.append_tokens(np.ones((size, 1), dtype=np.int32))
+        logits[size] = np.asarray(generator.get_logits())[0].ravel()
     return logits
 
 

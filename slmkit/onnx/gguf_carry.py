@@ -50,11 +50,13 @@ class Activations:
     """How a carried 4-bit node's activations are computed: MatMulNBits' accuracy_level (4: int8,
     quantized per block of the weights; 1: float32), and the block the weights are re-blocked to
     (each scale and minimum repeated, so the values stay exact), in the attention's q/k/v input
-    projections and in the other nodes (None: the file's own, 32)."""
+    projections and in the other nodes (None: the file's own, 32). `attention_block_with_mins`:
+    the attention's block applies only to types with minimums (see ACTIVATIONS)."""
 
     level: int
     attention_block: int | None = None
     block: int | None = None
+    attention_block_with_mins: bool = False
 
 
 # On SmolLM2's Q4_1 file, 1,792 positions of the shipped text, against transformers in float32
@@ -62,24 +64,31 @@ class Activations:
 # positions: 95.0%, and 0.0035 over the reference's top 20, against our 0.0032 for int8-16-qkv and
 # 0.0025 for int8-16):
 #   int8-32      llama.cpp's own blocks (q8_0/q8_1 per 32)            94.8%  0.0052
-#   int8-16-qkv  per 16 in q/k/v only (default)                       95.8%  0.0042
+#   int8-16-qkv  per 16 in q/k/v only                                 95.8%  0.0042
 #   int8-16      per 16 everywhere                                    96.7%  0.0033
 #   float32      accuracy level 1, about half the decode speed       97.8%  0.0007
 # The q/k/v projections read RMSNorm's output, whose outlier channels make their int8 rounding
 # error twice the other nodes' (bench/fidelity.py's node table): per 16 there buys most of
 # int8-16's fidelity, and blocks of 32 elsewhere decode 26% faster than int8-16 (SmolLM2, this
-# machine, 2026-12-05: 197 against 156 tok/s). At blocks of 32 a lone row and a batch's rows may
-# take different MLAS kernels (AVX2), which the decoder measures at load and works around
-# (slmkit.onnx.batching.batch_behaviour), so every answer stays the one it gets alone. 8-bit
-# weights always take int8 per 32: below level 4 onnxruntime 1.32 has no fast kernel for them
-# (1.2 ms against 38 µs for 576×1536).
+# machine, 2026-12-05: 197 against 156 tok/s). A symmetric type at int8 per 32 is llama.cpp's own
+# arithmetic (q8_0 activations per 32 times the file's codes and scales), while a type with
+# minimums, recentred, keeps its codes half a step off centre (1.07× llama.cpp's error per node).
+# So the default re-blocks q/k/v only for types with minimums: on llama-quantize's Q4_0 of the
+# same model (2026-12-05) int8-32 gave 94.6% top-1 and KLD 0.0034 over the top 20 against
+# llama-server's 94.8% and 0.0032 on the same file (int8-16-qkv: 95.6%, 0.0026), and at
+# Phi-3-mini's size it decodes 15% faster (15.4 against 13.4 tok/s). At blocks of 32 a lone row
+# and a batch's rows may take different MLAS kernels (AVX2), which the decoder measures at load
+# and works around (slmkit.onnx.batching.batch_behaviour), so every answer stays the one it gets
+# alone. 8-bit weights always take int8 per 32: below level 4 onnxruntime 1.32 has no fast kernel
+# for them (1.2 ms against 38 µs for 576×1536).
 ACTIVATIONS = {
     "int8-32": Activations(4),
     "int8-16-qkv": Activations(4, attention_block=16),
+    "int8-16-qkv-mins": Activations(4, attention_block=16, attention_block_with_mins=True),
     "int8-16": Activations(4, attention_block=16, block=16),
     "float32": Activations(1),
 }
-DEFAULT_ACTIVATIONS = "int8-16-qkv"
+DEFAULT_ACTIVATIONS = "int8-16-qkv-mins"
 _ATTENTION_INPUTS = frozenset({"qkv_proj", "q_proj", "k_proj", "v_proj"})
 
 
@@ -299,6 +308,8 @@ def node_precision(weights: BlockWeights, activations: str, node_name: str = "")
     precision = ACTIVATIONS[activations] if weights.bits == 4 else ACTIVATIONS["int8-32"]
     match = _LAYER_NODE.match(node_name)
     attention = bool(match) and match.group(3) in _ATTENTION_INPUTS
+    if precision.attention_block_with_mins and weights.mins is None:
+        attention = False
     block_size = precision.attention_block if attention else precision.block
     weights = weights.recentered()
     if block_size and block_size < weights.block_size:
