@@ -304,23 +304,39 @@ def test_concurrent_clients_get_the_answer_each_prompt_gets_alone(server: Server
 
 def test_requests_sent_together_share_one_batch_from_the_first(server: Server):
     """The first of four requests sent at once waits, up to the batch window, for the others the
-    server has accepted, instead of decoding alone while they queue behind it. The transformers
-    flavor answers one request per call: four batches of one row."""
-    server.wait_until_idle()
+    server has accepted, instead of decoding alone while they queue behind it (which ran them as
+    a batch of 1 and then one of 3). The transformers flavor answers one request per call: four
+    batches of one row.
+
+    A request counts once the server has read it, and on a loaded machine (the suite's other
+    workers) the four can reach it further apart than the first's decode start: one burst in a
+    full `make test` ran as 1 + 3. So up to three bursts are sent, and one of them must run as a
+    single batch; without the wait, each burst runs as 1 + 3 unless all four are read first."""
     prompts = [f"Client {c} asks: what is {c} plus {c}?" for c in range(4)]
-    together = threading.Barrier(len(prompts))
 
-    def ask(prompt: str) -> str:
-        together.wait()
-        return answer_of(server, prompt, "openai")
+    def burst() -> tuple[float, float]:
+        server.wait_until_idle()
+        together = threading.Barrier(len(prompts))
 
-    before = server.metrics()
-    with ThreadPoolExecutor(max_workers=len(prompts)) as clients:
-        assert all(clients.map(ask, prompts))
-    after = server.metrics()
-    batches, rows = (metric_value(after, name) - metric_value(before, name)
+        def ask(prompt: str) -> str:
+            together.wait()
+            return answer_of(server, prompt, "openai")
+
+        before = server.metrics()
+        with ThreadPoolExecutor(max_workers=len(prompts)) as clients:
+            assert all(clients.map(ask, prompts))
+        after = server.metrics()
+        return tuple(metric_value(after, name) - metric_value(before, name)
                      for name in ("slmkit_batch_size_count", "slmkit_batch_size_sum"))  # fmt: skip
-    assert (batches, rows) == ((1, 4) if server.kind == "onnx" else (4, 4))
+
+    expected = (1, 4) if server.kind == "onnx" else (4, 4)
+    seen = []
+    for _ in range(3):
+        seen.append(burst())
+        if seen[-1] == expected:
+            break
+    assert seen[-1] == expected, f"batches and rows of each burst: {seen}"
+    assert all(rows == 4 for _, rows in seen)
 
 
 def test_metrics_count_requests_tokens_latency_and_batches(server: Server):
