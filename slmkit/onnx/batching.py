@@ -217,7 +217,6 @@ class BatchedDecoder:
             behaviour = batch_behaviour(batch_logits(model, tokens, sizes))
         self.behaviour = behaviour or INDEPENDENT
         self._max_batch_size = 1 if self.behaviour == BATCH_DEPENDENT else max_batch_size
-        self._pad_lone_rows = self.behaviour == LONE_ROW_DIFFERS
         self._batch_window_s = batch_window_s
         # Guards the queue, the batch and every slot. Released while onnxruntime-genai runs and
         # while a batch waits for company, so that requests queue and callers leave meanwhile.
@@ -346,9 +345,12 @@ class BatchedDecoder:
             return
         width = max(len(slot.prompt) for slot in rows)
         wanted = width + max(slot.max_new_tokens for slot in rows)
-        # A lone greedy request on a model without sliding windows may take, and leave, a kept cache.
-        reusable = self._reuse_prompts and len(rows) == 1 and rows[0].sampling is None
-        reusable = reusable and not self._model_tokens.min_cache_length and not self._pad_lone_rows
+        lone_greedy = len(rows) == 1 and rows[0].sampling is None
+        # A copy beside a lone greedy row keeps it on the batches' kernel where that differs (see
+        # batch_behaviour). Otherwise, on a model without sliding windows, it may take, and leave,
+        # a kept cache.
+        copied = lone_greedy and self.behaviour == LONE_ROW_DIFFERS
+        reusable = self._reuse_prompts and lone_greedy and not copied and not self._model_tokens.min_cache_length
         for slot in rows:
             slot.batch_size = len(rows)
         self._rows = rows
@@ -356,20 +358,19 @@ class BatchedDecoder:
             with self._unlocked():
                 if self.on_batch is not None:
                     self.on_batch(len(rows))
-                self._generator = self._generator_for(rows, wanted, reusable)
+                self._generator = self._generator_for(rows, wanted, reusable, copied)
         except Exception as error:  # onnxruntime-genai's failure, handed to every caller of the batch
             self._end_batch(error)
 
-    def _generator_for(self, rows: list[Slot], wanted: int, reusable: bool) -> Any:
-        """A Generator holding the rows' prompts: the kept one rewound, or a new one."""
+    def _generator_for(self, rows: list[Slot], wanted: int, reusable: bool, copied: bool) -> Any:
+        """A Generator holding the rows' prompts (with `copied`, the lone row's twice): the kept
+        one rewound, or a new one."""
         import onnxruntime_genai as og
 
         if reusable and (kept := self._reuse(rows[0], wanted)) is not None:
             return kept
         room = rows[0].max_new_tokens + NEXT_QUESTION_TOKENS if reusable else 0
-        prompts = [slot.prompt for slot in rows]
-        if self._pad_lone_rows and len(rows) == 1 and rows[0].sampling is None:
-            prompts *= 2  # a copy beside it keeps the lone row on the batches' kernel (batch_behaviour)
+        prompts = [slot.prompt for slot in rows] * (2 if copied else 1)
         options: dict[str, Any] = {
             "max_length": self._model_tokens.max_length(wanted + room),
             "batch_size": len(prompts),
