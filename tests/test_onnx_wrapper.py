@@ -82,17 +82,18 @@ def test_seed_makes_sampling_reproducible(wrapper):
     assert len({sample(seed) for seed in range(4)}) > 1
 
 
-def test_each_request_is_traced_as_a_chat_span_with_its_prompt_span(wrapper):
+def test_each_request_is_traced_as_one_chat_span_whose_event_marks_the_first_token(wrapper):
     answer = wrapper.predict({"messages": FRANCE, "max_tokens": 12})[0]
     mlflow.flush_trace_async_logging()
     trace = mlflow.get_trace(mlflow.get_last_active_trace_id())
-    spans = {span.name: span for span in trace.data.spans}
-    assert set(spans) == {"chat", "prompt"}
-    assert spans["prompt"].attributes["prompt_tokens"] == answer["usage"]["prompt_tokens"]
-    assert spans["prompt"].attributes["batch_size"] == 1
-    assert spans["chat"].attributes["completion_tokens"] == answer["usage"]["completion_tokens"]
-    assert spans["chat"].attributes["finish_reason"] == answer["choices"][0]["finish_reason"]
-    assert spans["prompt"].parent_id == spans["chat"].span_id
+    (span,) = trace.data.spans
+    assert span.name == "chat"
+    assert span.attributes["completion_tokens"] == answer["usage"]["completion_tokens"]
+    assert span.attributes["finish_reason"] == answer["choices"][0]["finish_reason"]
+    (first_token,) = span.events
+    assert first_token.name == "first_token"
+    assert first_token.attributes == {"prompt_tokens": answer["usage"]["prompt_tokens"], "batch_size": 1}
+    assert span.start_time_ns < first_token.timestamp < span.end_time_ns
 
 
 def test_tracing_can_be_turned_off(wrapper_dir: Path):
