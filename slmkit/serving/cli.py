@@ -28,6 +28,7 @@ from slmkit.serving.settings import (
     MODEL_PATH_ENV,
 )
 from slmkit.workflow.cli import positive_int
+from slmkit.workflow.tracking_server import SERVING_TRACE_WRITERS, bound_trace_writers
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -79,6 +80,7 @@ def main(argv: list[str] | None = None) -> int:
                 MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT.name: str(args.timeout),
             }
         )
+        bound_trace_writers(SERVING_TRACE_WRITERS)
         if args.workers > 1:  # every worker writes its metrics here; /metrics sums them
             metrics_dir = Path(scratch) / "metrics"
             metrics_dir.mkdir()
