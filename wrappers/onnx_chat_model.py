@@ -274,7 +274,9 @@ class OnnxChatModel(mlflow.pyfunc.PythonModel):
         )
 
     def _span(self) -> Any:
-        return mlflow.start_span(name="chat", span_type=SpanType.CHAT_MODEL) if self._tracing else contextlib.nullcontext()
+        if not self._tracing:
+            return contextlib.nullcontext()
+        return mlflow.start_span(name="chat", span_type=SpanType.CHAT_MODEL)
 
     def _encode(self, request: ChatRequest) -> Any:
         """Token ids of the templated prompt, dropping old turns if the request allows it."""
