@@ -368,6 +368,18 @@ def test_every_served_request_is_traced_once_in_the_tracking_store(server: Serve
     assert list((server.log.parent / "mlruns").rglob("traces.json")) == []
 
 
+def test_traces_still_queued_when_the_server_stops_are_written(wrapper_dir: Path, tmp_path: Path):
+    """Stopped (SIGTERM) straight after its answers, the server writes the traces its one trace
+    writer still holds before it exits: none is lost."""
+    with served(wrapper_dir, bare_env(tmp_path), tmp_path / "server.log", front=SLMKIT_SERVE) as running:
+        server = Server(running, "onnx")
+        with ThreadPoolExecutor(max_workers=4) as clients:
+            asked = [f"Request {i}: say {i}." for i in range(24)]
+            assert all(clients.map(lambda prompt: answer_of(server, prompt, "openai"), asked))
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")  # the server ran in tmp_path
+    assert len(client.search_traces(locations=["0"], max_results=1000, include_spans=False)) == 24
+
+
 def test_metrics_count_requests_tokens_latency_and_batches(server: Server):
     before = server.metrics()
     server.answer(VALID, "openai")
