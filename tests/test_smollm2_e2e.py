@@ -125,7 +125,7 @@ def check_generation_stops_at_the_server_timeout(model: Path, kind: str, tmp_pat
     generation behind it stops instead of running on: the next request is answered at once."""
     long_request = {"messages": [{"role": "user", "content": "Write a long story."}], "max_tokens": 1500}
     for server in serve(model, tmp_path / f"{kind}.log", "-t", "2", "--max-in-flight", "1", kind=kind):
-        # Warm-up: the first request also opens the trace store (about a second), so it may time out.
+        # Warm-up: a model's first call is its slowest (MLflow's tracing starts then; its store opens at load).
         server.post({"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}, "openai")
         server.wait_until_idle()  # after a fixed 1.5 s the only slot was once still taken: a 503, not a 504
         for route in ROUTES:

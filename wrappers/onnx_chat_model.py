@@ -188,6 +188,11 @@ class OnnxChatModel(mlflow.pyfunc.PythonModel):
         """The name every answer carries in its `model` field."""
         return self._model_name
 
+    @property
+    def traced(self) -> bool:
+        """Whether each request records an MLflow trace (the `tracing` model config)."""
+        return self._tracing
+
     def observe_batches(self, callback: Callable[[int], None]) -> None:
         """Have `callback` told the row count of every decoding batch as it starts."""
         self._decoder.on_batch = callback

@@ -19,6 +19,7 @@ Use `load_chat_model(uri)` in process for the same behaviour as the server.
 from __future__ import annotations
 
 import contextlib
+import logging
 import sys
 import threading
 import time
@@ -41,6 +42,8 @@ from slmkit.chat.contract import (
     parse_request,
 )
 from slmkit.chat.model_config import STOPPING_CRITERIA_KEY, TRACING_KEY
+
+logger = logging.getLogger(__name__)
 
 
 class ChatModel(Protocol):
@@ -283,6 +286,19 @@ def load_pyfunc(
         return load(str(model_dir))
 
 
+def open_trace_store() -> None:
+    """Open the tracking store the traces go to now, at load, not in the first request's span:
+    about 0.9 s on a SQLite store (MLflow's imports and schema check), which that request would
+    wait. MLflow keeps one store per URI, and the trace writer takes the same one. A store that
+    cannot be opened is only logged: tracing never stops a model from answering."""
+    import mlflow
+
+    try:
+        mlflow.MlflowClient()
+    except Exception as error:  # MLflow's trace writes fail the same way later, logged, not raised
+        logger.warning("the tracking store for traces did not open: %s", error)
+
+
 def load_chat_model(model_uri: str, traced: bool = True) -> ChatModel:
     """Load either model (any URI MLflow resolves) behind the ChatModel interface; `traced=False`
     turns the ONNX wrapper's per-request traces off (the pipeline records none)."""
@@ -308,5 +324,7 @@ def load_chat_model(model_uri: str, traced: bool = True) -> ChatModel:
     if "python_function" in flavors:
         model = load_pyfunc(model_uri, None if traced else {TRACING_KEY: "false"}, flavors)
         if hasattr(model.unwrap_python_model(), "observe_batches"):
+            if getattr(model.unwrap_python_model(), "traced", False):
+                open_trace_store()
             return WrapperChat(model)
     raise UserError(f"{model_uri} is neither an slmkit ONNX chat wrapper nor a transformers llm/v1/chat model")
