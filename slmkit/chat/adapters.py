@@ -288,7 +288,7 @@ def load_pyfunc(
 
 def open_trace_store() -> None:
     """Open the tracking store the traces go to now, at load, not in the first request's span:
-    about 0.9 s on a SQLite store (MLflow's imports and schema check), which that request would
+    0.5 to 0.9 s on a SQLite store (MLflow's imports and schema check), which that request would
     wait. MLflow keeps one store per URI, and the trace writer takes the same one. A store that
     cannot be opened is only logged: tracing never stops a model from answering."""
     import mlflow
