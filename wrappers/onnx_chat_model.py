@@ -313,9 +313,9 @@ class OnnxChatModel(mlflow.pyfunc.PythonModel):
 
         One span a request: its `first_token` event marks the end of the prompt's part (waiting
         for a batch, processing the prompt), with `prompt_tokens` and `batch_size`. A `prompt` and
-        a `decode` span of their own said nothing more, and each span is a store write taken from
-        decoding, since onnxruntime-genai holds the GIL through each step: the `prompt` span was
-        4.5 of the 24.5 ms a traced request added (export made synchronous, SQLite store).
+        a `decode` span of their own said nothing more, and each span is a store write whose time
+        comes out of decoding (the GIL, which each step holds, and the cores): the `prompt` span
+        was 4.5 of the 24.5 ms a traced request added (export made synchronous, SQLite store).
         """
         deadline = server_deadline()  # before the span, which may first open the tracking store
         with self._span() as root, contextlib.ExitStack() as cleanup:

@@ -23,8 +23,8 @@ BOUNDED_RETRIES = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3", "MLFLOW_HTTP_REQUEST_
 BOUNDED_TRACE_WRITERS = {"MLFLOW_GENAI_EVAL_MAX_WORKERS": "2", "MLFLOW_ASYNC_TRACE_LOGGING_MAX_WORKERS": "2"}
 # A served model writes a trace a request. With 10 writers, a trace's record and its spans are
 # written in parallel, and where the record lands first MLflow writes the whole trace again, as an
-# artifact file (71 of 355 traces in a run of the serving tests). And onnxruntime-genai holds the
-# GIL through each decode step, so writers' time comes out of decoding. One writer writes each
+# artifact file (71 of 355 traces in a run of the serving tests). And writers' time comes out of
+# decoding (the GIL, which decode steps hold, and the cores they use). One writer writes each
 # trace once, in order, and served 4.6% more tokens a second at 1 client (SQLite store).
 SERVING_TRACE_WRITERS = {"MLFLOW_ASYNC_TRACE_LOGGING_MAX_WORKERS": "1"}
 HEALTH_TIMEOUT_S = 5.0
