@@ -323,8 +323,9 @@ def load_chat_model(model_uri: str, traced: bool = True) -> ChatModel:
         return PipelineChat(model, stopper)
     if "python_function" in flavors:
         model = load_pyfunc(model_uri, None if traced else {TRACING_KEY: "false"}, flavors)
-        if hasattr(model.unwrap_python_model(), "observe_batches"):
-            if getattr(model.unwrap_python_model(), "traced", False):
+        python_model = model.unwrap_python_model()
+        if hasattr(python_model, "observe_batches"):
+            if getattr(python_model, "traced", False):
                 open_trace_store()
             return WrapperChat(model)
     raise UserError(f"{model_uri} is neither an slmkit ONNX chat wrapper nor a transformers llm/v1/chat model")

@@ -50,8 +50,9 @@ class Activations:
     """How a carried 4-bit node's activations are computed: MatMulNBits' accuracy_level (4: int8,
     quantized per block of the weights; 1: float32), and the block the weights are re-blocked to
     (each scale repeated, the minimums kept per their own block, so the values stay exact), in
-    the attention's q/k/v input projections and in the other nodes (None: the file's own, 32). `attention_block_with_mins`:
-    the attention's block applies only to types with minimums (see ACTIVATIONS)."""
+    the attention's q/k/v input projections and in the other nodes (None: the file's own, 32).
+    `attention_block_with_mins`: the attention's block applies only to types with minimums (see
+    ACTIVATIONS)."""
 
     level: int
     attention_block: int | None = None
