@@ -10,10 +10,13 @@ pyinstrument profile beside the JSON, named in it. Nothing here asserts a time.
 Phi-3-mini's shape with random weights, against llama.cpp (bench/scale.py), into
 bench/results/<date>-<host>-phi3-mini.json; with `--gguf-route`, only the int4 build and the GGUF
 route (`download` and the carry-over of llama-quantize's files, issue 36's figures), into
-…-phi3-mini-gguf-route.json.
+…-phi3-mini-gguf-route.json. `--kernels` measures only the Q4_0 matrix products of a Phi-3-mini
+token on onnxruntime's kernel and on llama.cpp's (bench/kernels.py; needs LLAMA_SERVER; about a
+minute), into …-kernels.json; the phi3-mini scale measures them too.
 
     python -m bench [--model smollm2-135m] [--reps 5] [--max-tokens 64]
     python -m bench --scale phi3-mini [--layers 32,24] [--reps 2] [--max-tokens 32] [--gguf-route]
+    python -m bench --kernels [--reps 3]
 """
 
 from __future__ import annotations
@@ -56,8 +59,9 @@ from bench.figures import (
     wrapper_over_bare,
 )
 from bench.front import front_figures
+from bench.kernels import q4_0_kernel_figures
 from bench.quality import LLAMA_SERVER_ENV, llama_server, peer_figures, quantization_figures
-from bench.scale import phi3_mini_figures
+from bench.scale import LlamaCpp, phi3_mini_figures
 from harness.servers import BIN, SLMKIT_SERVE, served, stop_process
 from slmkit import PROJECT_ROOT
 from slmkit.models.onnx_wrapper import ONNX_ARTIFACT, wrapper_model_arguments
@@ -426,11 +430,16 @@ def main() -> None:
         action="store_true",
         help="--scale phi3-mini only: the int4 build and the GGUF route (download + carry-over) alone",
     )
-    parser.add_argument("--reps", type=int, help="default: 5 (small), 2 (phi3-mini)")
+    parser.add_argument(
+        "--kernels",
+        action="store_true",
+        help="only the Q4_0 products of a Phi-3-mini token, onnxruntime's kernel against llama.cpp's (bench/kernels.py)",
+    )
+    parser.add_argument("--reps", type=int, help="default: 5 (small), 2 (phi3-mini), 3 (--kernels)")
     parser.add_argument("--max-tokens", type=int, help="default: 64 (small), 32 (phi3-mini)")
     args = parser.parse_args()
     small = args.scale == "small"
-    args.reps = args.reps or (5 if small else 2)
+    args.reps = args.reps or (3 if args.kernels else 5 if small else 2)
     args.max_tokens = args.max_tokens or (64 if small else 32)
     with tempfile.TemporaryDirectory(prefix="slmkit-bench-") as scratch:  # removed on every exit
         run(args, Path(scratch))
@@ -448,7 +457,9 @@ def run(args: argparse.Namespace, work: Path) -> None:
     }
     os.environ.update({key: env[key] for key in env if key != "PATH"})
     os.chdir(work)  # `./mlruns` of the scratch store lands here
-    if args.scale == "phi3-mini":
+    if args.kernels:
+        figures = list_as_measured(kernels_alone(args), args, f"{stamp}-kernels")
+    elif args.scale == "phi3-mini":
         name = f"{stamp}-phi3-mini{'-gguf-route' if args.gguf_route else ''}"
         figures = list_as_measured(phi3_mini_figures(args, work, env, stamp), args, name)
     else:
@@ -456,6 +467,14 @@ def run(args: argparse.Namespace, work: Path) -> None:
     print("| figure | value | target | verdict |\n|---|---:|---|---|")
     for figure in figures:
         print(figure.row())
+
+
+def kernels_alone(args: argparse.Namespace) -> Iterator[Figure]:
+    """`--kernels`: the Q4_0 products on both kernels, with no model built."""
+    llama = LlamaCpp.from_env()
+    if llama is None:
+        raise SystemExit(f"--kernels needs {LLAMA_SERVER_ENV}: the llama-server that bench/build_llama_cpp.sh builds")
+    yield from q4_0_kernel_figures(llama.server, args.reps)
 
 
 def small_figures(args: argparse.Namespace, work: Path, env: dict[str, str], stamp: str) -> Iterator[Figure]:
@@ -487,7 +506,9 @@ def write_results(figures: list[Figure], args: argparse.Namespace, name: str) ->
         "model": args.model if args.scale == "small" else "phi3-mini-random",
         "reps": args.reps,
         "max_tokens": args.max_tokens,
-        "command": "make bench"
+        "command": "python -m bench --kernels"
+        if args.kernels
+        else "make bench"
         if args.scale == "small"
         else "python -m bench --scale phi3-mini" + (" --gguf-route" if args.gguf_route else ""),
         "figures": [figure.as_dict() for figure in figures],

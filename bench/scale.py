@@ -13,7 +13,8 @@ on the weights' values. In one run, side by side:
 - cold start of the wrapper against the bare loop, decode of the wrapper against the bare loop,
   our served int4 build against `llama-server` on the Q4_0 file and each GGUF carry-over against
   `llama-server` on its own file, at 1 and at 4 clients, prompt processing of a 1,000-token
-  prompt, and decode against the memory-bandwidth limit.
+  prompt, decode against the memory-bandwidth limit, and the Q4_0 matrix products alone on
+  onnxruntime's kernel and on llama.cpp's (bench/kernels.py).
 
 A command that would need more memory than the machine has is stopped before it runs out
 (bench.figures.watched) and reported with its measured peak; `--layers` cuts the model to its
@@ -61,6 +62,7 @@ from bench.figures import (
     wrapper_over_bare,
 )
 from bench.flagship import COMPLETE, PHI3_MINI_CONFIG, bench_cache, build_phi3_mini, synthetic_corpus
+from bench.kernels import q4_0_kernel_figures
 from bench.quality import LLAMA_SERVER_ENV, llama_server
 from harness.servers import SLMKIT_SERVE, served, stop_process
 from slmkit import PROJECT_ROOT
@@ -522,6 +524,8 @@ def phi3_mini_figures(args: argparse.Namespace, work: Path, env: dict[str, str],
         lambda: cold_start_figures(int4.model_dir, env, work, scale.reps, scale.profile_stem),
         lambda: wrapper_over_bare(int4.model_dir, scale.max_tokens, scale.reps, PROMPTS[:2], scale.profile_stem),
         lambda: served_figures(scale, int4, llama, gguf, [b for b in builds if b.label.startswith("gguf-")]),
+        # Where the Q4_0 carry-over's decode goes against llama-server's: the two kernels alone.
+        lambda: q4_0_kernel_figures(llama.server, scale.reps) if llama else [],
     ):
         yield from measure()
         release_memory()
