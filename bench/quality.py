@@ -133,15 +133,26 @@ CONVERSATION = [
     "Summarise everything in two sentences.",
     "Translate the summary into French.",
 ]
+# A second client's conversation, whose turns alternate with CONVERSATION's.
+OTHER_CONVERSATION = [
+    "Explain how a bicycle works to a ten-year-old.",
+    "Now explain the gears.",
+    "What about the brakes?",
+    "How should the child ride safely?",
+    "Summarise everything in two sentences.",
+    "Translate the summary into French.",
+]
 
 
-def conversation_turns(chat_url: str, max_tokens: int) -> list[list[dict[str, str]]]:
+def conversation_turns(
+    chat_url: str, max_tokens: int, questions: list[str] = CONVERSATION
+) -> list[list[dict[str, str]]]:
     """The messages of each turn of one conversation, each turn resending the whole history, as
     a chat client does; the assistant's answers are `chat_url`'s own, so both servers get the
     same requests."""
     history: list[dict[str, str]] = []
     turns = []
-    for question in CONVERSATION:
+    for question in questions:
         history.append({"role": "user", "content": question})
         turns.append(list(history))
         answer = chat_completion(chat_url, history, max_tokens)["choices"][0]["message"]["content"]
@@ -152,6 +163,14 @@ def conversation_turns(chat_url: str, max_tokens: int) -> list[list[dict[str, st
 def multi_turn_first_token_s(chat_url: str, turns: list[list[dict[str, str]]], max_tokens: int) -> list[float]:
     """Streamed time to first token of each turn, in order (so a server may reuse the last turn's cache)."""
     return [http_first_token_s(chat_url, {"messages": m, "max_tokens": max_tokens, "temperature": 0}) for m in turns]
+
+
+def taking_turns_first_token_s(chat_url: str, conversations: list[list[list[dict[str, str]]]], max_tokens: int) -> list[float]:  # fmt: skip
+    """Streamed time to first token of each turn of several conversations, their turns taking
+    turns (each one's first, then each one's second...), as clients sharing one server do."""
+    return multi_turn_first_token_s(
+        chat_url, [turn for turns in zip(*conversations, strict=True) for turn in turns], max_tokens
+    )
 
 
 def interleaved_rates(ours_url: str, theirs_url: str, max_tokens: int, rounds: int = 3) -> tuple[dict, dict]:
@@ -184,12 +203,17 @@ def peer_figures(served_url: str, gguf: Path | None, rows: list[EvalRow], work: 
         turns = conversation_turns(served_url, max_tokens)
         first_token = {"onnx_s": multi_turn_first_token_s(served_url, turns, max_tokens),
                        "llama_server_s": multi_turn_first_token_s(llama_url, turns, max_tokens)}  # fmt: skip
+        both = [turns, conversation_turns(served_url, max_tokens, OTHER_CONVERSATION)]
+        taking_turns = {"onnx_s": taking_turns_first_token_s(served_url, both, max_tokens),
+                        "llama_server_s": taking_turns_first_token_s(llama_url, both, max_tokens)}  # fmt: skip
     finally:
         stop_process(process)
     detail = {"onnx_tok_s": ours, "llama_server_tok_s": theirs, **quality}
     last_turn = first_token["onnx_s"][-1] / first_token["llama_server_s"][-1]
+    last_turns = sum(taking_turns["onnx_s"][-2:]) / sum(taking_turns["llama_server_s"][-2:])
     return [
         *(Figure(f"served ONNX / llama-server tok/s, {k} client{'s' * (k > 1)}", ours[k] / theirs[k], detail)
           for k in (1, 4)),
         Figure("multi-turn first token, last turn: ONNX / llama-server", last_turn, first_token),
+        Figure("two conversations taking turns, last turns' first token: ONNX / llama-server", last_turns, taking_turns),
     ]  # fmt: skip

@@ -17,16 +17,22 @@ from slmkit.onnx.batching import (
     INDEPENDENT,
     LONE_ROW_DIFFERS,
     MAX_BATCH_SIZE_ENV,
+    MAX_KEPT_PROMPTS,
     PROMPT_CACHE_ENV,
+    PROMPT_CACHE_MIB_ENV,
     BatchedDecoder,
+    KeptPrompt,
+    PromptCache,
     Slot,
     admit,
     batch_behaviour,
     batch_logits,
     max_batch_size,
+    prompt_cache_bytes,
     prompt_cache_enabled,
     reusable_prefix,
     right_padded,
+    room_for_next_turns,
 )
 from slmkit.onnx.greedy import chat_prompt_ids, load
 from slmkit.onnx.session import model_tokens
@@ -73,6 +79,76 @@ def test_max_batch_size_comes_from_the_environment_then_the_logged_config(monkey
     monkeypatch.setenv(MAX_BATCH_SIZE_ENV, "four")
     with pytest.raises(ValueError, match=r"at least 1 .* got 'four'"):
         max_batch_size()
+
+
+def test_the_prompt_cache_budget_comes_from_the_environment_in_mib(monkeypatch):
+    monkeypatch.delenv(PROMPT_CACHE_MIB_ENV, raising=False)
+    assert prompt_cache_bytes() == 4096 * 2**20
+    monkeypatch.setenv(PROMPT_CACHE_MIB_ENV, "0.5")
+    assert prompt_cache_bytes() == 2**19
+    for bad in ("-1", "lots", "nan"):
+        monkeypatch.setenv(PROMPT_CACHE_MIB_ENV, bad)
+        with pytest.raises(ValueError, match=rf"{PROMPT_CACHE_MIB_ENV} must be a number of MiB .* got '{bad}'"):
+            prompt_cache_bytes()
+
+
+def test_a_kept_generator_holds_its_next_turn_and_as_much_again_as_its_request():
+    assert room_for_next_turns(wanted=106, max_new_tokens=64) == 64 + 256  # a first turn: the next one
+    assert room_for_next_turns(wanted=438, max_new_tokens=64) == 438  # a long one: doubled
+
+
+def kept(*tokens: int, capacity: int = 100) -> KeptPrompt:
+    return KeptPrompt(object(), np.array(tokens), capacity)
+
+
+def test_the_prompt_cache_gives_the_kept_prompt_a_request_continues_and_keeps_the_others():
+    """Two conversations share the chat template's first tokens; each next turn takes its own."""
+    first, second = kept(1, 2, 3, 4, 5), kept(1, 2, 9, 9)
+    cache = PromptCache(budget_bytes=1000, bytes_per_position=1, entries=[first, second])
+    assert cache.take(np.array([1, 2, 3, 4, 5, 6, 7]), wanted=10, new_capacity=100) == (first, 5)
+    assert cache.entries == [second]
+    assert cache.take(np.array([1, 2, 9, 9, 8, 8]), wanted=10, new_capacity=100) == (second, 4)
+    # A repeated prompt continues its own: all but the two tokens every request appends.
+    cache.keep(first)
+    assert cache.take(np.array([1, 2, 3, 4, 5]), wanted=10, new_capacity=100) == (first, 3)
+    # No room for the request in a kept Generator: a new one.
+    cache.keep(first)
+    assert cache.take(np.array([1, 2, 3, 4, 5, 6, 7]), wanted=101, new_capacity=200) is None
+
+
+def test_a_new_prompt_gets_a_new_generator_while_one_fits_then_takes_the_least_recent():
+    older, newer = kept(1, 2, 3, 4, 5), kept(1, 2, 6, 7)
+    prompt = np.array([1, 2, 8, 8, 8])
+    roomy = PromptCache(budget_bytes=300, bytes_per_position=1, entries=[older, newer])
+    assert roomy.take(prompt, wanted=10, new_capacity=100) is None  # 300 bytes hold a third
+    assert roomy.entries == [older, newer]
+    full = PromptCache(budget_bytes=200, bytes_per_position=1, entries=[older, newer])
+    assert full.take(prompt, wanted=10, new_capacity=100) == (older, 2)  # it would be evicted anyway
+    assert full.entries == [newer]
+    unrelated = PromptCache(budget_bytes=200, bytes_per_position=1, entries=[older, newer])
+    assert unrelated.take(np.array([7, 7, 7, 7]), wanted=10, new_capacity=100) is None
+
+
+def test_the_prompt_cache_keeps_the_most_recent_within_its_budget_and_forgets_a_failed_one():
+    a, b, c = kept(1, 1, 1), kept(2, 2, 2), kept(3, 3, 3, capacity=500)
+    cache = PromptCache(budget_bytes=250, bytes_per_position=1)
+    for entry in (a, b):
+        cache.keep(entry)
+    assert cache.entries == [a, b]
+    cache.keep(c)  # larger than the whole budget: kept alone, as the one kept Generator
+    assert cache.entries == [c]
+    cache.drop(c.generator)
+    assert cache.entries == []
+    unknown = PromptCache(budget_bytes=10**9, bytes_per_position=0)  # cache size unknown: one
+    unknown.keep(a)
+    unknown.keep(b)
+    assert unknown.entries == [b]
+    many = PromptCache(budget_bytes=10**9, bytes_per_position=1)
+    prompts = [kept(n, n, n) for n in range(MAX_KEPT_PROMPTS + 2)]
+    for entry in prompts:
+        assert many.fits(100) == (len(many.entries) < MAX_KEPT_PROMPTS)
+        many.keep(entry)
+    assert many.entries == prompts[-MAX_KEPT_PROMPTS:]
 
 
 @pytest.fixture(scope="module")
@@ -254,6 +330,29 @@ def test_a_conversation_reuses_its_last_prompts_cache_and_gets_the_answers_of_a_
             assert [len(list(s)) for s in [decoder.generate(slot) for slot in pair]] == [4, 4]
     assert reused[0] == 0
     assert all(count > 0 for count in reused[1:]), reused
+
+
+@pytest.mark.parametrize("budget_bytes", [1024 * 2**20, 0])
+def test_clients_taking_turns_each_reuse_their_own_prompt_within_the_budget(
+    budget_bytes, ask, model_and_tokenizer, onnx_folder
+):
+    """Two clients alternate, each repeating its question. With room for both Generators, each
+    request after the first two reuses all of its prompt but the two tokens it appends; with no
+    room, only the last one is kept and they share the chat template's start. Every answer is the
+    one a decoder with nothing kept gives."""
+    model, tokens = model_and_tokenizer[0], model_tokens(onnx_folder)
+    prompts = ask(QUESTIONS[0], QUESTIONS[3])
+    fresh = [list(BatchedDecoder(model, tokens, behaviour=INDEPENDENT).generate(Slot(p, 8))) for p in prompts]
+    decoder = BatchedDecoder(model, tokens, behaviour=INDEPENDENT, prompt_cache_bytes=budget_bytes)
+    slots = [Slot(prompts[turn % 2], 8) for turn in range(4)]
+    assert [list(decoder.generate(slot)) for slot in slots] == fresh * 2
+    shared = reusable_prefix(prompts[0], prompts[1])
+    assert 0 < shared < len(prompts[0]) - 2
+    reused = [slot.reused_tokens for slot in slots]
+    if budget_bytes:
+        assert reused == [0, 0, len(prompts[0]) - 2, len(prompts[1]) - 2]
+    else:
+        assert reused == [0, shared, shared, shared]
 
 
 def test_the_prompt_cache_can_be_turned_off_where_the_model_is_served(model_and_tokenizer, onnx_folder, monkeypatch):

@@ -67,6 +67,7 @@ from slmkit.onnx.batching import (
     BatchedDecoder,
     Slot,
     max_batch_size,
+    prompt_cache_bytes,
     prompt_cache_enabled,
 )
 from slmkit.onnx.session import intra_op_threads, model_tokens, open_model
@@ -165,6 +166,10 @@ class OnnxChatModel(mlflow.pyfunc.PythonModel):
             batch_size = max_batch_size(config.get("max_batch_size"))
         except ValueError as error:
             raise MlflowException(f"{MAX_BATCH_SIZE_ENV} or model_config: {error}") from None
+        try:
+            cache_bytes = prompt_cache_bytes()
+        except ValueError as error:
+            raise MlflowException(str(error)) from None
         # onnxruntime-genai objects are not thread-safe and hold the GIL: every call into the
         # model goes through the decoder, which serialises them and batches waiting requests.
         self._decoder = BatchedDecoder(
@@ -173,6 +178,7 @@ class OnnxChatModel(mlflow.pyfunc.PythonModel):
             max_batch_size=batch_size,
             batch_window_s=float(config.get("batch_window_ms", 20)) / 1000,
             reuse_prompts=prompt_cache_enabled(),
+            prompt_cache_bytes=cache_bytes,
         )
         if self._decoder.behaviour != INDEPENDENT:
             logger.warning(

@@ -19,10 +19,12 @@ the bare loop's speed. The queue's lock is released while onnxruntime-genai runs
 queues at once, and counts toward the next batch's size, while a batch runs.
 
 A chat client sends the whole conversation again every turn. A lone greedy request's Generator is
-kept when it ends, sized for one more turn, and the next lone greedy request rewinds it
-(`rewind_to`) to the longest prefix it shares with the kept prompt and appends only the rest, as
-llama-server's `cache_prompt` does. Only prompt tokens are reused, never generated ones, and at
-least two tokens are appended: a position's keys and values computed one token at a time (the
+kept when it ends, sized for its next turn (`room_for_next_turns`), and a later lone greedy
+request that continues (or repeats) its prompt rewinds it (`rewind_to`) to the prompt they share
+and appends only the rest, as llama-server's `cache_prompt` does. Several are kept, one per
+conversation, up to a memory budget (`PromptCache`), as llama-server's host-memory prompt cache
+(`--cache-ram`) keeps the prompts of its slots. Only prompt tokens are reused, never generated
+ones, and at least two tokens are appended: a position's keys and values computed one token at a time (the
 decode path) differ in the last bits from a prefill's and would change greedy answers, while a
 prefill chunk computes each row as the whole prompt's prefill does, so the answers stay exactly
 those of a fresh Generator (`tests/test_onnx_batching.py`). Models with sliding-window layers
@@ -49,14 +51,50 @@ DEFAULT_MAX_BATCH_SIZE = 4
 # "0" or "false" turns the reuse of a conversation's prompt cache off where the model is served;
 # the evaluate step's measuring process does, so that each row's timings are its own.
 PROMPT_CACHE_ENV = "SLMKIT_PROMPT_CACHE"
+# How much memory the kept Generators' caches may take where the model is served, in MiB (the most
+# recent one is kept whatever its size).
+PROMPT_CACHE_MIB_ENV = "SLMKIT_PROMPT_CACHE_MIB"
+DEFAULT_PROMPT_CACHE_MIB = 4096
+# And at most this many: the conversations of a few clients taking turns. Each request compares its
+# prompt with every kept one, and a Generator holds more than its cache (its logits, its inputs).
+MAX_KEPT_PROMPTS = 8
 # A lone greedy Generator holds room for its request, its answer again and this many tokens more:
 # the next turn of a conversation (this answer and a new question) then fits and reuses its cache.
 NEXT_QUESTION_TOKENS = 256
 
 
+def room_for_next_turns(wanted: int, max_new_tokens: int) -> int:
+    """Positions a new lone greedy Generator holds beyond the `wanted` of its request: the next
+    turn's (its answer again and a question), and at least as many as it holds already.
+
+    Why the second: a Generator's length is fixed when it is made, and a conversation whose next
+    turn no longer fits starts afresh, its whole prompt computed again. Room for one more turn
+    only did that every third or fourth turn (SmolLM2, 64-token answers: at 374 prompt tokens,
+    0.36 s to the first token against 0.08 s reused); doubling the length each time makes it a
+    few times in a conversation's life, at the price of memory held (`PromptCache`'s budget).
+    """
+    return max(max_new_tokens + NEXT_QUESTION_TOKENS, wanted)
+
+
 def prompt_cache_enabled() -> bool:
-    """Whether lone greedy requests reuse the last prompt's cache (SLMKIT_PROMPT_CACHE, default on)."""
+    """Whether lone greedy requests reuse kept prompts' caches (SLMKIT_PROMPT_CACHE, default on)."""
     return os.environ.get(PROMPT_CACHE_ENV, "1").strip().lower() not in {"0", "false", "no", "off"}
+
+
+def prompt_cache_bytes() -> int:
+    """The kept Generators' memory budget: SLMKIT_PROMPT_CACHE_MIB, else 4096 MiB.
+
+    Raises:
+        ValueError: the value is not a number of at least 0.
+    """
+    raw = os.environ.get(PROMPT_CACHE_MIB_ENV) or str(DEFAULT_PROMPT_CACHE_MIB)
+    try:
+        mib = float(raw)
+    except ValueError:
+        mib = -1.0
+    if not mib >= 0:
+        raise ValueError(f"{PROMPT_CACHE_MIB_ENV} must be a number of MiB of at least 0, got {raw!r}")
+    return int(mib * 2**20)
 
 
 def max_batch_size(configured: int | None = None) -> int:
@@ -140,11 +178,75 @@ class Slot:
 
 @dataclass(frozen=True)
 class KeptPrompt:
-    """The Generator of the last lone greedy request, whose prompt's KV cache the next may reuse."""
+    """The Generator of a lone greedy request, whose prompt's KV cache a later request may reuse."""
 
     generator: Any
     prompt: np.ndarray
     capacity: int  # the Generator's max_length
+
+
+@dataclass
+class PromptCache:
+    """Kept Generators, least recently used first, at most MAX_KEPT_PROMPTS within `budget_bytes`
+    of caches (the most recent one whatever its size; only it where `bytes_per_position` is 0,
+    unknown).
+
+    Why several: clients who take turns, or who repeat a prompt, would otherwise each rewind the
+    one kept Generator to the few tokens their prompts share (the chat template's) and compute the
+    rest again; kept apart, each next turn appends only its new tokens.
+    """
+
+    budget_bytes: int
+    bytes_per_position: int
+    entries: list[KeptPrompt] = field(default_factory=list)
+
+    def take(self, prompt: np.ndarray, wanted: int, new_capacity: int) -> tuple[KeptPrompt, int] | None:
+        """The kept Generator that is to hold `prompt` (`wanted` positions in all) and how many of
+        its tokens it keeps, taken out of the cache; None where a new Generator of `new_capacity`
+        is to be made. In order:
+
+        1. one whose prompt `prompt` continues or repeats: its cache loses nothing it could give;
+        2. none while a new one fits the budget: the kept ones stay for their own conversations;
+        3. the least recently used, which a new one would evict, for the prefix it shares.
+        """
+        roomy = [entry for entry in self.entries if wanted <= entry.capacity]
+        continued = [
+            (reused, entry)
+            for entry in roomy
+            if (reused := reusable_prefix(entry.prompt, prompt)) and reused == min(len(entry.prompt), len(prompt) - 2)
+        ]
+        if continued:
+            reused, entry = max(continued, key=lambda pair: pair[0])
+        else:
+            if not self.entries or self.fits(new_capacity) or wanted > self.entries[0].capacity:
+                return None
+            entry = self.entries[0]
+            reused = reusable_prefix(entry.prompt, prompt)
+            if not reused:
+                return None
+        self.entries.remove(entry)
+        return entry, reused
+
+    def fits(self, capacity: int) -> bool:
+        """Whether a Generator of `capacity` positions can be kept beside every kept one."""
+        return self._within_budget([*(entry.capacity for entry in self.entries), capacity])
+
+    def keep(self, entry: KeptPrompt) -> None:
+        """Keep `entry` as the most recent, dropping the least recent ones it leaves no room for."""
+        self.entries.append(entry)
+        while len(self.entries) > 1 and not self._within_budget([kept.capacity for kept in self.entries]):
+            self.entries.pop(0)
+
+    def _within_budget(self, capacities: list[int]) -> bool:
+        """Whether Generators of these capacities may all be kept."""
+        if not self.bytes_per_position:
+            return len(capacities) <= 1
+        held = sum(capacities) * self.bytes_per_position
+        return len(capacities) <= MAX_KEPT_PROMPTS and held <= self.budget_bytes
+
+    def drop(self, generator: Any) -> None:
+        """Forget `generator`, whose cache may hold half a step."""
+        self.entries = [entry for entry in self.entries if entry.generator is not generator]
 
 
 def reusable_prefix(kept: np.ndarray, prompt: np.ndarray) -> int:
@@ -204,12 +306,14 @@ class BatchedDecoder:
         batch_window_s: float = 0.02,
         reuse_prompts: bool = True,
         behaviour: str | None = None,
+        prompt_cache_bytes: int = DEFAULT_PROMPT_CACHE_MIB * 2**20,
     ) -> None:
         """`batch_window_s`: how long a new batch waits to hold every request seen in flight
         while the last batch ran, so that clients who got their answers together and ask again
-        join together; a lone client never waits. `reuse_prompts`: keep the last lone greedy
-        request's Generator for the next one's shared prompt (see the module). `behaviour`: how
-        rows behave in batches here (see `batch_behaviour`); None measures it on the model."""
+        join together; a lone client never waits. `reuse_prompts`: keep lone greedy requests'
+        Generators for later requests' shared prompts (see the module), within
+        `prompt_cache_bytes`. `behaviour`: how rows behave in batches here (see
+        `batch_behaviour`); None measures it on the model."""
         self._model = model
         self._model_tokens = tokens
         if behaviour is None and max_batch_size > 1:
@@ -226,7 +330,7 @@ class BatchedDecoder:
         self._rows: list[Slot] = []
         self._in_flight = 1  # most requests waiting or running at once since the last batch began
         self._turn_taken = False  # a caller is running the model for everyone
-        self._kept: KeptPrompt | None = None
+        self._prompt_cache = PromptCache(prompt_cache_bytes, tokens.kv_bytes_per_position)
         self._reuse_prompts = reuse_prompts
         # Told the row count of each batch as it starts (the serving front's batch-size metric).
         self.on_batch: Callable[[int], None] | None = None
@@ -367,12 +471,13 @@ class BatchedDecoder:
         one rewound, or a new one."""
         import onnxruntime_genai as og
 
-        if reusable and (kept := self._reuse(rows[0], wanted)) is not None:
-            return kept
-        room = rows[0].max_new_tokens + NEXT_QUESTION_TOKENS if reusable else 0
+        room = room_for_next_turns(wanted, rows[0].max_new_tokens) if reusable else 0
+        max_length = self._model_tokens.max_length(wanted + room)
+        if reusable and (taken := self._prompt_cache.take(rows[0].prompt, wanted, max_length)) is not None:
+            return self._reuse(rows[0], *taken)
         prompts = [slot.prompt for slot in rows] * (2 if copied else 1)
         options: dict[str, Any] = {
-            "max_length": self._model_tokens.max_length(wanted + room),
+            "max_length": max_length,
             "batch_size": len(prompts),
             **(rows[0].sampling or {"do_sample": False}),
         }
@@ -381,20 +486,15 @@ class BatchedDecoder:
         generator = og.Generator(self._model, params)
         generator.append_tokens(right_padded(prompts, self._model_tokens.pad_id))
         if reusable:
-            self._kept = KeptPrompt(generator, rows[0].prompt, options["max_length"])
+            self._prompt_cache.keep(KeptPrompt(generator, rows[0].prompt, max_length))
         return generator
 
-    def _reuse(self, slot: Slot, wanted: int) -> Any:
-        """The kept Generator holding `slot`'s prompt, rewound to the prefix it shares with the
-        kept prompt; None (nothing done) when it has no room for the request or nothing to share."""
-        kept = self._kept
-        reused = reusable_prefix(kept.prompt, slot.prompt) if kept and wanted <= kept.capacity else 0
-        if not reused:
-            return None
-        self._kept = None  # until the Generator holds this prompt
+    def _reuse(self, slot: Slot, kept: KeptPrompt, reused: int) -> Any:
+        """`kept`'s Generator, taken out of the cache, holding `slot`'s prompt: rewound to the
+        `reused` tokens they share, the rest appended; kept again for the next request."""
         kept.generator.rewind_to(reused)
         kept.generator.append_tokens(slot.prompt[reused:].astype(np.int32).reshape(1, -1))
-        self._kept = KeptPrompt(kept.generator, slot.prompt, kept.capacity)
+        self._prompt_cache.keep(KeptPrompt(kept.generator, slot.prompt, kept.capacity))
         slot.reused_tokens = reused
         return kept.generator
 
@@ -422,8 +522,8 @@ class BatchedDecoder:
         return min(max(self._in_flight, server, self._announced), self._max_batch_size)
 
     def _end_batch(self, error: BaseException | None) -> None:
-        if error is not None and self._kept is not None and self._kept.generator is self._generator:
-            self._kept = None  # its cache may hold half a step
+        if error is not None:
+            self._prompt_cache.drop(self._generator)
         for slot in self._rows:
             slot.error = slot.error or error
             slot.finished = True

@@ -46,6 +46,9 @@ class ModelTokens:
     # whatever the request: onnxruntime's GroupQueryAttention refuses a shorter one. 0 where the
     # window applies to no layer (see `window_cache_length`).
     min_cache_length: int = 0
+    # Bytes of keys and values a Generator holds per position of its max_length, counted as
+    # float32 (the builder's CPU caches); 0 where genai_config.json does not say.
+    kv_bytes_per_position: int = 0
 
     def max_length(self, wanted: int) -> int:
         """The generator's `max_length` for `wanted` tokens (prompt and new ones): at least the
@@ -54,7 +57,8 @@ class ModelTokens:
 
 
 def model_tokens(folder: Path) -> ModelTokens:
-    """The pad id, end-of-text ids (one or a list in the file), context length and sliding window of `folder`."""
+    """The pad id, end-of-text ids (one or a list in the file), context length, sliding window and
+    cache bytes per position of `folder`."""
     config = json.loads((folder / "genai_config.json").read_text())["model"]
     eos = config["eos_token_id"]
     return ModelTokens(
@@ -62,7 +66,15 @@ def model_tokens(folder: Path) -> ModelTokens:
         eos_ids=frozenset(eos if isinstance(eos, list) else [eos]),
         context_length=int(config["context_length"]),
         min_cache_length=window_cache_length(config["decoder"].get("sliding_window") or {}),
+        kv_bytes_per_position=kv_bytes_per_position(config["decoder"]),
     )
+
+
+def kv_bytes_per_position(decoder: dict[str, Any]) -> int:
+    """Keys and values of every layer for one position, in float32 bytes; 0 if a size is missing."""
+    sizes = [decoder.get(key, 0) for key in ("num_hidden_layers", "num_key_value_heads", "head_size")]
+    layers, heads, head_size = (int(size) for size in sizes)
+    return 2 * layers * heads * head_size * 4
 
 
 def window_cache_length(sliding_window: dict[str, Any]) -> int:
