@@ -19,16 +19,16 @@ the bare loop's speed. The queue's lock is released while onnxruntime-genai runs
 queues at once, and counts toward the next batch's size, while a batch runs.
 
 A chat client sends the whole conversation again every turn. A lone greedy request's Generator is
-kept when it ends, sized for its next turn (`room_for_next_turns`), and a later lone greedy
-request that continues (or repeats) its prompt rewinds it (`rewind_to`) to the prompt they share
-and appends only the rest, as llama-server's `cache_prompt` does. Several are kept, one per
+kept when it ends, sized for its next turn (`room_for_next_turns`), and a later lone greedy request
+that continues (or repeats) its prompt rewinds it (`rewind_to`) to the prompt they share and
+appends only the rest, as llama-server's `cache_prompt` does. Several are kept, one per
 conversation, up to a memory budget (`PromptCache`), as llama-server's host-memory prompt cache
 (`--cache-ram`) keeps the prompts of its slots. Only prompt tokens are reused, never generated
-ones, and at least two tokens are appended: a position's keys and values computed one token at a time (the
-decode path) differ in the last bits from a prefill's and would change greedy answers, while a
-prefill chunk computes each row as the whole prompt's prefill does, so the answers stay exactly
-those of a fresh Generator (`tests/test_onnx_batching.py`). Models with sliding-window layers
-never reuse: their cache wraps around.
+ones, and at least two tokens are appended: a position's keys and values computed one token at a
+time (the decode path) differ in the last bits from a prefill's and would change greedy answers,
+while a prefill chunk computes each row as the whole prompt's prefill does, so the answers stay
+exactly those of a fresh Generator (`tests/test_onnx_batching.py`). Models with sliding-window
+layers never reuse: their cache wraps around.
 """
 
 from __future__ import annotations
