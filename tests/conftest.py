@@ -23,6 +23,7 @@ from mlflow.entities import Run
 from harness.servers import free_port, stop_process, wait_for_http
 from slmkit import PROJECT_ROOT
 from slmkit.models.onnx_wrapper import ONNX_ARTIFACT, seal_onnx_folder, wrapper_model_arguments
+from slmkit.onnx.behaviour_cache import BEHAVIOUR_CACHE_ENV
 from slmkit.onnx.build import build_onnx
 from slmkit.onnx.session import THREADS_ENV
 from slmkit.sources.eval_set import load_eval_set
@@ -152,13 +153,16 @@ def tracking_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Tracki
 
 @pytest.fixture(scope="session", autouse=True)
 def temporary_files_under_basetemp(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
-    """TMPDIR, for this process and every process a test starts, under pytest's basetemp: what a
-    killed process or a library leaves there goes when a passing session removes basetemp
-    (pyproject's tmp_path_retention_policy), instead of filling /tmp run after run."""
+    """TMPDIR and the kept batch behaviours, for this process and every process a test starts,
+    under pytest's basetemp: what a killed process or a library leaves there goes when a passing
+    session removes basetemp (pyproject's tmp_path_retention_policy), instead of filling /tmp run
+    after run."""
     temporary = tmp_path_factory.mktemp("tmp")
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("TMPDIR", str(temporary))
         patch.setattr(tempfile, "tempdir", str(temporary))
+        # Measured batch behaviours stay in the session too, not in the user's ~/.cache.
+        patch.setenv(BEHAVIOUR_CACHE_ENV, str(tmp_path_factory.mktemp("batch-behaviour")))
         yield
 
 

@@ -66,10 +66,12 @@ from slmkit.onnx.batching import (
     MAX_BATCH_SIZE_ENV,
     BatchedDecoder,
     Slot,
+    behaviour_sizes,
     max_batch_size,
     prompt_cache_bytes,
     prompt_cache_enabled,
 )
+from slmkit.onnx.behaviour_cache import kept_batch_behaviour
 from slmkit.onnx.session import intra_op_threads, model_tokens, open_model
 
 logger = logging.getLogger(__name__)
@@ -154,7 +156,8 @@ class OnnxChatModel(mlflow.pyfunc.PythonModel):
         folder = Path(context.artifacts[ONNX_ARTIFACT])
         config = context.model_config or {}
         verify = os.environ.get(VERIFY_ENV, "true").lower() != "false"
-        self._model = open_verified(folder, intra_op_threads(int(config.get("intra_op_threads", 0))), verify)
+        threads = intra_op_threads(int(config.get("intra_op_threads", 0)))
+        self._model = open_verified(folder, threads, verify)
         self._tokenizer = og.Tokenizer(self._model)
         tokens = model_tokens(folder)
         self._eos_ids, self._context_length = tokens.eos_ids, tokens.context_length
@@ -170,6 +173,11 @@ class OnnxChatModel(mlflow.pyfunc.PythonModel):
             cache_bytes = prompt_cache_bytes()
         except ValueError as error:
             raise MlflowException(str(error)) from None
+        # A folder checked against its manifest may take the behaviour measured on it before.
+        behaviour = None
+        if verify and batch_size > 1:
+            sizes = behaviour_sizes(batch_size)
+            behaviour = kept_batch_behaviour(folder / MANIFEST_NAME, self._model, tokens, sizes, threads)
         # onnxruntime-genai objects are not thread-safe and hold the GIL: every call into the
         # model goes through the decoder, which serialises them and batches waiting requests.
         self._decoder = BatchedDecoder(
@@ -178,6 +186,7 @@ class OnnxChatModel(mlflow.pyfunc.PythonModel):
             max_batch_size=batch_size,
             batch_window_s=float(config.get("batch_window_ms", 20)) / 1000,
             reuse_prompts=prompt_cache_enabled(),
+            behaviour=behaviour,
             prompt_cache_bytes=cache_bytes,
         )
         if self._decoder.behaviour != INDEPENDENT:

@@ -138,6 +138,11 @@ def batch_logits(model: Any, tokens: ModelTokens, sizes: Sequence[int]) -> dict[
     return logits
 
 
+def behaviour_sizes(max_batch_size: int) -> list[int]:
+    """The batch sizes `batch_behaviour` is measured on: every size up to 4, and the largest."""
+    return sorted({*range(1, min(max_batch_size, 4) + 1), max_batch_size})
+
+
 def batch_behaviour(logits: dict[int, np.ndarray]) -> str:
     """INDEPENDENT, LONE_ROW_DIFFERS or BATCH_DEPENDENT, from `batch_logits` of sizes 1, 2 and
     more (the decoder measures every size up to 4, and its largest), compared bit for bit.
@@ -317,8 +322,7 @@ class BatchedDecoder:
         self._model = model
         self._model_tokens = tokens
         if behaviour is None and max_batch_size > 1:
-            sizes = sorted({*range(1, min(max_batch_size, 4) + 1), max_batch_size})
-            behaviour = batch_behaviour(batch_logits(model, tokens, sizes))
+            behaviour = batch_behaviour(batch_logits(model, tokens, behaviour_sizes(max_batch_size)))
         self.behaviour = behaviour or INDEPENDENT
         self._max_batch_size = 1 if self.behaviour == BATCH_DEPENDENT else max_batch_size
         self._batch_window_s = batch_window_s
