@@ -33,6 +33,7 @@ from slmkit.onnx.batching import (
     reusable_prefix,
     right_padded,
     room_for_next_turns,
+    worth_rewinding,
 )
 from slmkit.onnx.greedy import chat_prompt_ids, load
 from slmkit.onnx.session import model_tokens
@@ -127,6 +128,17 @@ def test_a_new_prompt_gets_a_new_generator_while_one_fits_then_takes_the_least_r
     assert full.entries == [newer]
     unrelated = PromptCache(budget_bytes=200, bytes_per_position=1, entries=[older, newer])
     assert unrelated.take(np.array([7, 7, 7, 7]), wanted=10, new_capacity=100) is None
+
+
+def test_an_edited_last_question_rewinds_its_conversation_rather_than_starting_afresh():
+    conversation, other = kept(*range(1, 31)), kept(1, 2, 50, 51)
+    cache = PromptCache(budget_bytes=10**6, bytes_per_position=1, entries=[conversation, other])
+    edited = np.array([*range(1, 26), 90, 91, 92])  # its first 25 tokens shared, a new ending
+    assert cache.take(edited, wanted=40, new_capacity=100) == (conversation, 25)
+    # Two questions after the same 24-token chat template share too little to give one up.
+    assert not worth_rewinding(24, kept(*range(42)), np.arange(40))
+    # Nor does a prompt that shares most of itself with a long conversation it would cut short.
+    assert not worth_rewinding(30, kept(*range(100)), np.arange(33))
 
 
 def test_the_prompt_cache_keeps_the_most_recent_within_its_budget_and_forgets_a_failed_one():

@@ -190,6 +190,12 @@ class KeptPrompt:
     capacity: int  # the Generator's max_length
 
 
+def worth_rewinding(reused: int, kept: KeptPrompt, prompt: np.ndarray) -> bool:
+    """Whether a kept Generator that `prompt` does not continue is worth rewinding to the `reused`
+    tokens they share: two thirds of `prompt` or more, and no fewer than the kept prompt loses."""
+    return 3 * reused >= 2 * len(prompt) and reused >= len(kept.prompt) - reused
+
+
 @dataclass
 class PromptCache:
     """Kept Generators, least recently used first, at most MAX_KEPT_PROMPTS within `budget_bytes`
@@ -211,24 +217,27 @@ class PromptCache:
         is to be made. In order:
 
         1. one whose prompt `prompt` continues or repeats: its cache loses nothing it could give;
-        2. none while a new one fits the budget: the kept ones stay for their own conversations;
-        3. the least recently used, which a new one would evict, for the prefix it shares.
+        2. the one sharing the longest prefix, where that is two thirds of `prompt` or more and
+           no shorter than what the kept prompt would lose (a conversation whose last question
+           was edited, say; not two short questions after the same chat template);
+        3. none while a new one fits the budget: the kept ones stay for their own conversations
+           (two clients' conversations share only the chat template's first tokens);
+        4. the least recently used, which a new one would evict, for the prefix it shares.
         """
-        roomy = [entry for entry in self.entries if wanted <= entry.capacity]
-        continued = [
-            (reused, entry)
-            for entry in roomy
-            if (reused := reusable_prefix(entry.prompt, prompt)) and reused == min(len(entry.prompt), len(prompt) - 2)
-        ]
+        shared = [(reusable_prefix(entry.prompt, prompt), entry) for entry in self.entries if wanted <= entry.capacity]
+        continued = [(reused, entry) for reused, entry in shared if reused == min(len(entry.prompt), len(prompt) - 2)]
+        longest = max(shared, key=lambda pair: pair[0], default=(0, None))
         if continued:
             reused, entry = max(continued, key=lambda pair: pair[0])
+        elif longest[1] is not None and worth_rewinding(*longest, prompt):
+            reused, entry = longest
+        elif not self.entries or self.fits(new_capacity) or wanted > self.entries[0].capacity:
+            return None
         else:
-            if not self.entries or self.fits(new_capacity) or wanted > self.entries[0].capacity:
-                return None
             entry = self.entries[0]
             reused = reusable_prefix(entry.prompt, prompt)
-            if not reused:
-                return None
+        if not reused:
+            return None
         self.entries.remove(entry)
         return entry, reused
 
