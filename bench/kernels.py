@@ -6,7 +6,8 @@ this measures those products alone, the same shapes on both sides, in one sittin
 
 - onnxruntime's `MatMulNBits` as the carry-over writes a Q4_0 weight (the file's 4-bit codes,
   blocks of 32, no zero points: the default 8; int8 activations, `accuracy_level` 4; float32
-  scales, the one kind the node takes beside float32 activations), on MLAS;
+  scales, the one kind the node takes beside float32 activations), on MLAS, which on AVX-512
+  also reads a float32 block sum per block for the zero point;
 - ggml's CPU backend with the weights in its repack buffer, as llama-server holds them
   (`bench/q4_0_matmul.c`, compiled against the llama.cpp tree of LLAMA_SERVER).
 
@@ -34,8 +35,11 @@ from bench.flagship import PHI3_MINI_CONFIG
 
 SOURCE = Path(__file__).with_name("q4_0_matmul.c")
 Q4_0_BLOCK = 32
-# Bytes a block of 32 weights takes: 16 of codes and a scale, float32 in MatMulNBits, float16 in ggml.
-MLAS_BLOCK_BYTES, GGML_BLOCK_BYTES = 16 + 4, 16 + 2
+# Bytes a block of 32 weights takes in what each kernel reads: 16 of codes and a scale, float32 in
+# MatMulNBits, float16 in ggml; and MLAS's int8 path on AVX-512 packs, beside them, a float32 block
+# sum per block (`QuantBBlkSum`, -scale * zero point) that it multiplies by the activations' block
+# sums on every call (onnxruntime's MLAS sources).
+MLAS_BLOCK_BYTES, GGML_BLOCK_BYTES = 16 + 4 + 4, 16 + 2
 # Layers whose weights a pass holds: 8 of Phi-3-mini's (0.5 GB in Q4_0) are far beyond the caches.
 HELD_LAYERS = 8
 PASSES = 10  # timed passes over the held layers, per measurement
