@@ -166,3 +166,20 @@ def test_a_list_of_requests_is_answered_as_one_batch_with_each_lone_answer(wrapp
     assert together == alone
     assert len(set(alone)) > 1  # distinct questions, so answers given in the wrong order would show
     assert batches[4:] == [4]
+
+
+def test_a_loader_whose_prompts_never_repeat_keeps_no_prompt_caches(wrapper_dir: Path):
+    """`batch_infer`'s workers load the chat model with `keep_prompts=False`: a table's rows are
+    not conversations, and each worker would hold its own caches. A served model keeps one a
+    conversation."""
+    from slmkit.chat.adapters import load_chat_model
+
+    served = load_chat_model(str(wrapper_dir), traced=False)
+    batch = load_chat_model(str(wrapper_dir), traced=False, keep_prompts=False)
+    for chat in (served, batch):
+        for question in ("Hi", "What is two plus two?"):
+            chat.complete(ask(question, max_tokens=4))
+    assert served.pyfunc_model.unwrap_python_model().kept_prompts == 2
+    assert batch.pyfunc_model.unwrap_python_model().kept_prompts == 0
+    served.pyfunc_model.unwrap_python_model().keep_prompts(False)
+    assert served.pyfunc_model.unwrap_python_model().kept_prompts == 0

@@ -29,7 +29,9 @@ class BatchChatModel(mlflow.pyfunc.PythonModel):
 
     def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
         # A trace per row of a large table would cost more than the answers: batch rows are untraced.
-        self._chat = load_chat_model(context.artifacts["chat_model"], traced=False)
+        # Nor do they keep prompt caches: a table's rows are not conversations, and every Spark
+        # worker would hold its own (up to 4 GiB at Phi-3-mini's size).
+        self._chat = load_chat_model(context.artifacts["chat_model"], traced=False, keep_prompts=False)
         configured = int((context.model_config or {}).get("concurrency", 0))
         self._concurrency = configured or default_concurrency(self._chat)
 

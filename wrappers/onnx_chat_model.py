@@ -208,6 +208,16 @@ class OnnxChatModel(mlflow.pyfunc.PythonModel):
         """Whether each request records an MLflow trace (the `tracing` model config)."""
         return self._tracing
 
+    @property
+    def kept_prompts(self) -> int:
+        """How many conversations' caches are kept for their next turns (slmkit.onnx.batching)."""
+        return self._decoder.kept_prompts
+
+    def keep_prompts(self, enabled: bool) -> None:
+        """Keep, or stop keeping and drop, lone requests' caches for later prompts: a loader whose
+        prompts never repeat (a batch of table rows) saves the memory they would hold."""
+        self._decoder.reuse_prompts = enabled
+
     def observe_batches(self, callback: Callable[[int], None]) -> None:
         """Have `callback` told the row count of every decoding batch as it starts."""
         self._decoder.on_batch = callback

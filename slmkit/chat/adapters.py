@@ -299,9 +299,10 @@ def open_trace_store() -> None:
         logger.warning("the tracking store for traces did not open: %s", error)
 
 
-def load_chat_model(model_uri: str, traced: bool = True) -> ChatModel:
+def load_chat_model(model_uri: str, traced: bool = True, keep_prompts: bool = True) -> ChatModel:
     """Load either model (any URI MLflow resolves) behind the ChatModel interface; `traced=False`
-    turns the ONNX wrapper's per-request traces off (the pipeline records none)."""
+    turns the ONNX wrapper's per-request traces off (the pipeline records none), and
+    `keep_prompts=False` its prompt caches, for callers whose prompts never repeat."""
     import mlflow
 
     from slmkit.errors import UserError
@@ -327,5 +328,7 @@ def load_chat_model(model_uri: str, traced: bool = True) -> ChatModel:
         if hasattr(python_model, "observe_batches"):
             if getattr(python_model, "traced", False):
                 open_trace_store()
+            if not keep_prompts and hasattr(python_model, "keep_prompts"):  # logged before it: keeps one
+                python_model.keep_prompts(False)
             return WrapperChat(model)
     raise UserError(f"{model_uri} is neither an slmkit ONNX chat wrapper nor a transformers llm/v1/chat model")

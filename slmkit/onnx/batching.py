@@ -356,6 +356,23 @@ class BatchedDecoder:
         """Rows per batch."""
         return self._max_batch_size
 
+    @property
+    def reuse_prompts(self) -> bool:
+        """Whether lone greedy requests keep their Generators for later prompts (see the module)."""
+        return self._reuse_prompts
+
+    @reuse_prompts.setter
+    def reuse_prompts(self, enabled: bool) -> None:
+        with self._lock:
+            self._reuse_prompts = enabled
+            if not enabled:
+                self._prompt_cache.entries.clear()
+
+    @property
+    def kept_prompts(self) -> int:
+        """How many Generators are kept for later prompts."""
+        return len(self._prompt_cache.entries)
+
     @contextlib.contextmanager
     def expecting(self, requests: int) -> Iterator[None]:
         """While inside, a new batch waits (up to its window) for `requests` queued requests:
