@@ -76,9 +76,14 @@ def room_for_next_turns(wanted: int, max_new_tokens: int) -> int:
     return max(max_new_tokens + NEXT_QUESTION_TOKENS, wanted)
 
 
+def switched_off(value: str) -> bool:
+    """Whether a setting's value turns its feature off: 0, false, no or off, in any case."""
+    return value.strip().lower() in {"0", "false", "no", "off"}
+
+
 def prompt_cache_enabled() -> bool:
     """Whether lone greedy requests reuse kept prompts' caches (SLMKIT_PROMPT_CACHE, default on)."""
-    return os.environ.get(PROMPT_CACHE_ENV, "1").strip().lower() not in {"0", "false", "no", "off"}
+    return not switched_off(os.environ.get(PROMPT_CACHE_ENV, "1"))
 
 
 def prompt_cache_bytes() -> int:
@@ -120,6 +125,7 @@ def max_batch_size(configured: int | None = None) -> int:
 INDEPENDENT = "independent"  # a row's logits are the same alone and in any batch
 LONE_ROW_DIFFERS = "lone-row-differs"  # the same in every batch of 2 or more, not alone: lone rows run as 2
 BATCH_DEPENDENT = "batch-dependent"  # rows change with the batch's size: batching is off
+BEHAVIOURS = frozenset({INDEPENDENT, LONE_ROW_DIFFERS, BATCH_DEPENDENT})
 
 
 def batch_logits(model: Any, tokens: ModelTokens, sizes: Sequence[int]) -> dict[int, np.ndarray]:
@@ -234,8 +240,7 @@ class PromptCache:
         elif not self.entries or self.fits(new_capacity) or wanted > self.entries[0].capacity:
             return None
         else:
-            entry = self.entries[0]
-            reused = reusable_prefix(entry.prompt, prompt)
+            reused, entry = shared[0]  # the least recently used, which has room: first in `shared`
         if not reused:
             return None
         self.entries.remove(entry)

@@ -11,8 +11,8 @@ through their manifest's sha256s, so only a folder checked against its manifest 
 (`SLMKIT_VERIFY_ONNX`, on by default) may use a kept answer: a changed file fails that check.
 
 The folder is $SLMKIT_BEHAVIOUR_CACHE, else ~/.cache/slmkit/batch-behaviour (under
-$XDG_CACHE_HOME where set); `off` measures at every load. A folder that cannot be written only
-means measuring again next time.
+$XDG_CACHE_HOME where set); `off` (or 0, false, no) measures at every load. A folder that cannot
+be written only means measuring again next time.
 """
 
 from __future__ import annotations
@@ -28,19 +28,18 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from slmkit.onnx.batching import BATCH_DEPENDENT, INDEPENDENT, LONE_ROW_DIFFERS, batch_behaviour, batch_logits
+from slmkit.onnx.batching import BEHAVIOURS, batch_behaviour, batch_logits, switched_off
 from slmkit.onnx.session import ModelTokens
 
 logger = logging.getLogger(__name__)
 
 BEHAVIOUR_CACHE_ENV = "SLMKIT_BEHAVIOUR_CACHE"
-BEHAVIOURS = frozenset({INDEPENDENT, LONE_ROW_DIFFERS, BATCH_DEPENDENT})
 
 
 def cache_folder() -> Path | None:
     """Where kept answers live; None when SLMKIT_BEHAVIOUR_CACHE is `off`."""
     configured = os.environ.get(BEHAVIOUR_CACHE_ENV, "")
-    if configured.strip().lower() in {"off", "0", "false", "no"}:
+    if switched_off(configured):
         return None
     if configured:
         return Path(configured)
